@@ -1,0 +1,85 @@
+# libmoe build. `make` builds build/libmoe.a, build/libmoe.so and build/moe;
+# `make demo` runs the main job; `make test` runs every test.
+# Missing system packages are installed by tools/deps.sh (as root with
+# apt-get) or it stops with the exact command to run.
+
+CC       ?= cc
+# The OpenMP build of OpenBLAS, chosen deliberately: its threads are the same
+# OpenMP team as ours, so BLAS calls inside our parallel regions do not
+# oversubscribe the cores (see README, "Threads").
+BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
+BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
+OPT      ?= -O2 -march=native
+SAN      ?=
+BUILD    ?= build
+
+CFLAGS  = $(OPT) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
+          -fPIC -fopenmp -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC) $(SAN)
+LDFLAGS = -fopenmp $(SAN) -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB)
+LDLIBS  = -lopenblas -lcjson -lm
+
+LIB_SRC  = $(sort $(wildcard src/*/*.c))
+LIB_OBJ  = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_SRC  = $(sort $(wildcard tools/moe/*.c))
+CLI_OBJ  = $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_SRC = $(sort $(wildcard tests/test_*.c))
+TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC = $(sort $(wildcard bench/*.c))
+BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+HDRS     = include/moe.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
+
+.PHONY: all deps deps-test demo test test-c test-asan bench clean
+
+all: deps $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe
+
+deps:
+	@sh tools/deps.sh build
+
+deps-test:
+	@sh tools/deps.sh test
+
+$(BUILD)/obj/%.o: %.c $(HDRS) | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libmoe.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libmoe.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/moe: $(CLI_OBJ) $(BUILD)/libmoe.a
+	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/check.h $(BUILD)/libmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
+
+# The main job: train a small MoE model on the built-in synthetic task.
+demo: all
+	./$(BUILD)/moe train
+
+test-c: all $(TEST_BIN)
+
+# Every test: C unit/gradient/bad-input tests, CLI tests, PyTorch parity, and
+# the C tests again under ASan + UBSan. Ends with "N passed, N failed".
+test: deps-test all $(TEST_BIN) $(BENCH_BIN)
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
+	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-c
+	@sh tests/run.sh
+
+test-asan:
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
+	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-c
+	@ONLY_ASAN=1 sh tests/run.sh
+
+bench: all $(BENCH_BIN)
+	./$(BUILD)/moe bench
+
+clean:
+	rm -rf build build-asan

@@ -1,0 +1,260 @@
+/*
+ * libmoe: Mixture-of-Experts layers in C, forward and backward.
+ *
+ * Dimension key used in every shape comment:
+ *   T tokens, D model (input) dim, H expert hidden dim, O output dim,
+ *   E experts, K top-k, C expert capacity, G groups.
+ *
+ * Conventions
+ *   - Every call that can fail returns a moe_status (MOE_OK == 0). On failure
+ *     moe_last_error() returns a message naming what was wrong (tensor, shape,
+ *     byte offset); it is per thread and stays until the next failing call.
+ *   - The library never aborts or exits on anything a caller or a file can get
+ *     wrong. A failing call leaves its outputs and the layer's parameters as
+ *     they were.
+ *   - Tensors are row-major float32 in PyTorch's order. Parameters are stored
+ *     exactly as the matching PyTorch module's state_dict stores them
+ *     (nn.Linear weight is (out, in)), so a state_dict saved as safetensors
+ *     loads with no conversion.
+ *   - Gradients accumulate (+=) into the parameter table's grad buffers; call
+ *     moe_layer_zero_grad() between steps.
+ *   - Argument order: outputs, then inputs, then sizes.
+ */
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_VERSION "0.1.0"
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum {
+    MOE_OK = 0,
+    MOE_ERR_ARG,         /* an argument or config value is invalid            */
+    MOE_ERR_SHAPE,       /* a tensor's shape does not match what is expected  */
+    MOE_ERR_NONFINITE,   /* NaN or Inf in an input                            */
+    MOE_ERR_NOMEM,       /* an allocation failed                              */
+    MOE_ERR_IO,          /* a file could not be opened, read or written       */
+    MOE_ERR_FORMAT,      /* a file or JSON text is malformed                  */
+    MOE_ERR_NOTFOUND,    /* a named tensor or parameter is missing            */
+    MOE_ERR_STATE,       /* call out of order (backward without a forward)    */
+    MOE_ERR_UNSUPPORTED  /* valid request that this build does not implement  */
+} moe_status;
+
+/* Short fixed name of a status ("MOE_ERR_SHAPE"). Never NULL. */
+const char *moe_status_str(moe_status s);
+/* Message of the last failing call on this thread ("" if none). Never NULL. */
+const char *moe_last_error(void);
+
+/* Threads used by the library's OpenMP regions and by the BLAS. n <= 0: all
+ * cores. Returns the number now in use. */
+int moe_set_num_threads(int n);
+
+/* ---------------------------------------------------------------- config */
+
+typedef enum {
+    MOE_LAYER_DENSE = 0, /* seed 002 BasicMoE: softmax gate over all E, linear experts */
+    MOE_LAYER_TOPK  = 1  /* seed 004 SimpleMoE: top-k gate, 2-layer MLP experts        */
+} moe_layer_type;
+
+typedef enum {
+    MOE_ACT_RELU = 0,
+    MOE_ACT_GELU,        /* exact (erf) GELU, as torch.nn.GELU()                 */
+    MOE_ACT_SILU,
+    MOE_ACT_LEAKY_RELU   /* slope cfg.leaky_slope (torch default 0.01)           */
+} moe_activation;
+
+typedef enum {
+    MOE_EXPERT_MLP = 0,  /* Linear(D,H) -> act -> Linear(H,D)                     */
+    MOE_EXPERT_SWIGLU,   /* Linear(D,2H) -> a*silu(g) -> Linear(H,D); a first half */
+    MOE_EXPERT_GEGLU     /* Linear(D,2H) -> a*gelu(g) -> Linear(H,D); a first half */
+} moe_expert_kind;
+
+typedef struct {
+    moe_layer_type  type;
+    int64_t         input_dim;    /* D                                         */
+    int64_t         hidden_dim;   /* H (topk)                                  */
+    int64_t         output_dim;   /* O (dense); topk: ignored, output is D     */
+    int             num_experts;  /* E >= 1                                    */
+    int             top_k;        /* K, 1 <= K <= E (topk)                     */
+    moe_activation  activation;   /* topk MLP experts                          */
+    float           leaky_slope;  /* MOE_ACT_LEAKY_RELU                        */
+    moe_expert_kind expert;       /* topk                                      */
+    uint64_t        seed;         /* drives init and every random choice       */
+} moe_config;
+
+/* Fill c with the defaults of the seed module of this type (SimpleMoE:
+ * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64). */
+void moe_config_init(moe_config *c, moe_layer_type type);
+
+/* Parse a layer config from JSON text: {"type": "topk"|"dense", plus the seed
+ * module's constructor argument names: num_experts, input_dim, hidden_dim,
+ * output_dim, top_k; "activation": "relu"|"gelu"|"silu"|"leaky_relu";
+ * "expert": "mlp"|"swiglu"|"geglu"; "seed": N}. Unknown keys are an error. */
+moe_status moe_config_from_json(moe_config *out, const char *json_text);
+/* Human-readable names, NULL for out-of-range values. */
+const char *moe_layer_type_name(moe_layer_type t);
+const char *moe_activation_name(moe_activation a);
+const char *moe_expert_kind_name(moe_expert_kind k);
+
+/* ---------------------------------------------------------------- layer */
+
+typedef struct moe_layer moe_layer;
+
+typedef struct {
+    const char *name;      /* state_dict name, e.g. "experts.3.net.0.weight"   */
+    int         ndim;
+    int64_t     shape[4];
+    int64_t     numel;
+    float      *data;      /* numel floats, owned by the layer                 */
+    float      *grad;      /* numel floats, accumulated by backward            */
+} moe_param;
+
+/* Create a layer; parameters are initialised from cfg->seed as PyTorch's
+ * nn.Linear does (uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and
+ * bias), gradients zeroed. */
+moe_status moe_layer_create(moe_layer **out, const moe_config *cfg);
+void       moe_layer_free(moe_layer *l);
+const moe_config *moe_layer_config(const moe_layer *l);
+/* Width of x rows (D) and of y rows (D for topk, O for dense). */
+int64_t moe_layer_input_dim(const moe_layer *l);
+int64_t moe_layer_output_dim(const moe_layer *l);
+/* 1 if this layer type returns an auxiliary (balance) loss. */
+int     moe_layer_has_aux_loss(const moe_layer *l);
+
+/* Parameter table in state_dict order. */
+int              moe_layer_num_params(const moe_layer *l);
+moe_param       *moe_layer_param(moe_layer *l, int i);          /* NULL if out of range */
+moe_param       *moe_layer_find_param(moe_layer *l, const char *name); /* NULL if absent */
+int64_t          moe_layer_num_weights(const moe_layer *l);      /* total floats */
+void             moe_layer_zero_grad(moe_layer *l);
+/* Re-initialise every parameter from seed (same rule as create). */
+void             moe_layer_init_params(moe_layer *l, uint64_t seed);
+
+/* Forward.
+ *   y        (T, out_dim)  written
+ *   aux_loss scalar, may be NULL; set to 0 for layers without one
+ *   x        (T, D)        read; NaN/Inf is an error
+ *   train    1: train mode (caches what backward needs), 0: eval mode
+ * T == 0 is an error (empty batch). */
+moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
+                             const float *x, int64_t T, int train);
+
+/* Backward of the last train-mode forward.
+ *   dx    (T, D)        written (not accumulated); may be NULL
+ *   dy    (T, out_dim)  read
+ *   daux  weight of the auxiliary loss's gradient (ignored without one)
+ * Parameter gradients accumulate (+=). */
+moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux);
+
+/* Routing statistics of the last forward. */
+typedef struct {
+    int64_t tokens;          /* T of the last forward                          */
+    int64_t assignments;     /* token-expert pairs computed (T*K for topk)     */
+    int64_t dropped;         /* assignments dropped for capacity (0 here)      */
+    const int64_t *expert_counts; /* (E) rows each expert processed            */
+} moe_stats;
+moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
+
+/* Weights as safetensors (names and shapes of the state_dict). Load checks
+ * every tensor before copying any: a missing, extra or mis-shaped tensor is an
+ * error naming it, and the parameters stay as they were. F32, F64, F16 and
+ * BF16 tensors are converted to float32. Save is atomic (temp file + rename). */
+moe_status moe_layer_load(moe_layer *l, const char *path);
+moe_status moe_layer_save(moe_layer *l, const char *path);
+
+/* ---------------------------------------------------------------- optim */
+
+typedef enum { MOE_OPTIM_SGD = 0, MOE_OPTIM_ADAMW = 1 } moe_optim_type;
+
+typedef struct {
+    moe_optim_type type;
+    float lr;            /* default 1e-3                                        */
+    float beta1, beta2;  /* AdamW, default 0.9, 0.999                           */
+    float eps;           /* AdamW, default 1e-8                                 */
+    float weight_decay;  /* decoupled (AdamW) or L2 added to grad (SGD); 0.01 / 0 */
+    float momentum;      /* SGD, default 0                                      */
+} moe_optim_config;
+
+void moe_optim_config_init(moe_optim_config *c, moe_optim_type type);
+
+typedef struct moe_optim moe_optim;
+
+/* The optimizer keeps pointers to params[i].data/grad (which must outlive it)
+ * and owns its state. Semantics follow torch.optim.AdamW / SGD. */
+moe_status moe_optim_create(moe_optim **out, const moe_optim_config *cfg,
+                            moe_param *params, int n_params);
+void       moe_optim_free(moe_optim *o);
+void       moe_optim_set_lr(moe_optim *o, float lr);
+/* One step. If any gradient is NaN/Inf the step is skipped, nothing changes,
+ * and MOE_ERR_NONFINITE names the parameter. */
+moe_status moe_optim_step(moe_optim *o);
+int64_t    moe_optim_steps(const moe_optim *o);
+
+/* ---------------------------------------------------------------- safetensors */
+
+typedef enum {
+    MOE_DT_F64 = 0, MOE_DT_F32, MOE_DT_F16, MOE_DT_BF16,
+    MOE_DT_I64, MOE_DT_I32, MOE_DT_I16, MOE_DT_I8,
+    MOE_DT_U64, MOE_DT_U32, MOE_DT_U16, MOE_DT_U8,
+    MOE_DT_BOOL, MOE_DT_F8_E4M3, MOE_DT_F8_E5M2,
+    MOE_DT_COUNT
+} moe_dtype;
+
+const char *moe_dtype_name(moe_dtype t);   /* "F32"; NULL if out of range */
+size_t      moe_dtype_size(moe_dtype t);   /* bytes per element; 0 if out of range */
+
+#define MOE_ST_MAX_DIMS 8
+
+typedef struct {
+    const char *name;
+    moe_dtype   dtype;
+    int         ndim;
+    int64_t     shape[MOE_ST_MAX_DIMS];
+    int64_t     numel;
+    const void *data;     /* inside the file's buffer; may be unaligned */
+    size_t      nbytes;
+} moe_st_tensor;
+
+typedef struct moe_st_file moe_st_file;
+
+/* Read and validate a whole file: header length, JSON, every dtype, shape,
+ * offset and size checked against the file's length (with overflow checks),
+ * no overlapping tensors, before any tensor is exposed. */
+moe_status moe_st_open(moe_st_file **out, const char *path);
+/* Same from a buffer the caller keeps alive while the file is open. */
+moe_status moe_st_parse(moe_st_file **out, const void *buf, size_t len);
+void       moe_st_close(moe_st_file *f);
+int                  moe_st_count(const moe_st_file *f);
+const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);
+const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name);
+/* "__metadata__" value for key, NULL if absent. */
+const char          *moe_st_metadata(const moe_st_file *f, const char *key);
+/* Copy tensor `name` into dst as float32, converting F64/F16/BF16. If ndim >= 0
+ * the tensor's shape must equal shape[0..ndim). Errors name the tensor. */
+moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name,
+                           int ndim, const int64_t *shape);
+
+typedef struct {
+    const char *name;
+    moe_dtype   dtype;
+    int         ndim;
+    int64_t     shape[MOE_ST_MAX_DIMS];
+    const void *data;     /* numel * dtype_size bytes */
+} moe_st_entry;
+
+/* Write entries (and metadata pairs meta_kv[2*i], meta_kv[2*i+1]) atomically:
+ * a temp file in the same directory, fsync, rename. Names must be unique. */
+moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n,
+                        const char *const *meta_kv, int n_meta);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_H */

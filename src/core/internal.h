@@ -1,0 +1,52 @@
+/*
+ * Internal helpers shared by the library's source files (not installed).
+ * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
+ * E experts, K top-k.
+ */
+#ifndef MOE_INTERNAL_H
+#define MOE_INTERNAL_H
+
+#include "moe.h"
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__)
+#define MOE_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define MOE_PRINTF(a, b)
+#endif
+
+/* Record a message for moe_last_error() and return s (so: return moe_err(...)). */
+moe_status moe_err(moe_status s, const char *fmt, ...) MOE_PRINTF(2, 3);
+/* Clear the thread's message. */
+void moe_err_clear(void);
+
+/* Allocation: 64-byte aligned, NULL on failure or n == 0 overflow; never aborts.
+ * Pair moe_alloc/moe_free. moe_calloc zero-fills. */
+void *moe_alloc(size_t nbytes);
+void *moe_calloc(size_t nbytes);
+void  moe_free(void *p);
+
+/* Overflow-checked size arithmetic: return 0 on overflow, 1 on success. */
+static inline int moe_mul_size(size_t *out, size_t a, size_t b) {
+    if (a != 0 && b > SIZE_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+static inline int moe_add_size(size_t *out, size_t a, size_t b) {
+    if (b > SIZE_MAX - a) return 0;
+    *out = a + b;
+    return 1;
+}
+
+/* Counter-based RNG (splitmix64 of seed and counter): the same (seed, counter)
+ * gives the same value on any thread count. */
+uint64_t moe_rng_u64(uint64_t seed, uint64_t counter);
+/* Uniform float in [0, 1) with 24 random bits. */
+float    moe_rng_uniform(uint64_t seed, uint64_t counter);
+
+#endif

@@ -1,0 +1,319 @@
+/*
+ * The layer object all kinds share: creation from a config, the parameter
+ * table, initialisation, input validation, workspace planning, forward and
+ * backward dispatch, routing statistics, load and save.
+ * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
+ * E experts, K top-k.
+ */
+#include "layer_internal.h"
+#include "ops.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- config */
+
+void moe_config_init(moe_config *c, moe_layer_type type) {
+    memset(c, 0, sizeof *c);
+    c->type = type;
+    c->num_experts = 4;
+    c->input_dim = 64;
+    c->hidden_dim = 128;
+    c->output_dim = 64;
+    c->top_k = 2;
+    c->activation = MOE_ACT_RELU;
+    c->leaky_slope = 0.01f;
+    c->expert = MOE_EXPERT_MLP;
+    c->seed = 0;
+}
+
+const char *moe_layer_type_name(moe_layer_type t) {
+    switch (t) {
+    case MOE_LAYER_DENSE: return "dense";
+    case MOE_LAYER_TOPK: return "topk";
+    }
+    return NULL;
+}
+
+const char *moe_activation_name(moe_activation a) {
+    switch (a) {
+    case MOE_ACT_RELU: return "relu";
+    case MOE_ACT_GELU: return "gelu";
+    case MOE_ACT_SILU: return "silu";
+    case MOE_ACT_LEAKY_RELU: return "leaky_relu";
+    }
+    return NULL;
+}
+
+const char *moe_expert_kind_name(moe_expert_kind k) {
+    switch (k) {
+    case MOE_EXPERT_MLP: return "mlp";
+    case MOE_EXPERT_SWIGLU: return "swiglu";
+    case MOE_EXPERT_GEGLU: return "geglu";
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- params */
+
+moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const int64_t *shape,
+                                int64_t off, int64_t fan_in) {
+    if (l->n_params == l->cap_params) return moe_err(MOE_ERR_ARG, "internal: parameter table full");
+    int i = l->n_params++;
+    char *nm = l->names + (size_t)i * MOE_NAME_MAX;
+    snprintf(nm, MOE_NAME_MAX, "%s", name);
+    moe_param *p = &l->params[i];
+    p->name = nm;
+    p->ndim = ndim;
+    p->numel = 1;
+    for (int d = 0; d < ndim; d++) {
+        p->shape[d] = shape[d];
+        p->numel *= shape[d];
+    }
+    l->param_off[i] = off;
+    l->fan_in[i] = fan_in;
+    return MOE_OK;
+}
+
+moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights) {
+    size_t bytes;
+    if (n_weights <= 0 || !moe_mul_size(&bytes, (size_t)n_weights, sizeof(float)))
+        return moe_err(MOE_ERR_ARG, "layer too large: %lld parameters", (long long)n_weights);
+    l->wmem = moe_alloc(bytes);
+    l->gmem = moe_calloc(bytes);
+    if (!l->wmem || !l->gmem)
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for %lld parameters", 2 * bytes,
+                       (long long)n_weights);
+    l->n_weights = n_weights;
+    for (int i = 0; i < l->n_params; i++) {
+        l->params[i].data = l->wmem + l->param_off[i];
+        l->params[i].grad = l->gmem + l->param_off[i];
+    }
+    return MOE_OK;
+}
+
+void moe_layer_init_params(moe_layer *l, uint64_t seed) {
+    if (!l) return;
+    /* nn.Linear's default: weight kaiming_uniform(a=sqrt(5)) and bias both
+     * come out as uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)). Parameter i draws
+     * its own counter stream, so the values do not depend on memory layout. */
+    for (int i = 0; i < l->n_params; i++) {
+        moe_param *p = &l->params[i];
+        float bound = 1.0f / sqrtf((float)l->fan_in[i]);
+        uint64_t stream = moe_rng_u64(seed, 0x1000000ull + (uint64_t)i);
+        for (int64_t j = 0; j < p->numel; j++)
+            p->data[j] = (2.0f * moe_rng_uniform(stream, (uint64_t)j) - 1.0f) * bound;
+    }
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
+    moe_err_clear();
+    if (!out || !cfg) return moe_err(MOE_ERR_ARG, "moe_layer_create: NULL argument");
+    *out = NULL;
+    if (cfg->num_experts < 1)
+        return moe_err(MOE_ERR_ARG, "num_experts must be >= 1, got %d", cfg->num_experts);
+    if (cfg->num_experts > 65536)
+        return moe_err(MOE_ERR_ARG, "num_experts = %d is more than the supported 65536", cfg->num_experts);
+    if (cfg->input_dim < 1 || cfg->input_dim > INT_MAX / 4)
+        return moe_err(MOE_ERR_ARG, "input_dim must be in [1, %d], got %lld", INT_MAX / 4,
+                       (long long)cfg->input_dim);
+
+    moe_layer *l = moe_calloc(sizeof *l);
+    if (!l) return moe_err(MOE_ERR_NOMEM, "cannot allocate the layer");
+    l->cfg = *cfg;
+    int E = cfg->num_experts;
+    l->cap_params = 4 * E + 2;
+    l->params = moe_calloc((size_t)l->cap_params * sizeof *l->params);
+    l->param_off = moe_calloc((size_t)l->cap_params * sizeof *l->param_off);
+    l->fan_in = moe_calloc((size_t)l->cap_params * sizeof *l->fan_in);
+    l->names = moe_calloc((size_t)l->cap_params * MOE_NAME_MAX);
+    l->expert_counts = moe_calloc((size_t)E * sizeof *l->expert_counts);
+    moe_status st = MOE_OK;
+    if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->expert_counts)
+        st = moe_err(MOE_ERR_NOMEM, "cannot allocate the parameter table");
+    else if (cfg->type == MOE_LAYER_TOPK)
+        st = moe__topk_create(l);
+    else if (cfg->type == MOE_LAYER_DENSE)
+        st = moe__dense_create(l);
+    else
+        st = moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
+    if (st != MOE_OK) {
+        moe_layer_free(l);
+        return st;
+    }
+    moe_layer_init_params(l, cfg->seed);
+    *out = l;
+    return MOE_OK;
+}
+
+void moe_layer_free(moe_layer *l) {
+    if (!l) return;
+    moe_free(l->params);
+    moe_free(l->param_off);
+    moe_free(l->fan_in);
+    moe_free(l->names);
+    moe_free(l->wmem);
+    moe_free(l->gmem);
+    moe_free(l->expert_counts);
+    moe_free(l->ws);
+    moe_free(l);
+}
+
+const moe_config *moe_layer_config(const moe_layer *l) { return l ? &l->cfg : NULL; }
+int64_t moe_layer_input_dim(const moe_layer *l) { return l ? l->in_dim : 0; }
+int64_t moe_layer_output_dim(const moe_layer *l) { return l ? l->out_dim : 0; }
+int moe_layer_has_aux_loss(const moe_layer *l) { return l ? l->has_aux : 0; }
+int moe_layer_num_params(const moe_layer *l) { return l ? l->n_params : 0; }
+int64_t moe_layer_num_weights(const moe_layer *l) { return l ? l->n_weights : 0; }
+
+moe_param *moe_layer_param(moe_layer *l, int i) {
+    return (l && i >= 0 && i < l->n_params) ? &l->params[i] : NULL;
+}
+
+moe_param *moe_layer_find_param(moe_layer *l, const char *name) {
+    if (!l || !name) return NULL;
+    for (int i = 0; i < l->n_params; i++)
+        if (strcmp(l->params[i].name, name) == 0) return &l->params[i];
+    return NULL;
+}
+
+void moe_layer_zero_grad(moe_layer *l) {
+    if (l && l->gmem) memset(l->gmem, 0, (size_t)l->n_weights * sizeof(float));
+}
+
+/* ---------------------------------------------------------------- forward/backward */
+
+static moe_status reserve(moe_layer *l, int64_t T) {
+    if (T <= l->ws_T) return MOE_OK;
+    size_t bytes = l->ops->workspace_bytes(l, T);
+    if (bytes == 0 || bytes == SIZE_MAX)
+        return moe_err(MOE_ERR_ARG, "batch of %lld tokens is too large for this layer", (long long)T);
+    char *ws = moe_alloc(bytes);
+    if (!ws) return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes of workspace for %lld tokens",
+                            bytes, (long long)T);
+    moe_free(l->ws);
+    l->ws = ws;
+    l->ws_bytes = bytes;
+    l->ws_T = T;
+    l->cached = 0; /* the old cache went with the old workspace */
+    return MOE_OK;
+}
+
+moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t T,
+                             int train) {
+    moe_err_clear();
+    if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer, y or x");
+    if (T <= 0)
+        return moe_err(MOE_ERR_ARG, "empty batch: x has %lld tokens; forward needs at least one row",
+                       (long long)T);
+    int K = l->cfg.type == MOE_LAYER_TOPK ? l->cfg.top_k : 1;
+    if (T > INT32_MAX / K || T > INT64_MAX / l->in_dim / l->out_dim)
+        return moe_err(MOE_ERR_ARG, "batch of %lld tokens is too large (max %d)", (long long)T,
+                       INT32_MAX / K);
+    int64_t bad = moe_find_nonfinite(x, T * l->in_dim);
+    if (bad >= 0)
+        return moe_err(MOE_ERR_NONFINITE, "x[%lld][%lld] is %s: inputs must be finite",
+                       (long long)(bad / l->in_dim), (long long)(bad % l->in_dim),
+                       isnan(x[bad]) ? "NaN" : "Inf");
+    moe_status st = reserve(l, T);
+    if (st != MOE_OK) return st;
+    l->ops->forward(l, y, aux_loss, x, T, train);
+    if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
+    l->T = T;
+    l->cached = train ? 1 : 0;
+    return MOE_OK;
+}
+
+moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+    moe_err_clear();
+    if (!l || !dy) return moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL layer or dy");
+    if (!l->cached)
+        return moe_err(MOE_ERR_STATE, "backward needs a train-mode forward first (the last forward "
+                                      "was eval mode, or there was none)");
+    int64_t bad = moe_find_nonfinite(dy, l->T * l->out_dim);
+    if (bad >= 0)
+        return moe_err(MOE_ERR_NONFINITE, "dy[%lld][%lld] is %s: gradients must be finite",
+                       (long long)(bad / l->out_dim), (long long)(bad % l->out_dim),
+                       isnan(dy[bad]) ? "NaN" : "Inf");
+    if (!isfinite(daux)) return moe_err(MOE_ERR_NONFINITE, "daux is not finite");
+    l->ops->backward(l, dx, dy, daux);
+    return MOE_OK;
+}
+
+moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {
+    if (!l || !out) return moe_err(MOE_ERR_ARG, "moe_layer_stats: NULL argument");
+    out->tokens = l->T;
+    out->assignments = l->assignments;
+    out->dropped = l->dropped;
+    out->expert_counts = l->expert_counts;
+    return MOE_OK;
+}
+
+/* ---------------------------------------------------------------- load/save */
+
+moe_status moe_layer_load(moe_layer *l, const char *path) {
+    moe_err_clear();
+    if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
+    moe_st_file *f = NULL;
+    moe_status st = moe_st_open(&f, path);
+    if (st != MOE_OK) return st;
+    /* Every tensor is read into a staging copy and checked before any
+     * parameter changes, so a bad file leaves the layer as it was. */
+    float *stage = moe_alloc((size_t)l->n_weights * sizeof(float));
+    if (!stage) {
+        moe_st_close(f);
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of the weights");
+    }
+    for (int i = 0; i < l->n_params && st == MOE_OK; i++) {
+        const moe_param *p = &l->params[i];
+        if (!moe_st_find(f, p->name)) {
+            st = moe_err(MOE_ERR_NOTFOUND, "%s: tensor '%s' is missing (a %s layer needs it)", path,
+                         p->name, moe_layer_type_name(l->cfg.type));
+            break;
+        }
+        st = moe_st_read_f32(stage + l->param_off[i], f, p->name, p->ndim, p->shape);
+        if (st != MOE_OK) {
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", moe_last_error());
+            st = moe_err(st, "%s: %s (check the layer config against the weights)", path, msg);
+            break;
+        }
+        int64_t bad = moe_find_nonfinite(stage + l->param_off[i], p->numel);
+        if (bad >= 0)
+            st = moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path,
+                         p->name, (long long)bad);
+    }
+    for (int i = 0; i < moe_st_count(f) && st == MOE_OK; i++) {
+        const char *name = moe_st_tensor_at(f, i)->name;
+        if (!moe_layer_find_param(l, name))
+            st = moe_err(MOE_ERR_FORMAT, "%s: unexpected tensor '%s' (not a parameter of this %s layer)",
+                         path, name, moe_layer_type_name(l->cfg.type));
+    }
+    if (st == MOE_OK) memcpy(l->wmem, stage, (size_t)l->n_weights * sizeof(float));
+    moe_free(stage);
+    moe_st_close(f);
+    return st;
+}
+
+moe_status moe_layer_save(moe_layer *l, const char *path) {
+    moe_err_clear();
+    if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_save: NULL argument");
+    moe_st_entry *ents = moe_calloc((size_t)l->n_params * sizeof *ents);
+    if (!ents) return moe_err(MOE_ERR_NOMEM, "cannot allocate the tensor list");
+    for (int i = 0; i < l->n_params; i++) {
+        const moe_param *p = &l->params[i];
+        ents[i].name = p->name;
+        ents[i].dtype = MOE_DT_F32;
+        ents[i].ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) ents[i].shape[d] = p->shape[d];
+        ents[i].data = p->data;
+    }
+    const char *meta[] = {"format", "pt", "libmoe.type", moe_layer_type_name(l->cfg.type)};
+    moe_status st = moe_st_write(path, ents, l->n_params, meta, 2);
+    moe_free(ents);
+    return st;
+}

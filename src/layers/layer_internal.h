@@ -1,0 +1,74 @@
+/*
+ * What every layer kind shares: the moe_layer struct, the per-kind vtable and
+ * the parameter/workspace helpers in layer.c.
+ * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
+ * E experts, K top-k, A = T*K routed rows.
+ */
+#ifndef MOE_LAYER_INTERNAL_H
+#define MOE_LAYER_INTERNAL_H
+
+#include "internal.h"
+
+typedef struct {
+    /* Workspace bytes needed for T tokens (0 on size overflow). */
+    size_t (*workspace_bytes)(const moe_layer *l, int64_t T);
+    /* Inputs validated and workspace reserved before these run; they cannot fail. */
+    void (*forward)(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train);
+    void (*backward)(moe_layer *l, float *dx, const float *dy, float daux);
+} moe_layer_ops;
+
+#define MOE_NAME_MAX 64
+
+struct moe_layer {
+    moe_config cfg;
+    const moe_layer_ops *ops;
+    int64_t in_dim, out_dim;   /* D and the width of y                        */
+    int has_aux;
+
+    int        n_params, cap_params;
+    moe_param *params;         /* (n_params) state_dict order                 */
+    int64_t   *param_off;      /* (n_params) offset of each in wmem/gmem      */
+    int64_t   *fan_in;         /* (n_params) for init                         */
+    char      *names;          /* (cap_params * MOE_NAME_MAX)                  */
+    float     *wmem, *gmem;    /* (n_weights) parameters and gradients        */
+    int64_t    n_weights;
+
+    int64_t *expert_counts;    /* (E) rows per expert, last forward           */
+    int64_t  assignments, dropped;
+
+    int64_t T;                 /* tokens of the last forward                  */
+    int     cached;            /* last forward was train mode                 */
+    int64_t ws_T;              /* workspace is planned for up to ws_T tokens  */
+    char   *ws;                /* workspace (one allocation)                  */
+    size_t  ws_bytes;
+};
+
+/* Register a parameter; its storage is wmem + off once moe__layer_alloc ran. */
+moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const int64_t *shape,
+                                int64_t off, int64_t fan_in);
+/* Allocate parameter and gradient memory (n_weights floats each). */
+moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights);
+
+/* Bump allocator over the workspace: a 64-byte aligned chunk of n1*n2*esize
+ * bytes. With base == NULL it only measures. On size overflow *off becomes
+ * SIZE_MAX and stays there (the layer reports it as too large). */
+static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, size_t esize) {
+    size_t a, b, o;
+    if (*off == SIZE_MAX || n1 < 0 || n2 < 0 || !moe_mul_size(&a, (size_t)n1, (size_t)n2) ||
+        !moe_mul_size(&b, a, esize) || !moe_add_size(&o, *off, 63) || !moe_add_size(&o, o & ~(size_t)63, b)) {
+        *off = SIZE_MAX;
+        return NULL;
+    }
+    void *p = base ? base + ((*off + 63) & ~(size_t)63) : NULL;
+    *off = o;
+    return p;
+}
+
+/* Per-kind constructors: validate cfg, set in/out dims and ops, register params. */
+moe_status moe__topk_create(moe_layer *l);
+moe_status moe__dense_create(moe_layer *l);
+
+/* Routing of the last forward for tests: idx (T,K), or NULL for layers without. */
+const int32_t *moe__layer_routing(const moe_layer *l);
+
+#endif

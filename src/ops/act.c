@@ -1,0 +1,91 @@
+/*
+ * Activations and GLU, forward and backward, matching torch's definitions:
+ * relu (grad 0 at 0), exact erf gelu, silu, leaky_relu (grad slope at x <= 0).
+ * Dimension key: M rows, H hidden width.
+ */
+#include "ops.h"
+
+#include <math.h>
+
+static const float k_inv_sqrt2 = 0.70710678118654752440f;
+static const float k_inv_sqrt_2pi = 0.39894228040143267794f;
+
+static inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * k_inv_sqrt2)); }
+static inline float gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * k_inv_sqrt2)) + x * k_inv_sqrt_2pi * expf(-0.5f * x * x);
+}
+static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float silu(float x) { return x * sigmoid(x); }
+static inline float silu_grad(float x) {
+    float s = sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act, float slope) {
+    switch (act) {
+    case MOE_ACT_RELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
+        break;
+    case MOE_ACT_GELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = gelu(pre[i]);
+        break;
+    case MOE_ACT_SILU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = silu(pre[i]);
+        break;
+    case MOE_ACT_LEAKY_RELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = pre[i] > 0.0f ? pre[i] : pre[i] * slope;
+        break;
+    }
+}
+
+void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n,
+                      moe_activation act, float slope) {
+    switch (act) {
+    case MOE_ACT_RELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : 0.0f;
+        break;
+    case MOE_ACT_GELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) din[i] = dout[i] * gelu_grad(pre[i]);
+        break;
+    case MOE_ACT_SILU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) din[i] = dout[i] * silu_grad(pre[i]);
+        break;
+    case MOE_ACT_LEAKY_RELU:
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : dout[i] * slope;
+        break;
+    }
+}
+
+void moe_glu_forward(float *out, const float *pre, int64_t M, int64_t H, moe_expert_kind kind) {
+    int swi = kind == MOE_EXPERT_SWIGLU;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < M; r++) {
+        const float *a = pre + r * 2 * H, *g = a + H;
+        float *o = out + r * H;
+        for (int64_t j = 0; j < H; j++) o[j] = a[j] * (swi ? silu(g[j]) : gelu(g[j]));
+    }
+}
+
+void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t M, int64_t H,
+                      moe_expert_kind kind) {
+    int swi = kind == MOE_EXPERT_SWIGLU;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < M; r++) {
+        const float *a = pre + r * 2 * H, *g = a + H, *d = dout + r * H;
+        float *da = dpre + r * 2 * H, *dg = da + H;
+        for (int64_t j = 0; j < H; j++) {
+            float f = swi ? silu(g[j]) : gelu(g[j]);
+            float fp = swi ? silu_grad(g[j]) : gelu_grad(g[j]);
+            da[j] = d[j] * f;
+            dg[j] = d[j] * a[j] * fp;
+        }
+    }
+}

@@ -1,0 +1,72 @@
+/*
+ * CPU kernels used by the layers.
+ * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
+ * E experts, K top-k, A = T*K routed assignments.
+ *
+ * These are the plain versions (the oracles). Optimised twins, when added,
+ * live beside them and are tested against them.
+ */
+#ifndef MOE_OPS_H
+#define MOE_OPS_H
+
+#include "internal.h"
+
+/* C (M,N) = alpha * op(A) @ op(B) + beta * C, row-major, through CBLAS.
+ * op(A) is (M,K): A is (M,K) with lda, or (K,M) when ta. op(B) is (K,N):
+ * B is (K,N) with ldb, or (N,K) when tb. Does nothing when M or N is 0;
+ * with K == 0 it scales C by beta. */
+void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+               const float *A, int64_t lda, const float *B, int64_t ldb,
+               float beta, float *C, int64_t ldc);
+
+/* rows (M,N): each row r += b (N). */
+void moe_add_bias_rows(float *rows, const float *b, int64_t M, int64_t N);
+/* db (N) += column sums of g (M,N), summed in row order (deterministic). */
+void moe_colsum_acc(float *db, const float *g, int64_t M, int64_t N);
+
+/* ---- activations (elementwise; `pre` is the pre-activation input) ---- */
+/* out (n) = act(pre). out may alias pre. */
+void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act, float slope);
+/* din (n) = dout * act'(pre). din may alias dout. */
+void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n,
+                      moe_activation act, float slope);
+/* GLU: pre (M, 2H) = [a | g]; out (M, H) = a * f(g), f silu (SWIGLU) or exact
+ * gelu (GEGLU). */
+void moe_glu_forward(float *out, const float *pre, int64_t M, int64_t H, moe_expert_kind kind);
+/* dpre (M, 2H) from dout (M, H) and pre (M, 2H). */
+void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t M, int64_t H,
+                      moe_expert_kind kind);
+
+/* ---- softmax and routing ---- */
+/* p (T,E) = softmax over each row of logits (T,E). p may alias logits. */
+void moe_softmax_rows(float *p, const float *logits, int64_t T, int64_t E);
+/* Backward of a row softmax: dlogit (T,E) = p * (dp - sum(p * dp)). */
+void moe_softmax_rows_backward(float *dlogit, const float *p, const float *dp, int64_t T, int64_t E);
+
+/* idx (T,K): the K largest logits of each row, largest first (ties: lower
+ * index first); w (T,K): softmax over those K logits (seed 004). */
+void moe_topk_softmax(int32_t *idx, float *w, const float *logits, int64_t T, int64_t E, int K);
+
+/* Index-based dispatch plan (a counting sort in token order, deterministic):
+ *   counts  (E)    rows routed to each expert
+ *   offsets (E+1)  prefix sums of counts; expert e owns rows [offsets[e], offsets[e+1])
+ *   pos     (T*K)  row of assignment (t, j) in the expert-sorted buffers
+ *   slot_tok (A)   token of each row
+ * from idx (T,K). */
+void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t *slot_tok,
+                       const int32_t *idx, int64_t T, int K, int E);
+/* dst (A,D): dst[r] = src[slot_tok[r]] for src (T,D). */
+void moe_gather_rows(float *dst, const float *src, const int32_t *slot_tok, int64_t A, int64_t D);
+/* y (T,D) = sum_j w[t,j] * ye[pos[t,j]] for ye (A,D). */
+void moe_combine(float *y, const float *ye, const float *w, const int32_t *pos,
+                 int64_t T, int K, int64_t D);
+/* Backward of moe_combine: dye[pos[t,j]] = w[t,j] * dy[t]; dw[t,j] = <dy[t], ye[pos[t,j]]>. */
+void moe_combine_backward(float *dye, float *dw, const float *dy, const float *ye,
+                          const float *w, const int32_t *pos, int64_t T, int K, int64_t D);
+/* dx (T,D) += sum_j dxe[pos[t,j]]. */
+void moe_scatter_add(float *dx, const float *dxe, const int32_t *pos, int64_t T, int K, int64_t D);
+
+/* Index of the first non-finite value in v (n), or -1 if all are finite. */
+int64_t moe_find_nonfinite(const float *v, int64_t n);
+
+#endif

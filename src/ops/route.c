@@ -1,0 +1,142 @@
+/*
+ * Softmax, top-k selection and index-based dispatch: counts, offsets, gather,
+ * weighted combine and their backward. Hand-written because they are the
+ * MoE-specific part of the layer (no BLAS routine does them).
+ * Dimension key: T tokens, D model dim, E experts, K top-k, A = T*K rows.
+ */
+#include "ops.h"
+
+#include <math.h>
+#include <string.h>
+
+void moe_softmax_rows(float *p, const float *logits, int64_t T, int64_t E) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        float *q = p + t * E;
+        float m = l[0];
+        for (int64_t e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
+        float s = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            q[e] = expf(l[e] - m);
+            s += q[e];
+        }
+        float inv = 1.0f / s;
+        for (int64_t e = 0; e < E; e++) q[e] *= inv;
+    }
+}
+
+void moe_softmax_rows_backward(float *dlogit, const float *p, const float *dp, int64_t T, int64_t E) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *q = p + t * E, *d = dp + t * E;
+        float s = 0.0f;
+        for (int64_t e = 0; e < E; e++) s += q[e] * d[e];
+        for (int64_t e = 0; e < E; e++) dlogit[t * E + e] = q[e] * (d[e] - s);
+    }
+}
+
+void moe_topk_softmax(int32_t *idx, float *w, const float *logits, int64_t T, int64_t E, int K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        int32_t *ix = idx + t * K;
+        float *wt = w + t * K;
+        /* K passes of arg-max over the not yet chosen experts: K and E are
+         * small, and this gives torch.topk's largest-first order. */
+        for (int j = 0; j < K; j++) {
+            int32_t best = -1;
+            for (int32_t e = 0; e < (int32_t)E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= ix[i] == e;
+                if (!taken && (best < 0 || l[e] > l[best])) best = e;
+            }
+            ix[j] = best;
+        }
+        float m = l[ix[0]], s = 0.0f;
+        for (int j = 0; j < K; j++) {
+            wt[j] = expf(l[ix[j]] - m);
+            s += wt[j];
+        }
+        float inv = 1.0f / s;
+        for (int j = 0; j < K; j++) wt[j] *= inv;
+    }
+}
+
+void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t *slot_tok,
+                       const int32_t *idx, int64_t T, int K, int E) {
+    memset(counts, 0, (size_t)E * sizeof *counts);
+    for (int64_t a = 0; a < T * K; a++) counts[idx[a]]++;
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    /* Fill in token order so each expert's rows are sorted by token; counts
+     * is reused as the per-expert cursor and ends equal to itself again. */
+    for (int e = 0; e < E; e++) counts[e] = 0;
+    for (int64_t t = 0; t < T; t++)
+        for (int j = 0; j < K; j++) {
+            int32_t e = idx[t * K + j];
+            int64_t r = offsets[e] + counts[e]++;
+            pos[t * K + j] = (int32_t)r;
+            slot_tok[r] = (int32_t)t;
+        }
+}
+
+void moe_gather_rows(float *dst, const float *src, const int32_t *slot_tok, int64_t A, int64_t D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < A; r++)
+        memcpy(dst + r * D, src + (int64_t)slot_tok[r] * D, (size_t)D * sizeof(float));
+}
+
+void moe_combine(float *y, const float *ye, const float *w, const int32_t *pos,
+                 int64_t T, int K, int64_t D) {
+    /* Per token, in choice order: no races, same bits on any thread count. */
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *yt = y + t * D;
+        const float *r0 = ye + (int64_t)pos[t * K] * D;
+        float w0 = w[t * K];
+        for (int64_t d = 0; d < D; d++) yt[d] = w0 * r0[d];
+        for (int j = 1; j < K; j++) {
+            const float *r = ye + (int64_t)pos[t * K + j] * D;
+            float wj = w[t * K + j];
+            for (int64_t d = 0; d < D; d++) yt[d] += wj * r[d];
+        }
+    }
+}
+
+void moe_combine_backward(float *dye, float *dw, const float *dy, const float *ye,
+                          const float *w, const int32_t *pos, int64_t T, int K, int64_t D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = dy + t * D;
+        for (int j = 0; j < K; j++) {
+            int64_t r = pos[t * K + j];
+            const float *yr = ye + r * D;
+            float *dr = dye + r * D, wj = w[t * K + j], s = 0.0f;
+            for (int64_t d = 0; d < D; d++) {
+                s += g[d] * yr[d];
+                dr[d] = wj * g[d];
+            }
+            dw[t * K + j] = s;
+        }
+    }
+}
+
+void moe_scatter_add(float *dx, const float *dxe, const int32_t *pos, int64_t T, int K, int64_t D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = dx + t * D;
+        for (int j = 0; j < K; j++) {
+            const float *r = dxe + (int64_t)pos[t * K + j] * D;
+            for (int64_t d = 0; d < D; d++) o[d] += r[d];
+        }
+    }
+}
+
+int64_t moe_find_nonfinite(const float *v, int64_t n) {
+    int64_t first = n;
+#pragma omp parallel for schedule(static) reduction(min : first)
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]) && i < first) first = i;
+    return first == n ? -1 : first;
+}

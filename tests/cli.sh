@@ -1,0 +1,60 @@
+#!/bin/sh
+# The `moe` tool as a user meets it: --help everywhere, errors that say what
+# to fix, exit codes, and short real runs of train and bench.
+# Prints "cli: N passed, N failed".
+set -u
+cd "$(dirname "$0")/.."
+moe=${MOE_BIN:-build/moe}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+# expect CODE PATTERN CMD...: exit code and a pattern in stdout+stderr
+expect() {
+    code=$1 pat=$2
+    shift 2
+    "$@" >"$tmp/out" 2>&1
+    rc=$?
+    if [ "$rc" -ne "$code" ]; then bad "$* exited $rc, want $code: $(head -c 300 "$tmp/out")"; return; fi
+    if ! grep -q -e "$pat" "$tmp/out"; then bad "$* output lacks '$pat': $(head -c 300 "$tmp/out")"; return; fi
+    ok
+}
+
+expect 0 "usage: moe <command>" "$moe" --help
+expect 2 "usage: moe <command>" "$moe"
+expect 2 "unknown command 'frobnicate'" "$moe" frobnicate
+expect 0 "moe 0" "$moe" version
+for c in train forward bench; do
+    expect 0 "usage: moe $c" "$moe" $c --help
+    expect 2 "unknown option '--bogus'" "$moe" $c --bogus
+done
+expect 2 "--config, --input and --out are required" "$moe" forward
+expect 2 "expected an integer" "$moe" train --steps many
+expect 2 "expected an integer" "$moe" train --steps 0
+expect 2 "needs a value" "$moe" train --steps
+expect 2 "use --top-k <= --experts" "$moe" train --experts 2 --top-k 3
+expect 2 "expected mlp, swiglu or geglu" "$moe" train --expert moe
+expect 2 "drop --eval" "$moe" forward --config a --input b --out c --grad-output d --eval
+expect 1 "cannot open" "$moe" forward --config "$tmp/none.json" --input x --out y
+printf '{"type": "topk", "num_experts": 4, "top_k": 6}' >"$tmp/k.json"
+expect 1 "top_k = 6" "$moe" forward --config "$tmp/k.json" --input x --out y
+printf '{"type": "topk", "hidden": 4}' >"$tmp/u.json"
+expect 1 'unknown config key "hidden"' "$moe" forward --config "$tmp/u.json" --input x --out y
+printf '{"type": "topk"}' >"$tmp/t.json"
+expect 1 "nope.safetensors" "$moe" forward --config "$tmp/t.json" --input "$tmp/nope.safetensors" --out y
+printf 'not a safetensors file at all' >"$tmp/junk.safetensors"
+expect 1 "MOE_ERR_FORMAT" "$moe" forward --config "$tmp/t.json" --input "$tmp/junk.safetensors" --out y
+
+# a short real training run: loss reported, weights written, loadable
+expect 0 "validation loss" "$moe" train --steps 30 --batch 64 --quiet --out "$tmp/run/w.safetensors"
+if [ -s "$tmp/run/w.safetensors" ]; then ok; else bad "train did not write its weights"; fi
+expect 0 "step" "$moe" train --steps 20 --batch 32 --layer dense --out "$tmp/d.safetensors"
+# a short benchmark prints the ratio line
+expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
+expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json
+
+echo "cli: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,52 @@
+#!/bin/sh
+# Runs every test and ends with one line "N passed, N failed" (the sum of the
+# checks of every test program, CLI check and parity case). Called by
+# `make test`; ONLY_ASAN=1 runs just the sanitizer build (`make test-asan`).
+# A program that dies without its summary line counts as one failure.
+set -u
+cd "$(dirname "$0")/.."
+pass=0
+fail=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+run() { # run NAME CMD...: run a test program, add its "N passed, N failed"
+    name=$1
+    shift
+    "$@" >"$log" 2>&1
+    rc=$?
+    line=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "FAIL $name: exited $rc without a summary"
+        tail -n 20 "$log"
+        fail=$((fail + 1))
+        return
+    fi
+    p=$(echo "$line" | sed -E 's/.*[^0-9]?([0-9]+) passed, ([0-9]+) failed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    pass=$((pass + p))
+    fail=$((fail + f))
+    if [ "$f" -ne 0 ]; then
+        echo "FAIL $name ($p passed, $f failed, exit $rc):"
+        grep -E 'FAIL|ERROR|Sanitizer|runtime error' "$log" | head -n 30
+    else
+        echo "ok   $name ($p checks)"
+    fi
+}
+
+if [ "${ONLY_ASAN:-0}" != 1 ]; then
+    for t in build/tests/test_*; do
+        [ -x "$t" ] && run "$(basename "$t")" "$t"
+    done
+fi
+for t in build-asan/tests/test_*; do
+    [ -x "$t" ] && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+        run "asan+ubsan $(basename "$t")" "$t"
+done
+if [ "${ONLY_ASAN:-0}" != 1 ]; then
+    run "cli" sh tests/cli.sh
+    run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
+fi
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,352 @@
+/*
+ * Layer behaviour and the kernels under it: routing against a brute-force
+ * reference, dispatch invariants, the parameter table, init, gradient
+ * accumulation, save/load round trip, thread-count determinism, optimizers.
+ * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k.
+ */
+#include "check.h"
+#include "layer_internal.h"
+#include "moe.h"
+#include "ops.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static uint64_t g_rng = 777;
+static float frand(void) { /* uniform(-1, 1) */
+    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((double)(g_rng >> 11) / 4503599627370496.0 - 1.0);
+}
+
+/* ---- routing kernels against plain references ---- */
+static void test_topk_kernel(void) {
+    int shapes[][3] = {{1, 1, 1}, {5, 4, 2}, {3, 8, 8}, {17, 16, 3}, {64, 7, 1}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int T = shapes[s][0], E = shapes[s][1], K = shapes[s][2];
+        float *lg = malloc(sizeof(float) * T * E), *w = malloc(sizeof(float) * T * K);
+        int32_t *idx = malloc(sizeof(int32_t) * T * K), *pos = malloc(sizeof(int32_t) * T * K);
+        int32_t *slot = malloc(sizeof(int32_t) * T * K);
+        int64_t *cnt = malloc(sizeof(int64_t) * E), *off = malloc(sizeof(int64_t) * (E + 1));
+        for (int i = 0; i < T * E; i++) lg[i] = frand();
+        moe_topk_softmax(idx, w, lg, T, E, K);
+        int ok = 1;
+        for (int t = 0; t < T; t++) {
+            /* reference: rank of each chosen logit by counting larger ones */
+            double ws = 0;
+            for (int j = 0; j < K; j++) {
+                int larger = 0;
+                for (int e = 0; e < E; e++) larger += lg[t * E + e] > lg[t * E + idx[t * K + j]];
+                ok &= larger == j;
+                ws += w[t * K + j];
+                if (j) ok &= w[t * K + j] <= w[t * K + j - 1];
+            }
+            ok &= fabs(ws - 1.0) < 1e-6;
+            /* weight ratio equals exp of logit difference */
+            if (K > 1) {
+                double r = w[t * K + 1] / w[t * K], want = exp(lg[t * E + idx[t * K + 1]] - lg[t * E + idx[t * K]]);
+                ok &= fabs(r - want) < 1e-5;
+            }
+        }
+        CHECK(ok, "top-k selection/softmax wrong for T=%d E=%d K=%d", T, E, K);
+        moe_dispatch_plan(cnt, off, pos, slot, idx, T, K, E);
+        int64_t total = 0;
+        ok = off[0] == 0;
+        for (int e = 0; e < E; e++) total += cnt[e], ok &= off[e + 1] - off[e] == cnt[e];
+        ok &= total == (int64_t)T * K;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < K; j++) {
+                int32_t r = pos[t * K + j], e = idx[t * K + j];
+                ok &= slot[r] == t && r >= off[e] && r < off[e + 1];
+            }
+        for (int e = 0; e < E; e++) /* rows of an expert sorted by token */
+            for (int64_t r = off[e] + 1; r < off[e + 1]; r++) ok &= slot[r] > slot[r - 1];
+        CHECK(ok, "dispatch plan invariants broken for T=%d E=%d K=%d", T, E, K);
+        free(lg), free(w), free(idx), free(pos), free(slot), free(cnt), free(off);
+    }
+}
+
+/* ---- layer output against a plain per-token reference ---- */
+static void test_topk_reference(void) {
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 7, c.hidden_dim = 9, c.num_experts = 5, c.top_k = 2, c.activation = MOE_ACT_RELU, c.seed = 3;
+    moe_layer *l;
+    CHECK_STATUS(moe_layer_create(&l, &c), MOE_OK);
+    int T = 13, D = 7, H = 9, E = 5;
+    float x[13 * 7], y[13 * 7];
+    for (int i = 0; i < T * D; i++) x[i] = frand();
+    CHECK_STATUS(moe_layer_forward(l, y, NULL, x, T, 0), MOE_OK);
+    double maxerr = 0;
+    const float *Wg = moe_layer_find_param(l, "gate.weight")->data, *bg = moe_layer_find_param(l, "gate.bias")->data;
+    for (int t = 0; t < T; t++) {
+        double lg[5];
+        for (int e = 0; e < E; e++) {
+            lg[e] = bg[e];
+            for (int d = 0; d < D; d++) lg[e] += (double)Wg[e * D + d] * x[t * D + d];
+        }
+        int a = 0, b = -1;
+        for (int e = 1; e < E; e++) if (lg[e] > lg[a]) a = e;
+        for (int e = 0; e < E; e++) if (e != a && (b < 0 || lg[e] > lg[b])) b = e;
+        double wa = 1.0 / (1.0 + exp(lg[b] - lg[a])), wb = 1.0 - wa;
+        for (int d = 0; d < D; d++) {
+            double out = 0;
+            int ch[2] = {a, b};
+            double wt[2] = {wa, wb};
+            for (int j = 0; j < 2; j++) {
+                char nm[64];
+                snprintf(nm, sizeof nm, "experts.%d.net.0.weight", ch[j]);
+                const float *W1 = moe_layer_find_param(l, nm)->data;
+                snprintf(nm, sizeof nm, "experts.%d.net.0.bias", ch[j]);
+                const float *b1 = moe_layer_find_param(l, nm)->data;
+                snprintf(nm, sizeof nm, "experts.%d.net.2.weight", ch[j]);
+                const float *W2 = moe_layer_find_param(l, nm)->data;
+                snprintf(nm, sizeof nm, "experts.%d.net.2.bias", ch[j]);
+                const float *b2 = moe_layer_find_param(l, nm)->data;
+                double o = b2[d];
+                for (int h = 0; h < H; h++) {
+                    double z = b1[h];
+                    for (int k = 0; k < D; k++) z += (double)W1[h * D + k] * x[t * D + k];
+                    o += (double)W2[d * H + h] * (z > 0 ? z : 0);
+                }
+                out += wt[j] * o;
+            }
+            maxerr = fmax(maxerr, fabs(out - y[t * D + d]));
+        }
+    }
+    CHECK(maxerr < 1e-5, "topk forward differs from the per-token reference by %g", maxerr);
+    moe_layer_free(l);
+}
+
+/* ---- parameter table, init, accumulation, stats ---- */
+static void test_params(void) {
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 8, c.hidden_dim = 6, c.num_experts = 3, c.top_k = 2, c.expert = MOE_EXPERT_SWIGLU, c.seed = 5;
+    moe_layer *a, *b, *z;
+    CHECK_STATUS(moe_layer_create(&a, &c), MOE_OK);
+    CHECK_STATUS(moe_layer_create(&b, &c), MOE_OK);
+    c.seed = 6;
+    CHECK_STATUS(moe_layer_create(&z, &c), MOE_OK);
+    CHECK(moe_layer_num_params(a) == 3 * 4 + 2, "topk has %d params", moe_layer_num_params(a));
+    moe_param *p0 = moe_layer_param(a, 0), *pl = moe_layer_param(a, 13);
+    CHECK(!strcmp(p0->name, "experts.0.net.0.weight") && p0->shape[0] == 12 && p0->shape[1] == 8,
+          "first param %s (%lld,%lld)", p0->name, (long long)p0->shape[0], (long long)p0->shape[1]);
+    CHECK(!strcmp(pl->name, "gate.bias") && pl->ndim == 1 && pl->shape[0] == 3, "last param %s", pl->name);
+    CHECK(moe_layer_find_param(a, "experts.2.net.2.weight")->shape[1] == 6, "net.2.weight is (D,H)");
+    CHECK(moe_layer_param(a, 14) == NULL && moe_layer_param(a, -1) == NULL, "out-of-range param index");
+    int64_t total = 0;
+    for (int i = 0; i < moe_layer_num_params(a); i++) total += moe_layer_param(a, i)->numel;
+    CHECK(total == moe_layer_num_weights(a), "numel sum %lld vs %lld", (long long)total,
+          (long long)moe_layer_num_weights(a));
+    int same = 1, diff = 0, bounded = 1;
+    for (int i = 0; i < moe_layer_num_params(a); i++) {
+        moe_param *pa = moe_layer_param(a, i), *pb = moe_layer_param(b, i), *pz = moe_layer_param(z, i);
+        same &= !memcmp(pa->data, pb->data, (size_t)pa->numel * 4);
+        diff |= memcmp(pa->data, pz->data, (size_t)pa->numel * 4) != 0;
+        int64_t fan = (strstr(pa->name, "net.2") ? 6 : 8);
+        for (int64_t j = 0; j < pa->numel; j++) bounded &= fabsf(pa->data[j]) <= 1.0f / sqrtf((float)fan);
+    }
+    CHECK(same, "same seed must give the same parameters");
+    CHECK(diff, "different seeds must give different parameters");
+    CHECK(bounded, "init must be within 1/sqrt(fan_in)");
+
+    /* gradients accumulate: two backward passes give twice the gradient */
+    int T = 10;
+    float x[80], y[80], dy[80], dx[80];
+    for (int i = 0; i < 80; i++) x[i] = frand(), dy[i] = frand();
+    CHECK_STATUS(moe_layer_forward(a, y, NULL, x, T, 1), MOE_OK);
+    CHECK_STATUS(moe_layer_backward(a, dx, dy, 0), MOE_OK);
+    moe_param *g = moe_layer_find_param(a, "gate.weight");
+    float g1 = g->grad[3];
+    CHECK_STATUS(moe_layer_backward(a, dx, dy, 0), MOE_OK);
+    CHECK(fabsf(g->grad[3] - 2 * g1) <= 1e-6f * fabsf(g1) + 1e-9f, "accumulate: %g vs 2*%g", g->grad[3], g1);
+    moe_layer_zero_grad(a);
+    CHECK(g->grad[3] == 0.0f, "zero_grad");
+    moe_stats st;
+    CHECK_STATUS(moe_layer_stats(a, &st), MOE_OK);
+    int64_t cs = 0;
+    for (int e = 0; e < 3; e++) cs += st.expert_counts[e];
+    CHECK(st.tokens == T && st.assignments == 2 * T && cs == 2 * T && st.dropped == 0, "stats");
+    moe_layer_free(a), moe_layer_free(b), moe_layer_free(z);
+}
+
+/* ---- save, load, atomic failure ---- */
+static void test_save_load(void) {
+    char dir[] = "/tmp/moe_test_XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    char path[256];
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_DENSE);
+    c.input_dim = 6, c.output_dim = 4, c.num_experts = 3, c.seed = 1;
+    moe_layer *a, *b;
+    CHECK_STATUS(moe_layer_create(&a, &c), MOE_OK);
+    c.seed = 2;
+    CHECK_STATUS(moe_layer_create(&b, &c), MOE_OK);
+    CHECK_STATUS(moe_layer_save(a, path), MOE_OK);
+    CHECK_STATUS(moe_layer_load(b, path), MOE_OK);
+    int same = 1;
+    for (int i = 0; i < moe_layer_num_params(a); i++)
+        same &= !memcmp(moe_layer_param(a, i)->data, moe_layer_param(b, i)->data,
+                        (size_t)moe_layer_param(a, i)->numel * 4);
+    CHECK(same, "load(save(a)) must equal a");
+    moe_st_file *f;
+    CHECK_STATUS(moe_st_open(&f, path), MOE_OK);
+    if (f) {
+        CHECK(moe_st_count(f) == 2 * 3 + 2, "saved %d tensors", moe_st_count(f));
+        CHECK(moe_st_find(f, "experts.2.bias") && moe_st_find(f, "gate.weight"), "state_dict names");
+        const char *fmt = moe_st_metadata(f, "format");
+        CHECK(fmt && !strcmp(fmt, "pt"), "format metadata");
+        moe_st_close(f);
+    }
+    /* a failing load leaves the parameters as they were */
+    moe_config c2 = c;
+    c2.output_dim = 5;
+    moe_layer *m;
+    CHECK_STATUS(moe_layer_create(&m, &c2), MOE_OK);
+    float before = moe_layer_param(m, 0)->data[0];
+    CHECK_STATUS(moe_layer_load(m, path), MOE_ERR_SHAPE);
+    CHECK(strstr(moe_last_error(), "experts.0.weight") != NULL, "message names the tensor: %s", moe_last_error());
+    CHECK(moe_layer_param(m, 0)->data[0] == before, "failed load changed parameters");
+    unlink(path);
+    rmdir(dir);
+    moe_layer_free(a), moe_layer_free(b), moe_layer_free(m);
+}
+
+/* ---- same bits for 1 and 2 threads ---- */
+static void test_threads(void) {
+    moe_layer_type types[2] = {MOE_LAYER_TOPK, MOE_LAYER_DENSE};
+    for (int ti = 0; ti < 2; ti++) {
+        moe_config c;
+        moe_config_init(&c, types[ti]);
+        c.input_dim = 48, c.hidden_dim = 80, c.output_dim = 40, c.num_experts = 6, c.top_k = 2, c.seed = 9;
+        c.expert = MOE_EXPERT_GEGLU;
+        int T = 300;
+        int64_t D = 48, O = types[ti] == MOE_LAYER_TOPK ? 48 : 40;
+        float *x = malloc(sizeof(float) * T * D), *dy = malloc(sizeof(float) * T * O);
+        float *y[2], *dx[2], *gw[2];
+        for (int i = 0; i < T * D; i++) x[i] = frand();
+        for (int i = 0; i < T * O; i++) dy[i] = frand();
+        for (int r = 0; r < 2; r++) {
+            moe_set_num_threads(r + 1);
+            moe_layer *l;
+            CHECK_STATUS(moe_layer_create(&l, &c), MOE_OK);
+            y[r] = malloc(sizeof(float) * T * O), dx[r] = malloc(sizeof(float) * T * D);
+            gw[r] = malloc(sizeof(float) * moe_layer_num_weights(l));
+            CHECK_STATUS(moe_layer_forward(l, y[r], NULL, x, T, 1), MOE_OK);
+            CHECK_STATUS(moe_layer_backward(l, dx[r], dy, 0), MOE_OK);
+            memcpy(gw[r], l->gmem, sizeof(float) * moe_layer_num_weights(l));
+            moe_layer_free(l);
+        }
+        moe_layer *l;
+        moe_layer_create(&l, &c);
+        CHECK(!memcmp(y[0], y[1], sizeof(float) * T * O) && !memcmp(dx[0], dx[1], sizeof(float) * T * D) &&
+                  !memcmp(gw[0], gw[1], sizeof(float) * moe_layer_num_weights(l)),
+              "%s: 1 and 2 threads must give the same bits", moe_layer_type_name(types[ti]));
+        moe_layer_free(l);
+        for (int r = 0; r < 2; r++) free(y[r]), free(dx[r]), free(gw[r]);
+        free(x), free(dy);
+    }
+    moe_set_num_threads(2);
+}
+
+/* ---- optimizers against torch's update rules, computed here in double ---- */
+static void test_optim(void) {
+    float data[3] = {0.5f, -1.0f, 2.0f}, grad[3];
+    moe_param p = {"w", 1, {3}, 3, data, grad};
+    moe_optim_config oc;
+    moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+    oc.lr = 0.1f, oc.weight_decay = 0.1f;
+    moe_optim *o;
+    CHECK_STATUS(moe_optim_create(&o, &oc, &p, 1), MOE_OK);
+    double ref[3] = {0.5, -1.0, 2.0}, m[3] = {0}, v[3] = {0};
+    for (int s = 1; s <= 5; s++) {
+        for (int j = 0; j < 3; j++) grad[j] = (float)(0.3 * (j + 1) - 0.2 * s), data[j] = (float)ref[j];
+        CHECK_STATUS(moe_optim_step(o), MOE_OK);
+        for (int j = 0; j < 3; j++) {
+            double g = grad[j];
+            ref[j] *= 1 - 0.1 * 0.1;
+            m[j] = 0.9 * m[j] + 0.1 * g;
+            v[j] = 0.999 * v[j] + 0.001 * g * g;
+            double mh = m[j] / (1 - pow(0.9, s)), vh = v[j] / (1 - pow(0.999, s));
+            ref[j] -= 0.1 * mh / (sqrt(vh) + 1e-8);
+        }
+        int ok = 1;
+        for (int j = 0; j < 3; j++) ok &= fabs(data[j] - ref[j]) < 1e-5;
+        CHECK(ok, "AdamW step %d: %g %g %g vs %g %g %g", s, data[0], data[1], data[2], ref[0], ref[1], ref[2]);
+        for (int j = 0; j < 3; j++) ref[j] = data[j];
+    }
+    /* a non-finite gradient: refused, nothing changes, not counted */
+    float keep[3];
+    memcpy(keep, data, sizeof keep);
+    grad[1] = NAN;
+    CHECK_STATUS(moe_optim_step(o), MOE_ERR_NONFINITE);
+    CHECK(!memcmp(keep, data, sizeof keep) && moe_optim_steps(o) == 5, "NaN step must change nothing");
+    CHECK(strstr(moe_last_error(), "'w'") != NULL, "message names the parameter: %s", moe_last_error());
+    moe_optim_free(o);
+
+    /* SGD with momentum and weight decay */
+    moe_optim_config_init(&oc, MOE_OPTIM_SGD);
+    oc.lr = 0.5f, oc.momentum = 0.9f, oc.weight_decay = 0.01f;
+    data[0] = 1.0f;
+    moe_param q = {"q", 1, {1}, 1, data, grad};
+    CHECK_STATUS(moe_optim_create(&o, &oc, &q, 1), MOE_OK);
+    double w = 1.0, buf = 0;
+    for (int s = 1; s <= 3; s++) {
+        grad[0] = 0.2f * (float)s;
+        CHECK_STATUS(moe_optim_step(o), MOE_OK);
+        double d = 0.2 * s + 0.01 * w;
+        buf = s == 1 ? d : 0.9 * buf + d;
+        w -= 0.5 * buf;
+    }
+    CHECK(fabs(data[0] - w) < 1e-5, "SGD momentum: %g vs %g", data[0], w);
+    moe_optim_free(o);
+    moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+    oc.beta1 = 1.0f;
+    CHECK_STATUS(moe_optim_create(&o, &oc, &q, 1), MOE_ERR_ARG);
+}
+
+/* ---- a small model learns: loss falls with AdamW ---- */
+static void test_learns(void) {
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 8, c.hidden_dim = 16, c.num_experts = 4, c.top_k = 2, c.seed = 4;
+    moe_layer *l;
+    moe_optim *o;
+    CHECK_STATUS(moe_layer_create(&l, &c), MOE_OK);
+    moe_optim_config oc;
+    moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+    oc.lr = 1e-2f;
+    CHECK_STATUS(moe_optim_create(&o, &oc, moe_layer_param(l, 0), moe_layer_num_params(l)), MOE_OK);
+    int T = 64;
+    float x[64 * 8], y[64 * 8], t[64 * 8];
+    for (int i = 0; i < T * 8; i++) x[i] = frand(), t[i] = sinf(3 * x[i]);
+    double first = 0, last = 0;
+    for (int s = 0; s < 200; s++) {
+        moe_layer_forward(l, y, NULL, x, T, 1);
+        double L = 0;
+        for (int i = 0; i < T * 8; i++) L += (y[i] - t[i]) * (y[i] - t[i]), y[i] = 2 * (y[i] - t[i]) / (T * 8);
+        L /= T * 8;
+        if (s == 0) first = L;
+        last = L;
+        moe_layer_zero_grad(l);
+        moe_layer_backward(l, NULL, y, 0);
+        moe_optim_step(o);
+    }
+    CHECK(last < 0.3 * first, "loss should fall: first %g, last %g", first, last);
+    moe_optim_free(o);
+    moe_layer_free(l);
+}
+
+int main(void) {
+    moe_set_num_threads(2);
+    test_topk_kernel();
+    test_topk_reference();
+    test_params();
+    test_save_load();
+    test_threads();
+    test_optim();
+    test_learns();
+    return check_summary("test_layers");
+}

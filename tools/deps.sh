@@ -1,0 +1,28 @@
+#!/bin/sh
+# Check (and, as root with apt-get, install) the system packages libmoe needs.
+#   tools/deps.sh build   OpenBLAS (OpenMP build) and cJSON headers/libraries
+#   tools/deps.sh test    the above plus Debian's python3-torch for parity tests
+# Without root or apt-get it stops with the exact command to run.
+set -eu
+what=${1:-build}
+missing=""
+
+[ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ] && \
+[ -f /usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ] || missing="$missing libopenblas-openmp-dev"
+[ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
+if [ "$what" = test ]; then
+    /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
+fi
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "deps: installing$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $missing >&2
+    exit 0
+fi
+echo "deps: missing system packages:$missing" >&2
+echo "deps: run:  sudo apt-get update && sudo apt-get install -y$missing" >&2
+exit 1

@@ -1,0 +1,158 @@
+/*
+ * `moe bench`: forward+backward of a layer against a dense sgemm of the same
+ * useful FLOPs, measured in the same run (alternating, medians).
+ * The dense baseline runs the very GEMMs a one-expert FFN over all T*K routed
+ * rows would: forward X W1^T, act, H W2^T; backward dW2, dH, dW1, dX.
+ * Useful FLOPs (DESIGN.md): forward T*K*2*(D*H2 + H*D), H2 = H (MLP) or 2H
+ * (GLU); backward twice forward. The gate's FLOPs are not counted.
+ * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k, A = T*K.
+ */
+#include "cli.h"
+
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *usage_text =
+    "usage: moe bench [--tokens T] [--dim D] [--hidden H] [--experts E] [--top-k K]\n"
+    "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
+    "\n"
+    "Times topk forward+backward (train mode) and, in the same run, a dense sgemm of the\n"
+    "same useful FLOPs; prints tokens/s, GFLOP/s and the ratio. Defaults: T=4096 D=512\n"
+    "H=2048 E=16 K=2 mlp (relu) experts, 5 timed iterations (medians), all cores.\n";
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void fill(float *v, size_t n, uint64_t seed, float scale) {
+    uint64_t s = seed;
+    for (size_t i = 0; i < n; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        v[i] = scale * ((float)(s >> 40) / 16777216.0f - 0.5f);
+    }
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *cmd = "bench";
+    int64_t T = 4096, D = 512, H = 2048, E = 16, K = 2, iters = 5, threads = 0;
+    int json = 0, bad = 0;
+    moe_expert_kind kind = MOE_EXPERT_MLP;
+    for (int i = 1; i < argc && !bad; i++) {
+        const char *v;
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            fputs(usage_text, stdout);
+            return 0;
+        } else if ((v = cli_flag(argc, argv, &i, "--tokens", &bad))) {
+            if (!cli_int(cmd, "--tokens", v, 1, 1 << 20, &T)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--dim", &bad))) {
+            if (!cli_int(cmd, "--dim", v, 1, 1 << 16, &D)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--hidden", &bad))) {
+            if (!cli_int(cmd, "--hidden", v, 1, 1 << 17, &H)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--experts", &bad))) {
+            if (!cli_int(cmd, "--experts", v, 1, 4096, &E)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
+            if (!cli_int(cmd, "--top-k", v, 1, 4096, &K)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--iters", &bad))) {
+            if (!cli_int(cmd, "--iters", v, 1, 10000, &iters)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--threads", &bad))) {
+            if (!cli_int(cmd, "--threads", v, 1, 1024, &threads)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--expert", &bad))) {
+            if (!strcmp(v, "mlp")) kind = MOE_EXPERT_MLP;
+            else if (!strcmp(v, "swiglu")) kind = MOE_EXPERT_SWIGLU;
+            else if (!strcmp(v, "geglu")) kind = MOE_EXPERT_GEGLU;
+            else {
+                fprintf(stderr, "moe bench: --expert: expected mlp, swiglu or geglu, got '%s'\n", v);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!bad) {
+            fprintf(stderr, "moe bench: unknown option '%s'\n\n%s", argv[i], usage_text);
+            return 2;
+        }
+    }
+    if (bad) return 2;
+    if (K > E) {
+        fprintf(stderr, "moe bench: --top-k %lld is more than --experts %lld\n", (long long)K, (long long)E);
+        return 2;
+    }
+    threads = moe_set_num_threads((int)threads);
+    int glu = kind != MOE_EXPERT_MLP;
+    int64_t H2 = glu ? 2 * H : H, A = T * K;
+
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = D, c.hidden_dim = H, c.num_experts = (int)E, c.top_k = (int)K, c.expert = kind, c.seed = 7;
+    moe_layer *l = NULL;
+    moe_status st = moe_layer_create(&l, &c);
+    if (st != MOE_OK) return cli_fail(cmd, "layer", st);
+
+    size_t nx = (size_t)(T * D), na = (size_t)(A * D), nh2 = (size_t)(A * H2), nh = (size_t)(A * H);
+    float *x = malloc(nx * 4), *y = malloc(nx * 4), *dy = malloc(nx * 4), *dx = malloc(nx * 4);
+    /* dense baseline buffers */
+    float *X = malloc(na * 4), *W1 = malloc((size_t)(H2 * D) * 4), *Hp = malloc(nh2 * 4), *Ha = malloc(nh * 4);
+    float *W2 = malloc((size_t)(D * H) * 4), *Y = malloc(na * 4), *dY = malloc(na * 4);
+    float *dW2 = malloc((size_t)(D * H) * 4), *dHa = malloc(nh2 * 4), *dW1 = malloc((size_t)(H2 * D) * 4);
+    float *dX = malloc(na * 4);
+    double *tm = malloc((size_t)iters * sizeof *tm), *td = malloc((size_t)iters * sizeof *td);
+    int rc = 1;
+    if (!x || !y || !dy || !dx || !X || !W1 || !Hp || !Ha || !W2 || !Y || !dY || !dW2 || !dHa || !dW1 || !dX ||
+        !tm || !td) {
+        fprintf(stderr, "moe bench: out of memory\n");
+        goto done;
+    }
+    fill(x, nx, 1, 2.0f), fill(dy, nx, 2, 0.01f), fill(X, na, 3, 2.0f), fill(W1, (size_t)(H2 * D), 4, 0.1f);
+    fill(W2, (size_t)(D * H), 5, 0.1f), fill(dY, na, 6, 0.01f), fill(Hp, nh2, 7, 1.0f), fill(Ha, nh, 8, 1.0f);
+    memset(dW1, 0, (size_t)(H2 * D) * 4), memset(dW2, 0, (size_t)(D * H) * 4);
+
+    for (int64_t it = -1; it < iters; it++) { /* it == -1: warm-up */
+        double t0 = cli_now();
+        if ((st = moe_layer_forward(l, y, NULL, x, T, 1)) != MOE_OK ||
+            (st = moe_layer_backward(l, dx, dy, 0.0f)) != MOE_OK) {
+            cli_fail(cmd, "topk", st);
+            goto done;
+        }
+        double t1 = cli_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, D, H, 1, Ha, H, W2, H, 0, Y, D);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, A, H, D, 1, dY, D, W2, H, 0, dHa, H);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
+        double t2 = cli_now();
+        if (it >= 0) tm[it] = t1 - t0, td[it] = t2 - t1;
+    }
+    qsort(tm, (size_t)iters, sizeof *tm, cmp_double);
+    qsort(td, (size_t)iters, sizeof *td, cmp_double);
+    double t_moe = tm[iters / 2], t_dense = td[iters / 2];
+    double flops = 3.0 * (double)A * 2.0 * (double)(D * H2 + H * D);
+    double gf_moe = flops / t_moe * 1e-9, gf_dense = flops / t_dense * 1e-9;
+    const char *kn = moe_expert_kind_name(kind);
+    if (json) {
+        printf("{\"layer\": \"topk\", \"expert\": \"%s\", \"T\": %lld, \"D\": %lld, \"H\": %lld, \"E\": %lld, "
+               "\"K\": %lld, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
+               "\"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, \"ratio\": %.3f}\n",
+               kn, (long long)T, (long long)D, (long long)H, (long long)E, (long long)K, (long long)threads,
+               (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense, gf_moe / gf_dense);
+    } else {
+        printf("forward+backward, fp32, %lld threads, median of %lld\n", (long long)threads, (long long)iters);
+        printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
+        char shape[64];
+        snprintf(shape, sizeof shape, "T=%lld D=%lld H=%lld E=%lld K=%lld", (long long)T, (long long)D,
+                 (long long)H, (long long)E, (long long)K);
+        char name[40];
+        snprintf(name, sizeof name, "topk (%s)", kn);
+        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
+               gf_moe / gf_dense);
+        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
+               gf_dense, t_dense * 1e3, 1.0);
+    }
+    rc = 0;
+done:
+    free(x), free(y), free(dy), free(dx), free(X), free(W1), free(Hp), free(Ha), free(W2), free(Y), free(dY);
+    free(dW2), free(dHa), free(dW1), free(dX), free(tm), free(td);
+    moe_layer_free(l);
+    return rc;
+}

@@ -1,0 +1,32 @@
+/*
+ * Helpers shared by the `moe` subcommands: flag parsing with checked
+ * numbers, file reading, error printing.
+ */
+#ifndef MOE_CLI_H
+#define MOE_CLI_H
+
+#include "moe.h"
+
+#include <stdint.h>
+
+/* Flag matching: returns the value of `--name VALUE` or `--name=VALUE` at
+ * argv[*i] (advancing *i past a separate value), or NULL if argv[*i] is not
+ * this flag. A missing value prints an error and sets *bad. */
+const char *cli_flag(int argc, char **argv, int *i, const char *name, int *bad);
+/* Parse whole strings; print "moe CMD: --flag: ..." and return 0 on error. */
+int cli_int(const char *cmd, const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out);
+int cli_float(const char *cmd, const char *flag, const char *s, double lo, double hi, double *out);
+/* Read a whole file as a NUL-terminated string (malloc'd); NULL + message on error. */
+char *cli_read_text(const char *cmd, const char *path);
+/* Print "moe CMD: what: STATUS: message" to stderr; return 1. */
+int cli_fail(const char *cmd, const char *what, moe_status st);
+/* Monotonic seconds. */
+double cli_now(void);
+/* 1 if stderr is a terminal. */
+int cli_isatty_err(void);
+
+int cmd_forward(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+#endif

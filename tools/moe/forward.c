@@ -1,0 +1,229 @@
+/*
+ * `moe forward`: run one layer on tensors a PyTorch user saved, and write the
+ * output (and, with --grad-output, every gradient) as safetensors.
+ * Dimension key: T tokens (product of x's leading dims), D input dim, O output dim.
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *usage_text =
+    "usage: moe forward --config LAYER.json --weights W.safetensors --input X.safetensors\n"
+    "                   --out OUT.safetensors [--grad-output DY.safetensors] [--eval]\n"
+    "                   [--seed N] [--threads N]\n"
+    "\n"
+    "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
+    "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\", and the seed module's constructor\n"
+    "                      arguments: num_experts, input_dim, hidden_dim, output_dim, top_k,\n"
+    "                      activation (relu|gelu|silu|leaky_relu), expert (mlp|swiglu|geglu)}\n"
+    "  --weights FILE      the module's state_dict as safetensors (names as PyTorch's); without\n"
+    "                      it the parameters are initialised from the seed\n"
+    "  --input FILE        tensor 'x' (..., D) float32 (F64/F16/BF16 are converted)\n"
+    "  --out FILE          written: 'y' (..., O), 'aux_loss' (layers with one),\n"
+    "                      'stats.expert_counts' (E) and, with --grad-output, 'dx' and\n"
+    "                      'grad.<parameter name>' for every parameter\n"
+    "  --grad-output FILE  tensor 'dy' (..., O) and optional scalar 'daux' (default 1)\n"
+    "  --eval              eval mode (default: train mode)\n"
+    "  --seed N            overrides the config's seed (init and random choices)\n"
+    "  --threads N         threads (default: all cores)\n";
+
+typedef struct {
+    moe_st_file *f;
+    float *data;
+    int ndim;
+    int64_t shape[MOE_ST_MAX_DIMS];
+    int64_t rows; /* product of all dims but the last */
+} tensor_in;
+
+/* Load tensor `name` from path as float32; its last dim must be `width`. */
+static int load_rows(tensor_in *t, const char *path, const char *name, int64_t width, const char *flag) {
+    memset(t, 0, sizeof *t);
+    moe_status st = moe_st_open(&t->f, path);
+    if (st != MOE_OK) return cli_fail("forward", flag, st);
+    const moe_st_tensor *ti = moe_st_find(t->f, name);
+    if (!ti) {
+        fprintf(stderr, "moe forward: %s: %s has no tensor '%s'\n", flag, path, name);
+        return 1;
+    }
+    if (ti->ndim < 1 || ti->shape[ti->ndim - 1] != width) {
+        fprintf(stderr, "moe forward: %s: tensor '%s' in %s must be (..., %lld); its last dim is %lld\n",
+                flag, name, path, (long long)width, ti->ndim ? (long long)ti->shape[ti->ndim - 1] : 0LL);
+        return 1;
+    }
+    t->ndim = ti->ndim;
+    memcpy(t->shape, ti->shape, sizeof t->shape);
+    t->rows = ti->numel / width;
+    t->data = malloc((size_t)(ti->numel ? ti->numel : 1) * sizeof(float));
+    if (!t->data) {
+        fprintf(stderr, "moe forward: out of memory reading %s\n", path);
+        return 1;
+    }
+    st = moe_st_read_f32(t->data, t->f, name, -1, NULL);
+    if (st != MOE_OK) return cli_fail("forward", flag, st);
+    return 0;
+}
+
+static void free_rows(tensor_in *t) {
+    free(t->data);
+    moe_st_close(t->f);
+}
+
+int cmd_forward(int argc, char **argv) {
+    const char *cfg_path = NULL, *w_path = NULL, *x_path = NULL, *out_path = NULL, *dy_path = NULL;
+    int eval = 0, bad = 0, have_seed = 0;
+    int64_t seed = 0, threads = 0;
+    for (int i = 1; i < argc && !bad; i++) {
+        const char *v;
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            fputs(usage_text, stdout);
+            return 0;
+        } else if ((v = cli_flag(argc, argv, &i, "--config", &bad))) cfg_path = v;
+        else if ((v = cli_flag(argc, argv, &i, "--weights", &bad))) w_path = v;
+        else if ((v = cli_flag(argc, argv, &i, "--input", &bad))) x_path = v;
+        else if ((v = cli_flag(argc, argv, &i, "--out", &bad))) out_path = v;
+        else if ((v = cli_flag(argc, argv, &i, "--grad-output", &bad))) dy_path = v;
+        else if ((v = cli_flag(argc, argv, &i, "--seed", &bad))) {
+            if (!cli_int("forward", "--seed", v, 0, INT64_MAX / 2, &seed)) return 2;
+            have_seed = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--threads", &bad))) {
+            if (!cli_int("forward", "--threads", v, 1, 1024, &threads)) return 2;
+        } else if (!strcmp(argv[i], "--eval")) eval = 1;
+        else if (!bad) {
+            fprintf(stderr, "moe forward: unknown option '%s'\n\n%s", argv[i], usage_text);
+            return 2;
+        }
+    }
+    if (bad) return 2;
+    if (!cfg_path || !x_path || !out_path) {
+        fprintf(stderr, "moe forward: --config, --input and --out are required\n\n%s", usage_text);
+        return 2;
+    }
+    if (dy_path && eval) {
+        fprintf(stderr, "moe forward: --grad-output needs train mode; drop --eval\n");
+        return 2;
+    }
+    moe_set_num_threads((int)threads);
+
+    int rc = 1;
+    moe_layer *l = NULL;
+    tensor_in x = {0}, dy = {0};
+    float *y = NULL, *dx = NULL;
+    moe_st_entry *ents = NULL;
+    char **names = NULL;
+    int n_ent = 0, np = 0;
+
+    char *text = cli_read_text("forward", cfg_path);
+    if (!text) return 1;
+    moe_config cfg;
+    moe_status st = moe_config_from_json(&cfg, text);
+    free(text);
+    if (st != MOE_OK) return cli_fail("forward", cfg_path, st);
+    if (have_seed) cfg.seed = (uint64_t)seed;
+    if ((st = moe_layer_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", cfg_path, st);
+    if (w_path && (st = moe_layer_load(l, w_path)) != MOE_OK) {
+        cli_fail("forward", "--weights", st);
+        goto done;
+    }
+    int64_t D = moe_layer_input_dim(l), O = moe_layer_output_dim(l);
+    if (load_rows(&x, x_path, "x", D, "--input")) goto done;
+    y = malloc((size_t)(x.rows ? x.rows : 1) * (size_t)O * sizeof(float));
+    if (!y) goto done;
+    float aux = 0.0f;
+    if ((st = moe_layer_forward(l, y, &aux, x.data, x.rows, !eval)) != MOE_OK) {
+        cli_fail("forward", "forward", st);
+        goto done;
+    }
+    np = moe_layer_num_params(l);
+    ents = calloc((size_t)np + 4, sizeof *ents);
+    names = calloc((size_t)np, sizeof *names);
+    if (!ents || !names) goto done;
+    moe_st_entry *e = &ents[n_ent++];
+    e->name = "y";
+    e->dtype = MOE_DT_F32;
+    e->ndim = x.ndim;
+    memcpy(e->shape, x.shape, sizeof e->shape);
+    e->shape[x.ndim - 1] = O;
+    e->data = y;
+    if (moe_layer_has_aux_loss(l)) {
+        e = &ents[n_ent++];
+        e->name = "aux_loss";
+        e->dtype = MOE_DT_F32;
+        e->ndim = 0;
+        e->data = &aux;
+    }
+    moe_stats stats;
+    moe_layer_stats(l, &stats);
+    e = &ents[n_ent++];
+    e->name = "stats.expert_counts";
+    e->dtype = MOE_DT_I64;
+    e->ndim = 1;
+    e->shape[0] = cfg.num_experts;
+    e->data = stats.expert_counts;
+
+    if (dy_path) {
+        if (load_rows(&dy, dy_path, "dy", O, "--grad-output")) goto done;
+        if (dy.rows != x.rows) {
+            fprintf(stderr, "moe forward: --grad-output: 'dy' has %lld rows, x has %lld\n",
+                    (long long)dy.rows, (long long)x.rows);
+            goto done;
+        }
+        float daux = 1.0f;
+        if (moe_st_find(dy.f, "daux") &&
+            (st = moe_st_read_f32(&daux, dy.f, "daux", 0, NULL)) != MOE_OK) {
+            cli_fail("forward", "--grad-output", st);
+            goto done;
+        }
+        dx = malloc((size_t)x.rows * (size_t)D * sizeof(float));
+        if (!dx) goto done;
+        moe_layer_zero_grad(l);
+        if ((st = moe_layer_backward(l, dx, dy.data, daux)) != MOE_OK) {
+            cli_fail("forward", "backward", st);
+            goto done;
+        }
+        e = &ents[n_ent++];
+        e->name = "dx";
+        e->dtype = MOE_DT_F32;
+        e->ndim = x.ndim;
+        memcpy(e->shape, x.shape, sizeof e->shape);
+        e->data = dx;
+    }
+    moe_st_entry *all = ents;
+    int n_all = n_ent;
+    if (dy_path) {
+        moe_st_entry *grown = realloc(ents, ((size_t)n_ent + (size_t)np) * sizeof *ents);
+        if (!grown) goto done;
+        ents = all = grown;
+        for (int i = 0; i < np; i++) {
+            moe_param *p = moe_layer_param(l, i);
+            size_t len = strlen(p->name) + 6;
+            names[i] = malloc(len);
+            if (!names[i]) goto done;
+            snprintf(names[i], len, "grad.%s", p->name);
+            moe_st_entry *g = &all[n_all++];
+            memset(g, 0, sizeof *g);
+            g->name = names[i];
+            g->dtype = MOE_DT_F32;
+            g->ndim = p->ndim;
+            for (int d = 0; d < p->ndim; d++) g->shape[d] = p->shape[d];
+            g->data = p->grad;
+        }
+    }
+    if ((st = moe_st_write(out_path, all, n_all, NULL, 0)) != MOE_OK) {
+        cli_fail("forward", "--out", st);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (names)
+        for (int i = 0; i < np; i++) free(names[i]);
+    free(names);
+    free(ents);
+    free(y);
+    free(dx);
+    free_rows(&x);
+    free_rows(&dy);
+    moe_layer_free(l);
+    return rc;
+}

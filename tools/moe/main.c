@@ -1,0 +1,41 @@
+/* `moe`: the libmoe command-line tool. One file per subcommand. */
+#include "cli.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "moe %s: Mixture-of-Experts layers in C\n"
+            "\n"
+            "usage: moe <command> [options]     (moe <command> --help for its options)\n"
+            "\n"
+            "commands:\n"
+            "  train     train an MoE model on a built-in synthetic task (the main job)\n"
+            "  forward   run one layer on tensors saved from PyTorch (safetensors), with gradients\n"
+            "  bench     time forward+backward against a dense sgemm of the same FLOPs\n"
+            "  version   print the version\n",
+            MOE_VERSION);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *c = argv[1];
+    if (!strcmp(c, "-h") || !strcmp(c, "--help") || !strcmp(c, "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(c, "version") || !strcmp(c, "--version")) {
+        printf("moe %s\n", MOE_VERSION);
+        return 0;
+    }
+    if (!strcmp(c, "forward")) return cmd_forward(argc - 1, argv + 1);
+    if (!strcmp(c, "train")) return cmd_train(argc - 1, argv + 1);
+    if (!strcmp(c, "bench")) return cmd_bench(argc - 1, argv + 1);
+    fprintf(stderr, "moe: unknown command '%s'\n\n", c);
+    usage(stderr);
+    return 2;
+}
