@@ -1,0 +1,505 @@
+#!/usr/bin/python3
+"""PyTorch parity tests for `moe forward` (libmoe's CLI).
+
+For each case: build the reference module (reference.py) from a seeded torch RNG,
+save its config, weights, input x and output gradient dy, run
+    moe forward --config LAYER.json --weights W.safetensors --input X.safetensors
+                --out OUT.safetensors [--grad-output DY.safetensors | --eval]
+and compare OUT's `y`, `dx` and `grad.<param>` with PyTorch autograd.
+
+The reference runs in float64 on the same float32 weights and inputs, so the
+tolerance (rtol 1e-4, atol 1e-5) measures only libmoe's float32 error.
+Top-k inputs are drawn so that no token's k-th and (k+1)-th gate logits are
+within 1e-4: near ties could legitimately route differently in float32.
+
+Usage (from anywhere; needs Debian's python3-torch, run as /usr/bin/python3):
+    /usr/bin/python3 tests/parity/run_parity.py              # needs build/moe (make)
+    MOE_BIN=path/to/moe /usr/bin/python3 tests/parity/run_parity.py
+    /usr/bin/python3 tests/parity/run_parity.py --self-test  # torch-only checks, no binary
+    add -v to print every tensor's max error
+Ends with "parity: N passed, N failed"; exits 1 if anything failed.
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # repository root: two directories above this file
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+except ImportError as exc:  # the test must fail, not skip, without torch
+    print(f"python3-torch is required: apt-get install python3-torch python3-numpy ({exc})")
+    print("parity: 0 passed, 1 failed")
+    sys.exit(1)
+
+sys.path.insert(0, str(HERE))
+import reference as ref  # noqa: E402
+import stio  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5
+VERBOSE = "-v" in sys.argv
+
+
+class Tally:
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def check(self, ok, what, detail=""):
+        if ok:
+            self.passed += 1
+            print(f"PASS {what}")
+        else:
+            self.failed += 1
+            print(f"FAIL {what}" + (f" : {detail}" if detail else ""))
+        sys.stdout.flush()
+        return ok
+
+
+# ------------------------------------------------------------------ cases
+
+def topk(D, H, E, k, T, act="relu", expert="mlp", **extra):
+    cfg = dict(type="topk", num_experts=E, input_dim=D, hidden_dim=H, top_k=k,
+               activation=act, expert=expert, **extra)
+    return cfg, T
+
+
+def dense(D, O, E, T):
+    return dict(type="dense", num_experts=E, input_dim=D, output_dim=O), T
+
+
+def train_cases():
+    cases = [
+        topk(64, 128, 4, 2, 16),                      # the seed's defaults
+        topk(32, 48, 8, 2, 40, "gelu"),
+        topk(48, 64, 6, 3, 80, "silu"),
+        topk(16, 32, 8, 2, 5),                        # T < E
+        topk(8, 8, 10, 2, 3),                         # T << E: most experts unused
+        topk(24, 40, 5, 1, 30),                       # k = 1
+        topk(20, 36, 4, 4, 25, "gelu"),               # k = E
+        topk(40, 72, 6, 2, 1, "silu"),                # one token
+        topk(16, 24, 1, 1, 12, "gelu"),               # a single expert
+        topk(32, 64, 4, 2, 33, "leaky_relu"),
+        topk(28, 44, 5, 2, 24, "leaky_relu", leaky_slope=0.2),
+        topk(48, 96, 8, 2, 64, expert="swiglu"),
+        topk(40, 80, 6, 3, 50, expert="geglu"),
+        topk(64, 160, 4, 1, 7, expert="swiglu"),      # GLU, k = 1
+        topk(96, 128, 3, 3, 20, expert="geglu"),      # GLU, k = E
+        topk(32, 64, 4, 2, 1, expert="swiglu"),       # GLU, one token
+    ]
+    rng = np.random.default_rng(12345)                # a few random shapes, fixed seed
+    for _ in range(4):
+        E = int(rng.integers(1, 11))
+        cases.append(topk(int(rng.integers(4, 97)), int(rng.integers(4, 161)), E,
+                          int(rng.integers(1, E + 1)), int(rng.integers(1, 81)),
+                          str(rng.choice(["relu", "gelu", "silu", "leaky_relu"])),
+                          str(rng.choice(["mlp", "mlp", "swiglu", "geglu"]))))
+    cases += [
+        dense(64, 64, 4, 16),                         # the seed's defaults, O == D
+        dense(32, 48, 6, 40),                         # O != D
+        dense(48, 16, 3, 1),                          # one row
+        dense(20, 20, 8, 5),                          # T < E
+        dense(96, 80, 5, 80),
+        dense(12, 24, 1, 10),                         # a single expert
+    ]
+    return cases
+
+
+EVAL_CASES = [topk(32, 64, 6, 2, 20, "gelu"), dense(24, 40, 4, 12)]
+
+
+def describe(cfg, T):
+    c = cfg
+    if c["type"] == "topk":
+        s = (f"topk D={c['input_dim']} H={c['hidden_dim']} E={c['num_experts']} k={c['top_k']} "
+             f"T={T} act={c['activation']} expert={c['expert']}")
+        return s + (f" slope={c['leaky_slope']}" if "leaky_slope" in c else "")
+    return f"dense D={c['input_dim']} O={c['output_dim']} E={c['num_experts']} T={T}"
+
+
+# ------------------------------------------------------------------ one case
+
+def gate_logits64(model, x):
+    """Gate logits in float64 (T, E), without touching the model."""
+    with torch.no_grad():
+        return copy.deepcopy(model.gate).double()(x.double())
+
+
+def near_tie(model, x):
+    """True if some token's k-th and (k+1)-th gate logits are within 1e-4."""
+    if not isinstance(model, ref.TopKMoE) or model.top_k == model.num_experts:
+        return False
+    s = gate_logits64(model, x).sort(dim=-1, descending=True).values
+    k = model.top_k
+    return bool((s[:, k - 1] - s[:, k]).min() < 1e-4)
+
+
+def make_case(cfg, T, seed, d):
+    """Write LAYER.json, W/X/DY.safetensors into dir d; return (model, x, dy)."""
+    torch.manual_seed(seed)
+    model = ref.build(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(100):  # redraw x (deterministically) while a routing near-tie exists
+        x = torch.randn(T, cfg["input_dim"], generator=gen)
+        if not near_tie(model, x):
+            break
+    else:
+        raise RuntimeError(f"no tie-free input found for {describe(cfg, T)}")
+    dy = torch.randn(T, ref.output_dim(model), generator=gen)
+    with open(d / "LAYER.json", "w") as f:
+        json.dump(cfg, f)
+    stio.save(d / "W.safetensors", model.state_dict())
+    stio.save(d / "X.safetensors", {"x": x})
+    stio.save(d / "DY.safetensors", {"dy": dy})
+    return model, x, dy
+
+
+def reference_outputs(model, x, dy, dtype=torch.float64):
+    """{'y', 'dx', 'grad.<name>'} from torch autograd (only 'y' if dy is None)."""
+    m = copy.deepcopy(model).to(dtype)
+    xr = x.to(dtype).requires_grad_()
+    if dy is None:
+        m.eval()
+        with torch.no_grad():
+            return {"y": m(xr)}
+    y = m(xr)
+    y.backward(dy.to(dtype))
+    out = {"y": y.detach(), "dx": xr.grad}
+    for name, p in m.named_parameters():  # unused experts: .grad None -> zeros
+        out["grad." + name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return out
+
+
+def routed_counts(model, x):
+    idx = gate_logits64(model, x).topk(model.top_k, dim=-1).indices
+    return torch.bincount(idx.flatten(), minlength=model.num_experts)
+
+
+def compare(ours, want, model=None, x=None):
+    """List of failure strings (empty when everything matches)."""
+    problems = []
+    missing = [k for k in want if k not in ours]
+    if missing:
+        problems.append(f"OUT lacks tensors {missing}")
+    for name, r in want.items():
+        if name not in ours:
+            continue
+        o = ours[name]
+        if tuple(o.shape) != tuple(r.shape):
+            problems.append(f"{name} shape {list(o.shape)}, want {list(r.shape)}")
+            continue
+        o64, r64 = o.to(torch.float64), r.to(torch.float64)
+        err = (o64 - r64).abs()
+        bad = ~torch.isclose(o64, r64, rtol=RTOL, atol=ATOL)  # same test as allclose, per element
+        worst = float(err.max()) if err.numel() else 0.0
+        if VERBOSE:
+            print(f"     {name:28s} max abs err {worst:.3g}")
+        if bad.any():
+            i = int(torch.argmax(torch.where(bad, err, torch.zeros_like(err))))
+            at = tuple(int(v) for v in np.unravel_index(i, tuple(r.shape))) if r.dim() else ()
+            problems.append(f"{name} max abs err {worst:.3g} (at index {list(at)}: "
+                            f"ours {float(o64.flatten()[i]):.6g}, torch {float(r64.flatten()[i]):.6g}), "
+                            f"{int(bad.sum())} of {r.numel()} elements off")
+    # optional: routing counts, if the tool writes them (top-k only; unambiguous there)
+    if isinstance(model, ref.TopKMoE) and "stats.expert_counts" in ours:
+        got = ours["stats.expert_counts"].to(torch.int64).flatten()
+        exp = routed_counts(model, x)
+        if not torch.equal(got, exp):
+            problems.append(f"stats.expert_counts {got.tolist()}, want {exp.tolist()}")
+    return problems
+
+
+def run_moe(moe, args):
+    """Run the moe binary; return (returncode, stderr)."""
+    try:
+        p = subprocess.run([moe] + args, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return 124, "timed out after 300 s"
+    return p.returncode, p.stdout + p.stderr
+
+
+def forward_args(d, train):
+    a = ["forward", "--config", str(d / "LAYER.json"), "--weights", str(d / "W.safetensors"),
+         "--input", str(d / "X.safetensors"), "--out", str(d / "OUT.safetensors")]
+    return a + (["--grad-output", str(d / "DY.safetensors")] if train else ["--eval"])
+
+
+def torch_f32_tool(d, train):
+    """Stand-in for the binary (--self-test): the reference in float32, reading and
+    writing the same files. Exercises everything but the C code."""
+    cfg = json.loads((d / "LAYER.json").read_text())
+    model = ref.build(cfg)
+    model.load_state_dict(stio.load(d / "W.safetensors"))
+    x = stio.load(d / "X.safetensors")["x"]
+    dy = stio.load(d / "DY.safetensors")["dy"] if train else None
+    stio.save(d / "OUT.safetensors", reference_outputs(model, x, dy, torch.float32))
+    return 0, ""
+
+
+def parity_case(tally, tool, cfg, T, seed, train=True):
+    what = ("" if train else "eval ") + describe(cfg, T)
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        d = Path(tmp)
+        model, x, dy = make_case(cfg, T, seed, d)
+        rc, log = tool(d, train)
+        if rc != 0:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
+            tally.check(False, what, f"moe forward {how}")
+            if log.strip():
+                print("     " + log.strip().replace("\n", "\n     "))
+            return
+        try:
+            ours = stio.load(d / "OUT.safetensors")
+        except (OSError, ValueError) as exc:
+            tally.check(False, what, f"cannot read OUT.safetensors: {exc}")
+            return
+        want = reference_outputs(model, x, dy if train else None)
+        problems = compare(ours, want, model, x)
+        tally.check(not problems, what, "; ".join(problems[:1]))
+        for p in problems[1:]:
+            print(f"     {p}")
+
+
+# ------------------------------------------------------------------ CLI errors
+
+def error_cases(tally, moe):
+    def expect_error(what, d, needle):
+        rc, log = run_moe(moe, forward_args(d, train=False))
+        if rc == 0:
+            tally.check(False, what, "moe forward succeeded")
+        elif rc < 0:
+            tally.check(False, what, f"moe forward killed by signal {-rc}: {log.strip()[:300]}")
+        else:
+            tally.check(needle in log, what, f"stderr lacks '{needle}': {log.strip()[:300]}")
+
+    for cfg, T, drop in [(*topk(16, 32, 4, 2, 6), "experts.1.net.2.bias"),
+                         (*dense(16, 8, 3, 6), "experts.2.weight")]:
+        with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+            d = Path(tmp)
+            model, _, _ = make_case(cfg, T, 7, d)
+            sd = model.state_dict()
+            del sd[drop]
+            stio.save(d / "W.safetensors", sd)
+            expect_error(f"error: {cfg['type']} weights without {drop} is rejected, naming it", d, drop)
+
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        d = Path(tmp)
+        make_case(topk(16, 32, 4, 2, 6)[0], 6, 8, d)
+        cfg = json.loads((d / "LAYER.json").read_text())
+        cfg["top_k"] = 5
+        (d / "LAYER.json").write_text(json.dumps(cfg))
+        expect_error("error: top_k = 5 > num_experts = 4 is rejected, naming top_k", d, "top_k")
+
+
+# ------------------------------------------------------------------ torch-only checks
+
+def dense_quirk(tally):
+    """Why libmoe's dense layer does not reproduce seed 002 literally."""
+    torch.manual_seed(3)
+    model = ref.DenseMoE(4, 16, 8).double()
+    x = torch.randn(6, 16, dtype=torch.float64)
+    intended, seed_out = model(x), ref.seed_broadcast_output(model, x)
+    diff = float((intended - seed_out).abs().max())
+    tally.check(diff > 1e-3, f"dense quirk: seed 002's broadcast output differs from the per-row "
+                f"mixture for T=6 (max diff {diff:.3g})", "they agree; the quirk note is wrong")
+    with torch.no_grad():  # its closed form: every row mixed by the batch-summed gates
+        g = F.softmax(model.gate(x), dim=-1).sum(dim=0)
+        closed = (g[None, :, None] * model.expert_outputs(x)).sum(dim=1)
+    tally.check(torch.allclose(seed_out, closed, rtol=1e-12, atol=1e-12),
+                "dense quirk: seed output == sum_e (sum_b' g[b',e]) * expert_e(x[b])")
+    x1 = x[:1]
+    tally.check(torch.allclose(model(x1), ref.seed_broadcast_output(model, x1), rtol=1e-12, atol=1e-12),
+                "dense quirk: seed output == per-row mixture when T=1")
+
+
+def stio_roundtrip(tally):
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        p = Path(tmp) / "t.safetensors"
+        g = torch.Generator().manual_seed(0)
+        tensors = {
+            "f32": torch.randn(3, 5, generator=g),
+            "f64": torch.randn(4, dtype=torch.float64, generator=g),
+            "f16": torch.randn(2, 3, generator=g).half(),
+            "bf16": torch.randn(7, generator=g).bfloat16(),
+            "i64": torch.arange(-3, 3, dtype=torch.int64).reshape(2, 3),
+            "i32": torch.tensor([1, -2, 2**31 - 1], dtype=torch.int32),
+            "u8": torch.tensor([0, 7, 255], dtype=torch.uint8),
+            "bool": torch.tensor([True, False, True]),
+            "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 4),
+            "np_f32": np.arange(6, dtype=np.float32).reshape(3, 2),
+        }
+        stio.save(p, tensors, metadata={"format": "pt", "n": 3})
+        back = stio.load(p)
+        ok = list(back) == list(tensors)
+        for k, t in tensors.items():
+            t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
+            ok = ok and back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+        tally.check(ok, "stio: save/load round trip of F32 F64 F16 BF16 I64 I32 U8 BOOL, scalar, empty")
+        raw = p.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        hdr = json.loads(raw[8:8 + n])
+        ends = [hdr[k]["data_offsets"] for k in tensors]
+        contiguous = all(a[1] == b[0] for a, b in zip(ends, ends[1:])) and ends[0][0] == 0
+        tally.check((8 + n) % 8 == 0 and contiguous and ends[-1][1] == len(raw) - 8 - n
+                    and stio.load_metadata(p) == {"format": "pt", "n": "3"},
+                    "stio: header padded to 8, offsets contiguous in insertion order, metadata kept")
+        # byte-exact against the format description
+        stio.save(p, {"a": torch.tensor([1.0, 2.0])})
+        h = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+        h += b" " * ((-(8 + len(h))) % 8)
+        want = len(h).to_bytes(8, "little") + h + np.array([1, 2], "<f4").tobytes()
+        tally.check(p.read_bytes() == want, "stio: byte-exact tiny file")
+
+
+def act_formula(h, cfg):
+    """Activations written out from their definitions (independent of nn modules)."""
+    a = cfg.get("activation", "relu")
+    if a == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    if a == "gelu":
+        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    if a == "silu":
+        return h / (1 + torch.exp(-h))
+    return torch.where(h > 0, h, cfg.get("leaky_slope", 0.01) * h)
+
+
+def naive_topk(model, cfg, x):
+    """Per-token loop from the definition: y[t] = sum_j w[t,j] * expert_{i_j}(x[t])."""
+    E, k, H = cfg["num_experts"], cfg["top_k"], cfg["hidden_dim"]
+    rows = []
+    for t in range(x.shape[0]):
+        logits = model.gate.weight @ x[t] + model.gate.bias
+        chosen = sorted(range(E), key=lambda e: -float(logits[e]))[:k]
+        sel = torch.stack([logits[e] for e in chosen])
+        w = torch.exp(sel - sel.max())
+        w = w / w.sum()
+        y = 0
+        for j, e in enumerate(chosen):
+            net = model.experts[e].net
+            h = net[0].weight @ x[t] + net[0].bias
+            if cfg["expert"] == "mlp":
+                h = act_formula(h, cfg)
+            else:
+                a, g = h[:H], h[H:]
+                glu = "silu" if cfg["expert"] == "swiglu" else "gelu"
+                h = a * act_formula(g, {"activation": glu})
+            y = y + w[j] * (net[2].weight @ h + net[2].bias)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def naive_dense(model, x):
+    rows = []
+    for b in range(x.shape[0]):
+        logits = model.gate.weight @ x[b] + model.gate.bias
+        g = torch.exp(logits - logits.max())
+        g = g / g.sum()
+        rows.append(sum(g[e] * (ex.weight @ x[b] + ex.bias) for e, ex in enumerate(model.experts)))
+    return torch.stack(rows)
+
+
+def modules_vs_naive(tally):
+    """Reference modules (forward and every gradient) against the naive loops."""
+    for i, (cfg, T) in enumerate(train_cases()):
+        torch.manual_seed(100 + i)
+        model = ref.build(cfg).double()
+        x = torch.randn(T, cfg["input_dim"], dtype=torch.float64)
+        dy = torch.randn(T, ref.output_dim(model), dtype=torch.float64)
+        outs = []
+        for fn in (lambda m, xx: m(xx),
+                   lambda m, xx: naive_topk(m, cfg, xx) if cfg["type"] == "topk" else naive_dense(m, xx)):
+            m = copy.deepcopy(model)
+            xx = x.clone().requires_grad_()
+            y = fn(m, xx)
+            y.backward(dy)
+            o = {"y": y.detach(), "dx": xx.grad}
+            o.update({"grad." + n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                      for n, p in m.named_parameters()})
+            outs.append(o)
+        bad = [k for k in outs[1] if not torch.allclose(outs[0][k], outs[1][k], rtol=1e-10, atol=1e-12)]
+        tally.check(not bad, f"reference == naive loop (y, dx, grads): {describe(cfg, T)}",
+                    f"differs in {bad}")
+
+
+def state_dict_layout(tally):
+    def keys_of(cfg):
+        return [(k, list(v.shape)) for k, v in ref.build(cfg).state_dict().items()]
+
+    def expect(cfg, per_expert, gate_shapes):
+        E = cfg["num_experts"]
+        want = [(f"experts.{i}.{n}", s) for i in range(E) for n, s in per_expert]
+        want += [("gate.weight", gate_shapes[0]), ("gate.bias", gate_shapes[1])]
+        got = keys_of(cfg)
+        print(f"     {cfg}:")
+        for k, s in got:
+            print(f"       {k:24s} {s}")
+        tally.check(got == want, f"state_dict names/shapes/order: {cfg['type']} {cfg.get('expert', '')}",
+                    f"got {got}")
+
+    D, H, E, O = 6, 10, 3, 5
+    mlp = [("net.0.weight", [H, D]), ("net.0.bias", [H]), ("net.2.weight", [D, H]), ("net.2.bias", [D])]
+    glu = [("net.0.weight", [2 * H, D]), ("net.0.bias", [2 * H]), ("net.2.weight", [D, H]), ("net.2.bias", [D])]
+    expect(topk(D, H, E, 2, 1)[0], mlp, ([E, D], [E]))
+    expect(topk(D, H, E, 2, 1, expert="swiglu")[0], glu, ([E, D], [E]))
+    expect(dense(D, O, E, 1)[0], [("weight", [O, D]), ("bias", [O])], ([E, D], [E]))
+    m = ref.build({"type": "topk"})
+    tally.check((m.num_experts, m.top_k, m.gate.in_features, m.experts[0].net[0].out_features) == (4, 2, 64, 128)
+                and ref.output_dim(ref.build({"type": "dense"})) == 64,
+                "build(): seed defaults (topk E=4 K=2 D=64 H=128, dense O=64)")
+    msgs = []
+    for bad in ({"type": "topk", "num_experts": 4, "top_k": 5}, {"type": "dense", "hidden": 3}, {"type": "x"}):
+        try:
+            ref.build(bad)
+            msgs.append(None)
+        except ValueError as exc:
+            msgs.append(str(exc))
+    tally.check(None not in msgs and "top_k" in msgs[0], "build(): rejects k > E, unknown keys, unknown type",
+                str(msgs))
+
+
+# ------------------------------------------------------------------ main
+
+def main():
+    tally = Tally()
+    self_test = "--self-test" in sys.argv
+    torch.set_num_threads(min(4, torch.get_num_threads()))
+    if self_test:
+        print("parity self-test: torch-only checks (no moe binary)")
+        stio_roundtrip(tally)
+        state_dict_layout(tally)
+        modules_vs_naive(tally)
+        dense_quirk(tally)
+        print("-- parity cases with a float32 PyTorch stand-in for the binary:")
+        tool = torch_f32_tool
+    else:
+        moe = os.path.abspath(os.environ["MOE_BIN"]) if os.environ.get("MOE_BIN") else str(ROOT / "build" / "moe")
+        if not os.access(moe, os.X_OK):
+            print(f"moe binary not found at {moe}, run make first")
+            print("parity: 0 passed, 1 failed")
+            return 1
+        print(f"parity: {moe} against PyTorch {torch.__version__} (rtol {RTOL}, atol {ATOL})")
+
+        def tool(d, train):
+            return run_moe(moe, forward_args(d, train))
+
+    for i, (cfg, T) in enumerate(train_cases()):
+        parity_case(tally, tool, cfg, T, 1000 + i)
+    for i, (cfg, T) in enumerate(EVAL_CASES):
+        parity_case(tally, tool, cfg, T, 2000 + i, train=False)
+    if not self_test:
+        error_cases(tally, moe)
+        dense_quirk(tally)
+    print(f"parity: {tally.passed} passed, {tally.failed} failed")
+    return 1 if tally.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
