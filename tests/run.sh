@@ -22,8 +22,8 @@ run() { # run NAME CMD...: run a test program, add its "N passed, N failed"
         fail=$((fail + 1))
         return
     fi
-    p=$(echo "$line" | sed -E 's/.*[^0-9]?([0-9]+) passed, ([0-9]+) failed.*/\1/')
-    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
+    p=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "passed,") print $(i - 1)}')
+    f=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "failed" || $i == "failed,") print $(i - 1)}')
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
     pass=$((pass + p))
     fail=$((fail + f))
