@@ -80,6 +80,8 @@ test-asan:
 
 bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench
+	./$(BUILD)/moe bench --expert swiglu
+	/usr/bin/python3 bench/torch_bench.py
 
 clean:
 	rm -rf build build-asan

@@ -1,0 +1,83 @@
+"""libmoe against PyTorch, in one run, on this machine.
+
+Times the topk layer forward+backward (train mode, fp32) in PyTorch, using the
+parity reference module (tests/parity/reference.py: per-expert gather with
+index, expert MLP, index_add - the usual eager-mode sparse MoE), then runs
+`build/moe bench --json` on the same shape and prints both and the ratio.
+
+  /usr/bin/python3 bench/torch_bench.py [--tokens 4096] [--dim 512] [--hidden 2048]
+                                        [--experts 16] [--top-k 2] [--expert mlp]
+                                        [--iters 5] [--threads 2]
+Run by `make bench`. The figures go in the README.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "parity"))
+
+try:
+    import torch
+    import reference as ref
+except ImportError as e:
+    sys.exit(f"torch_bench: {e}; install Debian's PyTorch: apt-get install python3-torch python3-numpy")
+
+
+def torch_time(a):
+    torch.manual_seed(0)
+    m = ref.TopKMoE(a.experts, a.dim, a.hidden, a.top_k, "relu", a.expert)
+    x = torch.randn(a.tokens, a.dim, requires_grad=True)
+    dy = torch.randn(a.tokens, a.dim)
+    times = []
+    for it in range(a.iters + 1):  # the first is a warm-up
+        m.zero_grad(set_to_none=False)
+        x.grad = None
+        t0 = time.perf_counter()
+        y = m(x)
+        y.backward(dy)
+        t1 = time.perf_counter()
+        if it:
+            times.append(t1 - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert", default="mlp", choices=["mlp", "swiglu", "geglu"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    moe = os.environ.get("MOE_BIN", str(ROOT / "build" / "moe"))
+    cmd = [moe, "bench", "--json", "--tokens", str(a.tokens), "--dim", str(a.dim), "--hidden", str(a.hidden),
+           "--experts", str(a.experts), "--top-k", str(a.top_k), "--expert", a.expert,
+           "--iters", str(a.iters), "--threads", str(a.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"torch_bench: {' '.join(cmd)} failed:\n{r.stderr}")
+    c = json.loads(r.stdout.strip().splitlines()[-1])
+    ts = torch_time(a)
+    glu = 2 if a.expert != "mlp" else 1
+    # useful FLOPs: A = T*K routed rows through (D -> glu*H) and (H -> D), forward 1x + backward 2x
+    flops = 3 * 2.0 * a.tokens * a.top_k * a.dim * a.hidden * (glu + 1)
+    shape = f"T={a.tokens} D={a.dim} H={a.hidden} E={a.experts} K={a.top_k} {a.expert}"
+    print(f"topk forward+backward, fp32, {a.threads} threads, median of {a.iters}: {shape}")
+    print(f"{'':10} {'tokens/s':>10} {'GFLOP/s':>9} {'ms':>9}")
+    print(f"{'libmoe':10} {c['tokens_per_s']:10.0f} {c['gflops']:9.1f} {c['seconds'] * 1e3:9.1f}")
+    print(f"{'PyTorch':10} {a.tokens / ts:10.0f} {flops / ts / 1e9:9.1f} {ts * 1e3:9.1f}   (torch {torch.__version__})")
+    print(f"libmoe / PyTorch speed: {ts / c['seconds']:.2f}x;  libmoe / dense sgemm: {c['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
