@@ -6,7 +6,7 @@
 CC       ?= cc
 # The OpenMP build of OpenBLAS, chosen deliberately: its threads are the same
 # OpenMP team as ours, so BLAS calls inside our parallel regions do not
-# oversubscribe the cores (see README, "Threads").
+# oversubscribe the cores (see README, "C API").
 BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
 BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
 OPT      ?= -O2 -march=native
