@@ -60,8 +60,19 @@ int moe_set_num_threads(int n);
 
 typedef enum {
     MOE_LAYER_DENSE = 0, /* seed 002 BasicMoE: softmax gate over all E, linear experts */
-    MOE_LAYER_TOPK  = 1  /* seed 004 SimpleMoE: top-k gate, 2-layer MLP experts        */
+    MOE_LAYER_TOPK  = 1, /* seed 004 SimpleMoE: top-k gate, 2-layer MLP experts        */
+    MOE_LAYER_GSHARD = 2,      /* seeds 000/001 MoE: GShard top-2 gate, capacity, loss */
+    MOE_LAYER_HIERARCHICAL = 3 /* seeds 000/001 two-level MoE: outer and inner top-2   */
 } moe_layer_type;
+
+/* What becomes of each token's second choice (GShard top-2 gating). */
+typedef enum {
+    MOE_SECOND_ALL = 0,     /* always kept                                          */
+    MOE_SECOND_NONE,        /* always dropped                                       */
+    MOE_SECOND_THRESHOLD,   /* kept if its normalised gate > threshold              */
+    MOE_SECOND_RANDOM       /* kept if u < gate / max(threshold, eps), u ~ U[0,1)
+                               from the layer's seeded counter-based RNG            */
+} moe_second_policy;
 
 typedef enum {
     MOE_ACT_RELU = 0,
@@ -87,21 +98,38 @@ typedef struct {
     float           leaky_slope;  /* MOE_ACT_LEAKY_RELU                        */
     moe_expert_kind expert;       /* topk                                      */
     uint64_t        seed;         /* drives init and every random choice       */
+    /* gshard and hierarchical (defaults are the seed module's) */
+    int             num_experts_inner;      /* hierarchical: Ei; num_experts is Eo */
+    moe_second_policy second_policy_train;  /* default random                    */
+    moe_second_policy second_policy_eval;   /* default random                    */
+    double          second_threshold_train; /* default 0.2                       */
+    double          second_threshold_eval;  /* default 0.2                       */
+    double          capacity_factor_train;  /* default 1.25, must be > 0         */
+    double          capacity_factor_eval;   /* default 2.0, must be > 0          */
+    double          loss_coef;              /* default 1e-2                      */
 } moe_config;
 
 /* Fill c with the defaults of the seed module of this type (SimpleMoE:
- * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64). */
+ * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64; GShard MoE: E=16,
+ * D=64, H=0 meaning 4*D, relu, policies random, thresholds 0.2, capacity
+ * factors 1.25 (train) and 2 (eval), loss_coef 1e-2; hierarchical: the same
+ * with (Eo, Ei) = (4, 4)). */
 void moe_config_init(moe_config *c, moe_layer_type type);
 
 /* Parse a layer config from JSON text: {"type": "topk"|"dense", plus the seed
  * module's constructor argument names: num_experts, input_dim, hidden_dim,
  * output_dim, top_k; "activation": "relu"|"gelu"|"silu"|"leaky_relu";
- * "expert": "mlp"|"swiglu"|"geglu"; "seed": N}. Unknown keys are an error. */
+ * "expert": "mlp"|"swiglu"|"geglu"; "seed": N}. For "gshard" and
+ * "hierarchical": dim, num_experts (an int; a pair [Eo, Ei] for hierarchical),
+ * hidden_dim, activation, second_policy_train/_eval ("all"|"none"|"threshold"|
+ * "random"), second_threshold_train/_eval, capacity_factor_train/_eval,
+ * loss_coef, seed. Unknown keys are an error. */
 moe_status moe_config_from_json(moe_config *out, const char *json_text);
 /* Human-readable names, NULL for out-of-range values. */
 const char *moe_layer_type_name(moe_layer_type t);
 const char *moe_activation_name(moe_activation a);
 const char *moe_expert_kind_name(moe_expert_kind k);
+const char *moe_second_policy_name(moe_second_policy p);
 
 /* ---------------------------------------------------------------- layer */
 
@@ -142,9 +170,15 @@ void             moe_layer_init_params(moe_layer *l, uint64_t seed);
  *   aux_loss scalar, may be NULL; set to 0 for layers without one
  *   x        (T, D)        read; NaN/Inf is an error
  *   train    1: train mode (caches what backward needs), 0: eval mode
- * T == 0 is an error (empty batch). */
+ * T == 0 is an error (empty batch). The T rows form one group (sequence);
+ * for gshard and hierarchical, where capacity and the balance loss are per
+ * group, use moe_layer_forward_seq. */
 moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
                              const float *x, int64_t T, int train);
+/* Forward of x (B, N, D): B groups (sequences) of N tokens; y (B, N, out_dim).
+ * The same as moe_layer_forward with T = B*N for layers without groups. */
+moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
+                                 const float *x, int64_t B, int64_t N, int train);
 
 /* Backward of the last train-mode forward.
  *   dx    (T, D)        written (not accumulated); may be NULL
@@ -157,8 +191,13 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
 typedef struct {
     int64_t tokens;          /* T of the last forward                          */
     int64_t assignments;     /* token-expert pairs computed (T*K for topk)     */
-    int64_t dropped;         /* assignments dropped for capacity (0 here)      */
-    const int64_t *expert_counts; /* (E) rows each expert processed            */
+    int64_t dropped;         /* assignments dropped for capacity (gshard and
+                                hierarchical: first and second choices, both
+                                levels; 0 for topk and dense)                  */
+    int64_t second_candidates; /* top-2 layers: rows that had a second choice  */
+    int64_t second_kept;     /* ... and kept it (policy and capacity)          */
+    int     n_experts;       /* length of expert_counts (Eo*Ei hierarchical)   */
+    const int64_t *expert_counts; /* (n_experts) rows each expert processed    */
 } moe_stats;
 moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
 

@@ -1,16 +1,18 @@
 /*
  * Finite-difference gradient checks for every parameter and the input of the
- * topk and dense layers, on small random shapes.
+ * topk, dense, gshard and hierarchical layers, on small random shapes.
  *
- * Loss L = sum(y * r) for a fixed random r, so dL/dy = r. For each tensor
+ * Loss L = sum(y * r) + daux * aux_loss for a fixed random r, so dL/dy = r
+ * (daux = 0.7 for the layers with a balance loss). For each tensor
  * (every parameter, and x) we compare
  *   - the directional derivative along a random unit direction v:
  *       (L(p + h v) - L(p - h v)) / 2h   against   <grad, v>
  *   - and the same for 3 single elements of the tensor,
  * with h = 1e-3 and tolerance |fd - an| <= 1e-2 * max(|fd|, |an|) + 1e-3
  * (float32 forward: L carries ~1e-6 absolute rounding, / 2h ~ 5e-4).
- * Routing is held fixed: a probe whose perturbation changes the top-k choice
- * is not a valid finite difference and is skipped; at most 1 in 10 may be.
+ * Routing is held fixed: a probe whose perturbation changes a discrete choice
+ * (top-k, first/second expert, threshold, capacity) is not a valid finite
+ * difference and is skipped; at most 1 in 10 may be.
  * Dimension key: T tokens, D model dim, H hidden dim, O output dim, E experts, K top-k.
  */
 #include "check.h"
@@ -33,22 +35,24 @@ static float nrand(void) {
 typedef struct {
     moe_layer *l;
     float *x, *y, *r;
-    int64_t T, D, O;
-    int32_t *route; /* (T,K) base routing, topk only */
-    int K;
+    int64_t T, D, O, B, N;
+    int32_t *route, *now; /* (n_route) base routing and the probe's */
+    int64_t n_route;
+    float daux;
 } ctx;
 
 static double loss(ctx *c) {
-    if (moe_layer_forward(c->l, c->y, NULL, c->x, c->T, 1) != MOE_OK) return NAN;
-    double s = 0;
+    float aux = 0.0f;
+    if (moe_layer_forward_seq(c->l, c->y, &aux, c->x, c->B, c->N, 1) != MOE_OK) return NAN;
+    double s = (double)c->daux * aux;
     for (int64_t i = 0; i < c->T * c->O; i++) s += (double)c->y[i] * c->r[i];
     return s;
 }
 
 static int routing_same(ctx *c) {
     if (!c->route) return 1;
-    const int32_t *now = moe__layer_routing(c->l);
-    return memcmp(now, c->route, (size_t)(c->T * c->K) * sizeof *now) == 0;
+    int64_t n = moe__layer_routing(c->l, c->now, c->n_route);
+    return n == c->n_route && memcmp(c->now, c->route, (size_t)n * sizeof *c->now) == 0;
 }
 
 /* fd along direction v of tensor data (n); returns 0 if routing changed. */
@@ -95,27 +99,30 @@ static void check_tensor(ctx *c, const char *what, float *data, const float *gra
     free(v);
 }
 
-static void gradcheck(const moe_config *cfg, int64_t T, const char *label) {
+static void gradcheck_seq(const moe_config *cfg, int64_t B, int64_t N, const char *label) {
     ctx c = {0};
+    int64_t T = B * N;
     CHECK_STATUS(moe_layer_create(&c.l, cfg), MOE_OK);
     if (!c.l) return;
-    c.T = T;
+    c.T = T, c.B = B, c.N = N;
     c.D = moe_layer_input_dim(c.l);
     c.O = moe_layer_output_dim(c.l);
-    c.K = cfg->type == MOE_LAYER_TOPK ? cfg->top_k : 0;
+    c.daux = moe_layer_has_aux_loss(c.l) ? 0.7f : 0.0f;
     c.x = malloc((size_t)(T * c.D) * sizeof *c.x);
     c.y = malloc((size_t)(T * c.O) * sizeof *c.y);
     c.r = malloc((size_t)(T * c.O) * sizeof *c.r);
     float *dx = malloc((size_t)(T * c.D) * sizeof *dx);
     for (int64_t i = 0; i < T * c.D; i++) c.x[i] = nrand();
     for (int64_t i = 0; i < T * c.O; i++) c.r[i] = nrand();
-    CHECK_STATUS(moe_layer_forward(c.l, c.y, NULL, c.x, T, 1), MOE_OK);
-    if (c.K) {
-        c.route = malloc((size_t)(T * c.K) * sizeof *c.route);
-        memcpy(c.route, moe__layer_routing(c.l), (size_t)(T * c.K) * sizeof *c.route);
+    CHECK_STATUS(moe_layer_forward_seq(c.l, c.y, NULL, c.x, B, N, 1), MOE_OK);
+    c.n_route = moe__layer_routing(c.l, NULL, 0);
+    if (c.n_route) {
+        c.route = malloc((size_t)c.n_route * sizeof *c.route);
+        c.now = malloc((size_t)c.n_route * sizeof *c.now);
+        moe__layer_routing(c.l, c.route, c.n_route);
     }
     moe_layer_zero_grad(c.l);
-    CHECK_STATUS(moe_layer_backward(c.l, dx, c.r, 0.0f), MOE_OK);
+    CHECK_STATUS(moe_layer_backward(c.l, dx, c.r, c.daux), MOE_OK);
     /* the probes' forwards leave the accumulated gradients alone */
     int np = moe_layer_num_params(c.l);
     int before = check_fail_;
@@ -129,9 +136,11 @@ static void gradcheck(const moe_config *cfg, int64_t T, const char *label) {
     snprintf(what, sizeof what, "%s x", label);
     check_tensor(&c, what, c.x, dx, T * c.D);
     printf("gradcheck %-44s %s\n", label, check_fail_ == before ? "ok" : "FAILED");
-    free(c.x), free(c.y), free(c.r), free(dx), free(c.route);
+    free(c.x), free(c.y), free(c.r), free(dx), free(c.route), free(c.now);
     moe_layer_free(c.l);
 }
+
+static void gradcheck(const moe_config *cfg, int64_t T, const char *label) { gradcheck_seq(cfg, 1, T, label); }
 
 int main(void) {
     moe_set_num_threads(2);
@@ -169,6 +178,33 @@ int main(void) {
     moe_config_init(&c, MOE_LAYER_DENSE);
     c.input_dim = 4, c.output_dim = 4, c.num_experts = 1, c.seed = 71;
     gradcheck(&c, 1, "dense D=O=4 E=1 T=1");
+
+    /* gshard: policies all and threshold, capacity that drops tokens, B > 1, N < E */
+    const moe_second_policy pols[] = {MOE_SECOND_ALL, MOE_SECOND_THRESHOLD, MOE_SECOND_NONE};
+    for (int i = 0; i < 3; i++) {
+        moe_config_init(&c, MOE_LAYER_GSHARD);
+        c.input_dim = 6, c.hidden_dim = 5, c.num_experts = 4, c.seed = 81 + (uint64_t)i;
+        c.second_policy_train = pols[i], c.activation = acts[i];
+        c.capacity_factor_train = i == 0 ? 0.5 : 1.25; /* capacity 4 of 12: drops */
+        c.loss_coef = 3.0; /* large enough that the balance loss's gradient is tested */
+        char label[96];
+        snprintf(label, sizeof label, "gshard %s %s B=2 N=12 D=6 H=5 E=4", moe_second_policy_name(pols[i]),
+                 moe_activation_name(acts[i]));
+        gradcheck_seq(&c, 2, 12, label);
+    }
+    moe_config_init(&c, MOE_LAYER_GSHARD); /* N < E */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 6, c.seed = 91, c.second_policy_train = MOE_SECOND_ALL;
+    c.loss_coef = 3.0;
+    gradcheck_seq(&c, 3, 3, "gshard all B=3 N=3 < E=6 D=5 H=4");
+    moe_config_init(&c, MOE_LAYER_HIERARCHICAL);
+    c.input_dim = 6, c.hidden_dim = 4, c.num_experts = 2, c.num_experts_inner = 3, c.seed = 101;
+    c.second_policy_train = MOE_SECOND_ALL, c.loss_coef = 3.0;
+    gradcheck_seq(&c, 2, 10, "hierarchical all (2,3) B=2 N=10 D=6 H=4");
+    moe_config_init(&c, MOE_LAYER_HIERARCHICAL);
+    c.input_dim = 5, c.hidden_dim = 3, c.num_experts = 3, c.num_experts_inner = 2, c.seed = 111;
+    c.second_policy_train = MOE_SECOND_THRESHOLD, c.capacity_factor_train = 0.6, c.activation = MOE_ACT_GELU;
+    c.loss_coef = 3.0;
+    gradcheck_seq(&c, 2, 16, "hierarchical threshold gelu (3,2) cf=0.6 B=2 N=16");
 
     printf("probes %d, skipped for a routing change %d\n", probes, skipped);
     CHECK(skipped * 10 <= probes, "too many probes changed the routing: %d of %d", skipped, probes);

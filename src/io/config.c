@@ -23,6 +23,70 @@ static int lookup(const char *s, const char *const *names, int n) {
     return -1;
 }
 
+static moe_status get_real(double *out, const cJSON *v) {
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
+        return moe_err(MOE_ERR_ARG, "config key \"%s\" must be a finite number", v->string);
+    *out = v->valuedouble;
+    return MOE_OK;
+}
+
+static const char *const acts[] = {"relu", "gelu", "silu", "leaky_relu"};
+static const char *const policies[] = {"all", "none", "threshold", "random"};
+
+/* Keys of the gshard and hierarchical layers (seed MoE constructor names). */
+static moe_status gshard_key(moe_config *c, const cJSON *v, int *known) {
+    const char *k = v->string;
+    int64_t n = 0;
+    double r = 0;
+    moe_status st = MOE_OK;
+    *known = 1;
+    if (strcmp(k, "dim") == 0) {
+        if ((st = get_int(&n, v, 0, INT32_MAX)) == MOE_OK) c->input_dim = n;
+    } else if (strcmp(k, "hidden_dim") == 0) {
+        if (cJSON_IsNull(v)) c->hidden_dim = 0; /* None: 4 * dim */
+        else if ((st = get_int(&n, v, 1, INT32_MAX)) == MOE_OK) c->hidden_dim = n;
+    } else if (strcmp(k, "num_experts") == 0) {
+        if (c->type == MOE_LAYER_HIERARCHICAL) {
+            int64_t eo = 0, ei = 0;
+            if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
+                return moe_err(MOE_ERR_ARG, "hierarchical \"num_experts\" must be a pair [outer, inner]");
+            if ((st = get_int(&eo, cJSON_GetArrayItem(v, 0), 0, 65536)) != MOE_OK ||
+                (st = get_int(&ei, cJSON_GetArrayItem(v, 1), 0, 65536)) != MOE_OK)
+                return moe_err(MOE_ERR_ARG, "hierarchical \"num_experts\" must be a pair of integers in [1, 65536]");
+            c->num_experts = (int)eo, c->num_experts_inner = (int)ei;
+        } else if ((st = get_int(&n, v, 0, 1 << 30)) == MOE_OK) {
+            c->num_experts = (int)n;
+        }
+    } else if (strcmp(k, "activation") == 0) {
+        int i = cJSON_IsString(v) ? lookup(v->valuestring, acts, 4) : -1;
+        if (i < 0) st = moe_err(MOE_ERR_ARG, "\"activation\" must be one of relu, gelu, silu, leaky_relu");
+        else c->activation = (moe_activation)i;
+    } else if (strcmp(k, "second_policy_train") == 0 || strcmp(k, "second_policy_eval") == 0) {
+        int i = cJSON_IsString(v) ? lookup(v->valuestring, policies, 4) : -1;
+        if (i < 0)
+            st = moe_err(MOE_ERR_ARG, "\"%s\" must be one of all, none, threshold, random (got %s%s%s)", k,
+                         cJSON_IsString(v) ? "\"" : "", cJSON_IsString(v) ? v->valuestring : "a non-string",
+                         cJSON_IsString(v) ? "\"" : "");
+        else if (k[14] == 't') c->second_policy_train = (moe_second_policy)i;
+        else c->second_policy_eval = (moe_second_policy)i;
+    } else if (strcmp(k, "second_threshold_train") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->second_threshold_train = r;
+    } else if (strcmp(k, "second_threshold_eval") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->second_threshold_eval = r;
+    } else if (strcmp(k, "capacity_factor_train") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->capacity_factor_train = r;
+    } else if (strcmp(k, "capacity_factor_eval") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->capacity_factor_eval = r;
+    } else if (strcmp(k, "loss_coef") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->loss_coef = r;
+    } else if (strcmp(k, "seed") == 0) {
+        if ((st = get_int(&n, v, 0, INT64_MAX / 2)) == MOE_OK) c->seed = (uint64_t)n;
+    } else {
+        *known = 0;
+    }
+    return st;
+}
+
 moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     moe_err_clear();
     if (!out || !json_text) return moe_err(MOE_ERR_ARG, "moe_config_from_json: NULL argument");
@@ -32,28 +96,38 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     moe_status st = MOE_OK;
     moe_config c;
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "type");
-    const char *types[] = {"dense", "topk"};
+    const char *types[] = {"dense", "topk", "gshard", "hierarchical"};
     int ti = -1;
     if (!cJSON_IsObject(root))
         st = moe_err(MOE_ERR_FORMAT, "layer config must be a JSON object");
     else if (!cJSON_IsString(type))
-        st = moe_err(MOE_ERR_ARG, "layer config needs \"type\": one of \"topk\", \"dense\"");
-    else if ((ti = lookup(type->valuestring, types, 2)) < 0)
-        st = moe_err(MOE_ERR_UNSUPPORTED, "unknown layer type \"%s\" (known: topk, dense)", type->valuestring);
+        st = moe_err(MOE_ERR_ARG, "layer config needs \"type\": one of \"topk\", \"dense\", \"gshard\", "
+                                  "\"hierarchical\"");
+    else if ((ti = lookup(type->valuestring, types, 4)) < 0)
+        st = moe_err(MOE_ERR_UNSUPPORTED, "unknown layer type \"%s\" (known: topk, dense, gshard, hierarchical)",
+                     type->valuestring);
     if (st != MOE_OK) {
         cJSON_Delete(root);
         return st;
     }
     moe_config_init(&c, (moe_layer_type)ti);
-    const char *acts[] = {"relu", "gelu", "silu", "leaky_relu"};
     const char *kinds[] = {"mlp", "swiglu", "geglu"};
     int is_topk = c.type == MOE_LAYER_TOPK;
+    int is_gshard = c.type == MOE_LAYER_GSHARD || c.type == MOE_LAYER_HIERARCHICAL;
     const cJSON *v;
     cJSON_ArrayForEach(v, root) {
         const char *k = v->string;
         int64_t n = 0;
+        int known = 0;
         if (strcmp(k, "type") == 0) continue;
-        if (strcmp(k, "num_experts") == 0) {
+        if (is_gshard) {
+            st = gshard_key(&c, v, &known);
+            if (!known)
+                st = moe_err(MOE_ERR_ARG, "unknown config key \"%s\" for a %s layer (known: dim, num_experts, "
+                                          "hidden_dim, activation, second_policy_train, second_policy_eval, "
+                                          "second_threshold_train, second_threshold_eval, capacity_factor_train, "
+                                          "capacity_factor_eval, loss_coef, seed)", k, types[ti]);
+        } else if (strcmp(k, "num_experts") == 0) {
             if ((st = get_int(&n, v, 0, 1 << 30)) == MOE_OK) c.num_experts = (int)n;
         } else if (strcmp(k, "input_dim") == 0) {
             if ((st = get_int(&n, v, 0, INT32_MAX)) == MOE_OK) c.input_dim = n;

@@ -42,7 +42,8 @@ static size_t layout(const moe_layer *l, int64_t T, char *base, dense_ws *w) {
     return off;
 }
 
-static size_t dense_workspace_bytes(const moe_layer *l, int64_t T) {
+static size_t dense_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
+    int64_t T = B * N;
     dense_ws w;
     return layout(l, T, NULL, &w);
 }

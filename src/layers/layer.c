@@ -27,12 +27,40 @@ void moe_config_init(moe_config *c, moe_layer_type type) {
     c->leaky_slope = 0.01f;
     c->expert = MOE_EXPERT_MLP;
     c->seed = 0;
+    c->num_experts_inner = 0;
+    c->second_policy_train = MOE_SECOND_RANDOM;
+    c->second_policy_eval = MOE_SECOND_RANDOM;
+    c->second_threshold_train = 0.2;
+    c->second_threshold_eval = 0.2;
+    c->capacity_factor_train = 1.25;
+    c->capacity_factor_eval = 2.0;
+    c->loss_coef = 1e-2;
+    if (type == MOE_LAYER_GSHARD) {
+        c->num_experts = 16;
+        c->hidden_dim = 0; /* 4 * input_dim */
+    } else if (type == MOE_LAYER_HIERARCHICAL) {
+        c->num_experts = 4;
+        c->num_experts_inner = 4;
+        c->hidden_dim = 0;
+    }
 }
 
 const char *moe_layer_type_name(moe_layer_type t) {
     switch (t) {
     case MOE_LAYER_DENSE: return "dense";
     case MOE_LAYER_TOPK: return "topk";
+    case MOE_LAYER_GSHARD: return "gshard";
+    case MOE_LAYER_HIERARCHICAL: return "hierarchical";
+    }
+    return NULL;
+}
+
+const char *moe_second_policy_name(moe_second_policy p) {
+    switch (p) {
+    case MOE_SECOND_ALL: return "all";
+    case MOE_SECOND_NONE: return "none";
+    case MOE_SECOND_THRESHOLD: return "threshold";
+    case MOE_SECOND_RANDOM: return "random";
     }
     return NULL;
 }
@@ -74,6 +102,7 @@ moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const 
     }
     l->param_off[i] = off;
     l->fan_in[i] = fan_in;
+    l->init_normal[i] = fan_in <= 0;
     return MOE_OK;
 }
 
@@ -103,6 +132,14 @@ void moe_layer_init_params(moe_layer *l, uint64_t seed) {
         moe_param *p = &l->params[i];
         float bound = 1.0f / sqrtf((float)l->fan_in[i]);
         uint64_t stream = moe_rng_u64(seed, 0x1000000ull + (uint64_t)i);
+        if (l->init_normal[i]) { /* torch.randn: N(0, 1), Box-Muller on two draws */
+            for (int64_t j = 0; j < p->numel; j++) {
+                double u1 = ((double)(moe_rng_u64(stream, 2 * (uint64_t)j) >> 11) + 1.0) * 0x1p-53;
+                double u2 = (double)(moe_rng_u64(stream, 2 * (uint64_t)j + 1) >> 11) * 0x1p-53;
+                p->data[j] = (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+            }
+            continue;
+        }
         for (int64_t j = 0; j < p->numel; j++)
             p->data[j] = (2.0f * moe_rng_uniform(stream, (uint64_t)j) - 1.0f) * bound;
     }
@@ -131,14 +168,26 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     l->param_off = moe_calloc((size_t)l->cap_params * sizeof *l->param_off);
     l->fan_in = moe_calloc((size_t)l->cap_params * sizeof *l->fan_in);
     l->names = moe_calloc((size_t)l->cap_params * MOE_NAME_MAX);
-    l->expert_counts = moe_calloc((size_t)E * sizeof *l->expert_counts);
+    l->init_normal = moe_calloc((size_t)l->cap_params);
+    l->n_expert_counts = E;
+    if (cfg->type == MOE_LAYER_HIERARCHICAL) {
+        if (cfg->num_experts_inner < 1 || cfg->num_experts_inner > 65536) {
+            moe_layer_free(l);
+            return moe_err(MOE_ERR_ARG, "hierarchical: num_experts_inner must be in [1, 65536], got %d",
+                           cfg->num_experts_inner);
+        }
+        l->n_expert_counts = E * cfg->num_experts_inner;
+    }
+    l->expert_counts = moe_calloc((size_t)l->n_expert_counts * sizeof *l->expert_counts);
     moe_status st = MOE_OK;
-    if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->expert_counts)
+    if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->init_normal || !l->expert_counts)
         st = moe_err(MOE_ERR_NOMEM, "cannot allocate the parameter table");
     else if (cfg->type == MOE_LAYER_TOPK)
         st = moe__topk_create(l);
     else if (cfg->type == MOE_LAYER_DENSE)
         st = moe__dense_create(l);
+    else if (cfg->type == MOE_LAYER_GSHARD || cfg->type == MOE_LAYER_HIERARCHICAL)
+        st = moe__gshard_create(l);
     else
         st = moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
     if (st != MOE_OK) {
@@ -156,6 +205,7 @@ void moe_layer_free(moe_layer *l) {
     moe_free(l->param_off);
     moe_free(l->fan_in);
     moe_free(l->names);
+    moe_free(l->init_normal);
     moe_free(l->wmem);
     moe_free(l->gmem);
     moe_free(l->expert_counts);
@@ -187,45 +237,56 @@ void moe_layer_zero_grad(moe_layer *l) {
 
 /* ---------------------------------------------------------------- forward/backward */
 
-static moe_status reserve(moe_layer *l, int64_t T) {
-    if (T <= l->ws_T) return MOE_OK;
-    size_t bytes = l->ops->workspace_bytes(l, T);
+static moe_status reserve(moe_layer *l, int64_t B, int64_t N) {
+    size_t bytes = l->ops->workspace_bytes(l, B, N);
     if (bytes == 0 || bytes == SIZE_MAX)
-        return moe_err(MOE_ERR_ARG, "batch of %lld tokens is too large for this layer", (long long)T);
+        return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large for this layer", (long long)B,
+                       (long long)N);
+    if (bytes <= l->ws_bytes) return MOE_OK;
     char *ws = moe_alloc(bytes);
-    if (!ws) return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes of workspace for %lld tokens",
-                            bytes, (long long)T);
+    if (!ws) return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes of workspace for %lld x %lld tokens",
+                            bytes, (long long)B, (long long)N);
     moe_free(l->ws);
     l->ws = ws;
     l->ws_bytes = bytes;
-    l->ws_T = T;
     l->cached = 0; /* the old cache went with the old workspace */
     return MOE_OK;
 }
 
-moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t T,
-                             int train) {
+moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t B,
+                                 int64_t N, int train) {
     moe_err_clear();
     if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer, y or x");
-    if (T <= 0)
-        return moe_err(MOE_ERR_ARG, "empty batch: x has %lld tokens; forward needs at least one row",
-                       (long long)T);
-    int K = l->cfg.type == MOE_LAYER_TOPK ? l->cfg.top_k : 1;
-    if (T > INT32_MAX / K || T > INT64_MAX / l->in_dim / l->out_dim)
-        return moe_err(MOE_ERR_ARG, "batch of %lld tokens is too large (max %d)", (long long)T,
-                       INT32_MAX / K);
+    if (B <= 0 || N <= 0)
+        return moe_err(MOE_ERR_ARG, "empty batch: x has %lld x %lld tokens; forward needs at least one row",
+                       (long long)B, (long long)N);
+    /* rows per token in the widest routed buffer: K (topk), 2 (gshard), 4 (hierarchical) */
+    int K = l->cfg.type == MOE_LAYER_TOPK ? l->cfg.top_k
+          : l->cfg.type == MOE_LAYER_GSHARD ? 2 : l->cfg.type == MOE_LAYER_HIERARCHICAL ? 4 : 1;
+    if (B > INT32_MAX / K / N || B * N > INT64_MAX / l->in_dim / l->out_dim)
+        return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large (max %d)", (long long)B,
+                       (long long)N, INT32_MAX / K);
+    int64_t T = B * N;
     int64_t bad = moe_find_nonfinite(x, T * l->in_dim);
     if (bad >= 0)
         return moe_err(MOE_ERR_NONFINITE, "x[%lld][%lld] is %s: inputs must be finite",
                        (long long)(bad / l->in_dim), (long long)(bad % l->in_dim),
                        isnan(x[bad]) ? "NaN" : "Inf");
-    moe_status st = reserve(l, T);
+    moe_status st = reserve(l, B, N);
     if (st != MOE_OK) return st;
+    l->B = B;
+    l->N = N;
     l->ops->forward(l, y, aux_loss, x, T, train);
+    l->forward_calls++;
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
     l->cached = train ? 1 : 0;
     return MOE_OK;
+}
+
+moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t T,
+                             int train) {
+    return moe_layer_forward_seq(l, y, aux_loss, x, 1, T, train);
 }
 
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux) {
@@ -244,11 +305,22 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
     return MOE_OK;
 }
 
+int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
+    if (!l || !l->ws || l->T == 0) return 0;
+    if (l->cfg.type == MOE_LAYER_TOPK) return moe__topk_routing(l, dst, cap);
+    if (l->cfg.type == MOE_LAYER_GSHARD || l->cfg.type == MOE_LAYER_HIERARCHICAL)
+        return moe__gshard_routing(l, dst, cap);
+    return 0;
+}
+
 moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {
     if (!l || !out) return moe_err(MOE_ERR_ARG, "moe_layer_stats: NULL argument");
     out->tokens = l->T;
     out->assignments = l->assignments;
     out->dropped = l->dropped;
+    out->second_candidates = l->second_candidates;
+    out->second_kept = l->second_kept;
+    out->n_experts = l->n_expert_counts;
     out->expert_counts = l->expert_counts;
     return MOE_OK;
 }

@@ -10,8 +10,8 @@
 #include "internal.h"
 
 typedef struct {
-    /* Workspace bytes needed for T tokens (0 on size overflow). */
-    size_t (*workspace_bytes)(const moe_layer *l, int64_t T);
+    /* Workspace bytes needed for B groups of N tokens (0 or SIZE_MAX on size overflow). */
+    size_t (*workspace_bytes)(const moe_layer *l, int64_t B, int64_t N);
     /* Inputs validated and workspace reserved before these run; they cannot fail. */
     void (*forward)(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train);
     void (*backward)(moe_layer *l, float *dx, const float *dy, float daux);
@@ -30,20 +30,24 @@ struct moe_layer {
     int64_t   *param_off;      /* (n_params) offset of each in wmem/gmem      */
     int64_t   *fan_in;         /* (n_params) for init                         */
     char      *names;          /* (cap_params * MOE_NAME_MAX)                  */
+    uint8_t   *init_normal;    /* (cap_params) 1: init N(0,1) (torch.randn)   */
     float     *wmem, *gmem;    /* (n_weights) parameters and gradients        */
     int64_t    n_weights;
 
-    int64_t *expert_counts;    /* (E) rows per expert, last forward           */
-    int64_t  assignments, dropped;
+    int64_t *expert_counts;    /* (n_expert_counts) rows per expert, last forward */
+    int      n_expert_counts;  /* E, or Eo*Ei for hierarchical                */
+    int64_t  assignments, dropped, second_candidates, second_kept;
+    uint64_t forward_calls;    /* forwards run: the RNG stream of the next one */
+    int64_t  B, N;             /* groups and tokens per group, last forward   */
 
     int64_t T;                 /* tokens of the last forward                  */
     int     cached;            /* last forward was train mode                 */
-    int64_t ws_T;              /* workspace is planned for up to ws_T tokens  */
     char   *ws;                /* workspace (one allocation)                  */
     size_t  ws_bytes;
 };
 
-/* Register a parameter; its storage is wmem + off once moe__layer_alloc ran. */
+/* Register a parameter; its storage is wmem + off once moe__layer_alloc ran.
+ * Init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), or N(0,1) when fan_in <= 0. */
 moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const int64_t *shape,
                                 int64_t off, int64_t fan_in);
 /* Allocate parameter and gradient memory (n_weights floats each). */
@@ -67,8 +71,13 @@ static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, 
 /* Per-kind constructors: validate cfg, set in/out dims and ops, register params. */
 moe_status moe__topk_create(moe_layer *l);
 moe_status moe__dense_create(moe_layer *l);
+moe_status moe__gshard_create(moe_layer *l); /* gshard and hierarchical */
 
-/* Routing of the last forward for tests: idx (T,K), or NULL for layers without. */
-const int32_t *moe__layer_routing(const moe_layer *l);
+/* Routing of the last forward, for tests (gradient checks hold it fixed):
+ * copies up to cap int32s describing every discrete choice into dst and
+ * returns how many there are (0 for layers without routing). */
+int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap);
+int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
+int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 
 #endif

@@ -68,7 +68,8 @@ static size_t layout(const moe_layer *l, int64_t T, char *base, topk_ws *w) {
     return off;
 }
 
-static size_t topk_workspace_bytes(const moe_layer *l, int64_t T) {
+static size_t topk_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
+    int64_t T = B * N;
     topk_ws w;
     return layout(l, T, NULL, &w);
 }
@@ -243,9 +244,10 @@ moe_status moe__topk_create(moe_layer *l) {
     return st;
 }
 
-const int32_t *moe__layer_routing(const moe_layer *l) {
-    if (!l || l->cfg.type != MOE_LAYER_TOPK || !l->ws) return NULL;
+int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     topk_ws w;
+    int64_t n = l->T * l->cfg.top_k;
     layout(l, l->T, l->ws, &w);
-    return w.idx;
+    if (dst) memcpy(dst, w.idx, (size_t)(n < cap ? n : cap) * sizeof *dst);
+    return n;
 }

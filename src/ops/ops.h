@@ -57,7 +57,9 @@ void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t 
                        const int32_t *idx, int64_t T, int K, int E);
 /* dst (A,D): dst[r] = src[slot_tok[r]] for src (T,D). */
 void moe_gather_rows(float *dst, const float *src, const int32_t *slot_tok, int64_t A, int64_t D);
-/* y (T,D) = sum_j w[t,j] * ye[pos[t,j]] for ye (A,D). */
+/* y (T,D) = sum_j w[t,j] * ye[pos[t,j]] for ye (A,D). In these three, an
+ * assignment with pos < 0 was dropped (capacity): it contributes nothing and
+ * gets dw = 0. */
 void moe_combine(float *y, const float *ye, const float *w, const int32_t *pos,
                  int64_t T, int K, int64_t D);
 /* Backward of moe_combine: dye[pos[t,j]] = w[t,j] * dy[t]; dw[t,j] = <dy[t], ye[pos[t,j]]>. */

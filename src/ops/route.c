@@ -93,10 +93,9 @@ void moe_combine(float *y, const float *ye, const float *w, const int32_t *pos,
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *yt = y + t * D;
-        const float *r0 = ye + (int64_t)pos[t * K] * D;
-        float w0 = w[t * K];
-        for (int64_t d = 0; d < D; d++) yt[d] = w0 * r0[d];
-        for (int j = 1; j < K; j++) {
+        memset(yt, 0, (size_t)D * sizeof(float));
+        for (int j = 0; j < K; j++) {
+            if (pos[t * K + j] < 0) continue; /* dropped */
             const float *r = ye + (int64_t)pos[t * K + j] * D;
             float wj = w[t * K + j];
             for (int64_t d = 0; d < D; d++) yt[d] += wj * r[d];
@@ -111,6 +110,10 @@ void moe_combine_backward(float *dye, float *dw, const float *dy, const float *y
         const float *g = dy + t * D;
         for (int j = 0; j < K; j++) {
             int64_t r = pos[t * K + j];
+            if (r < 0) { /* dropped */
+                dw[t * K + j] = 0.0f;
+                continue;
+            }
             const float *yr = ye + r * D;
             float *dr = dye + r * D, wj = w[t * K + j], s = 0.0f;
             for (int64_t d = 0; d < D; d++) {
@@ -127,6 +130,7 @@ void moe_scatter_add(float *dx, const float *dxe, const int32_t *pos, int64_t T,
     for (int64_t t = 0; t < T; t++) {
         float *o = dx + t * D;
         for (int j = 0; j < K; j++) {
+            if (pos[t * K + j] < 0) continue; /* dropped */
             const float *r = dxe + (int64_t)pos[t * K + j] * D;
             for (int64_t d = 0; d < D; d++) o[d] += r[d];
         }

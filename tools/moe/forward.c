@@ -1,7 +1,9 @@
 /*
  * `moe forward`: run one layer on tensors a PyTorch user saved, and write the
  * output (and, with --grad-output, every gradient) as safetensors.
- * Dimension key: T tokens (product of x's leading dims), D input dim, O output dim.
+ * Dimension key: T tokens (product of x's leading dims), D input dim, O output dim,
+ * B groups and N tokens per group (x (..., N, D): N is the second-last dim,
+ * B the product of the dims before it; a 1-D or 2-D x is one group).
  */
 #include "cli.h"
 
@@ -15,15 +17,22 @@ static const char *usage_text =
     "                   [--seed N] [--threads N]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
-    "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\", and the seed module's constructor\n"
-    "                      arguments: num_experts, input_dim, hidden_dim, output_dim, top_k,\n"
-    "                      activation (relu|gelu|silu|leaky_relu), expert (mlp|swiglu|geglu)}\n"
+    "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\", and the\n"
+    "                      seed module's constructor arguments: topk and dense: num_experts,\n"
+    "                      input_dim, hidden_dim, output_dim, top_k, activation\n"
+    "                      (relu|gelu|silu|leaky_relu), expert (mlp|swiglu|geglu); gshard and\n"
+    "                      hierarchical: dim, num_experts (a pair [outer, inner] for\n"
+    "                      hierarchical), hidden_dim, activation, second_policy_train/_eval\n"
+    "                      (all|none|threshold|random), second_threshold_train/_eval,\n"
+    "                      capacity_factor_train/_eval, loss_coef}\n"
     "  --weights FILE      the module's state_dict as safetensors (names as PyTorch's); without\n"
     "                      it the parameters are initialised from the seed\n"
-    "  --input FILE        tensor 'x' (..., D) float32 (F64/F16/BF16 are converted)\n"
+    "  --input FILE        tensor 'x' (..., D) float32 (F64/F16/BF16 are converted); for\n"
+    "                      gshard and hierarchical (B, N, D): B sequences of N tokens\n"
     "  --out FILE          written: 'y' (..., O), 'aux_loss' (layers with one),\n"
-    "                      'stats.expert_counts' (E) and, with --grad-output, 'dx' and\n"
-    "                      'grad.<parameter name>' for every parameter\n"
+    "                      'stats.expert_counts' (E; Eo*Ei for hierarchical), 'stats.dropped'\n"
+    "                      and, with --grad-output, 'dx' and 'grad.<parameter name>' for\n"
+    "                      every parameter\n"
     "  --grad-output FILE  tensor 'dy' (..., O) and optional scalar 'daux' (default 1)\n"
     "  --eval              eval mode (default: train mode)\n"
     "  --seed N            overrides the config's seed (init and random choices)\n"
@@ -131,12 +140,13 @@ int cmd_forward(int argc, char **argv) {
     y = malloc((size_t)(x.rows ? x.rows : 1) * (size_t)O * sizeof(float));
     if (!y) goto done;
     float aux = 0.0f;
-    if ((st = moe_layer_forward(l, y, &aux, x.data, x.rows, !eval)) != MOE_OK) {
+    int64_t N = x.ndim >= 2 ? x.shape[x.ndim - 2] : x.rows, B = N ? x.rows / N : 0;
+    if ((st = moe_layer_forward_seq(l, y, &aux, x.data, B, N, !eval)) != MOE_OK) {
         cli_fail("forward", "forward", st);
         goto done;
     }
     np = moe_layer_num_params(l);
-    ents = calloc((size_t)np + 4, sizeof *ents);
+    ents = calloc((size_t)np + 5, sizeof *ents);
     names = calloc((size_t)np, sizeof *names);
     if (!ents || !names) goto done;
     moe_st_entry *e = &ents[n_ent++];
@@ -159,8 +169,13 @@ int cmd_forward(int argc, char **argv) {
     e->name = "stats.expert_counts";
     e->dtype = MOE_DT_I64;
     e->ndim = 1;
-    e->shape[0] = cfg.num_experts;
+    e->shape[0] = stats.n_experts;
     e->data = stats.expert_counts;
+    e = &ents[n_ent++];
+    e->name = "stats.dropped";
+    e->dtype = MOE_DT_I64;
+    e->ndim = 0;
+    e->data = &stats.dropped;
 
     if (dy_path) {
         if (load_rows(&dy, dy_path, "dy", O, "--grad-output")) goto done;

@@ -1,0 +1,385 @@
+/*
+ * Layers `gshard` and `hierarchical` (seeds 000/001: MoE with Top2Gating, and
+ * the two-level MoE). Input x (B,N,D): B groups (sequences) of N tokens;
+ * capacity and the balance loss are per group.
+ * Dimension key: T = B*N tokens, D model dim, H expert hidden dim, E experts
+ * (gshard), Eo outer and Ei inner experts (hierarchical), C capacity,
+ * A1 rows kept by the first gate, A2 rows kept by the inner gate.
+ *
+ * gshard: top-2 gate (top2.c) -> gather the kept rows per expert -> one GEMM
+ *   pair per expert over its rows -> weighted combine. Dropped tokens and
+ *   empty capacity slots cost nothing (the seed runs its experts on zero
+ *   rows, which give zero output since the experts have no bias).
+ * hierarchical: the outer gate routes tokens to Eo capacity buffers; the
+ *   rows of outer expert eo for sequence b form one inner segment whose
+ *   nominal size is the outer capacity C (the seed's means and the inner
+ *   capacity count empty slots too); importance of a row is 1 if its outer
+ *   gate value is > 0.5, 0.5 if > 0, else 0. The inner gate (weights per eo)
+ *   routes those rows to experts (eo, ei). Output: inner combine, then outer
+ *   combine. Loss: (outer + inner) * loss_coef.
+ *
+ * Parameters (one block; names and shapes are the seed module's state_dict):
+ *   gshard:       gate.w_gating (D,E), experts.w1 (E,D,H), experts.w2 (E,H,D)
+ *   hierarchical: gate_outer.w_gating (D,Eo), gate_inner.w_gating (Eo,D,Ei),
+ *                 experts.w1 (Eo,Ei,D,H), experts.w2 (Eo,Ei,H,D)
+ * Init as the seed: w_gating N(0,1); w1, w2 uniform(+-1/sqrt(last dim)).
+ */
+#include "layer_internal.h"
+#include "ops.h"
+#include "top2.h"
+
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+    int64_t *start, *len;  /* (S) segments                                      */
+    int32_t *set;          /* (S)                                               */
+    float   *p, *dl;       /* (R,E) softmax of the logits; their gradient       */
+    float   *dgate;        /* (R,2)                                             */
+    moe_top2 g;            /* idx, gate, pos, counts, ... point into the ws     */
+} level_ws;
+
+typedef struct {
+    float *x;                            /* (T,D) copy of the input              */
+    level_ws L1, L2;                     /* first gate; inner gate (hier.)       */
+    float *imp;                          /* (A1) importance of outer rows        */
+    float *xo, *yo, *dyo, *dxo;          /* (A1,D) outer buffers (hierarchical)  */
+    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* expert rows (Amax,D|H)     */
+} gs_ws;
+
+static int is_hier(const moe_layer *l) { return l->cfg.type == MOE_LAYER_HIERARCHICAL; }
+static int64_t hidden(const moe_config *c) { return c->hidden_dim ? c->hidden_dim : 4 * c->input_dim; }
+
+/* Most rows any mode can keep at a level: min(2 * rows in, experts * groups * capacity). */
+static int64_t max_rows(int64_t rows_in, int64_t groups, int64_t Ng, int E, int n_sets, const moe_config *c) {
+    int64_t ct = moe_top2_capacity(Ng, c->capacity_factor_train, E);
+    int64_t ce = moe_top2_capacity(Ng, c->capacity_factor_eval, E);
+    int64_t cap = ct > ce ? ct : ce;
+    double bound = (double)E * (double)n_sets * (double)groups * (double)cap;
+    return bound < (double)(2 * rows_in) ? (int64_t)bound : 2 * rows_in;
+}
+
+/* Outer capacity (the inner segments' nominal size) for this mode. */
+static int64_t outer_cap(const moe_layer *l, int64_t N, int train) {
+    const moe_config *c = &l->cfg;
+    return moe_top2_capacity(N, train ? c->capacity_factor_train : c->capacity_factor_eval, c->num_experts);
+}
+
+static void carve_level(char *base, size_t *off, level_ws *v, int64_t R, int64_t A, int S, int E, int n_sets) {
+    size_t F = sizeof(float), I = sizeof(int32_t), L = sizeof(int64_t);
+    moe_top2 *g = &v->g;
+    v->start = moe__carve(base, off, S, 1, L);
+    v->len = moe__carve(base, off, S, 1, L);
+    v->set = moe__carve(base, off, S, 1, I);
+    v->p = moe__carve(base, off, R, E, F);
+    v->dl = moe__carve(base, off, R, E, F);
+    v->dgate = moe__carve(base, off, R, 2, F);
+    g->idx = moe__carve(base, off, R, 2, I);
+    g->gate = moe__carve(base, off, R, 2, F);
+    g->pos = moe__carve(base, off, R, 2, I);
+    g->counts = moe__carve(base, off, S, E, L);
+    g->fill = moe__carve(base, off, S, E, I);
+    g->density = moe__carve(base, off, S, E, F);
+    g->proxy = moe__carve(base, off, S, E + 1, sizeof(double));
+    g->cursor = moe__carve(base, off, n_sets, E, L);
+    g->offsets = moe__carve(base, off, (int64_t)n_sets * E + 1, 1, L);
+    g->src = moe__carve(base, off, A > 0 ? A : 1, 1, I);
+    g->seg_start = v->start, g->seg_len = v->len, g->seg_set = v->set, g->raw = v->p;
+    g->E = E, g->n_sets = n_sets, g->S = S;
+}
+
+/* Measure (base NULL) or carve the workspace for B groups of N tokens. */
+static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws *w) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = hidden(c), T = B * N;
+    int E1 = c->num_experts, Ei = c->num_experts_inner;
+    int64_t A1 = max_rows(T, B, N, E1, 1, c), Amax = A1;
+    size_t off = 0, F = sizeof(float);
+    memset(w, 0, sizeof *w);
+    w->x = moe__carve(base, &off, T, D, F);
+    carve_level(base, &off, &w->L1, T, A1, (int)B, E1, 1);
+    if (is_hier(l)) {
+        int64_t Cmax = moe_top2_capacity(N, fmax(c->capacity_factor_train, c->capacity_factor_eval), E1);
+        int64_t A2 = max_rows(A1, B, Cmax, Ei, E1, c);
+        if ((double)E1 * (double)B > INT_MAX) return SIZE_MAX;
+        carve_level(base, &off, &w->L2, A1, A2, (int)(E1 * B), Ei, E1);
+        w->imp = moe__carve(base, &off, A1, 1, F);
+        w->xo = moe__carve(base, &off, A1, D, F);
+        w->yo = moe__carve(base, &off, A1, D, F);
+        w->dyo = moe__carve(base, &off, A1, D, F);
+        w->dxo = moe__carve(base, &off, A1, D, F);
+        Amax = A2;
+    }
+    w->xe = moe__carve(base, &off, Amax, D, F);
+    w->hpre = moe__carve(base, &off, Amax, H, F);
+    w->ha = moe__carve(base, &off, Amax, H, F);
+    w->dha = moe__carve(base, &off, Amax, H, F);
+    w->ye = moe__carve(base, &off, Amax, D, F);
+    w->dye = moe__carve(base, &off, Amax, D, F);
+    w->dxe = moe__carve(base, &off, Amax, D, F);
+    return off;
+}
+
+static size_t gs_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
+    gs_ws w;
+    if ((double)B > INT_MAX) return SIZE_MAX;
+    return layout(l, B, N, NULL, &w);
+}
+
+typedef struct {
+    float *wg1, *wg2, *w1, *w2; /* wg2: inner gate (hierarchical), else NULL */
+} gs_params;
+
+static gs_params params_of(const moe_layer *l, float *mem) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts;
+    int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, nk = E1 * Ei;
+    gs_params p;
+    p.wg1 = mem;
+    p.wg2 = is_hier(l) ? mem + D * E1 : NULL;
+    p.w1 = mem + D * E1 + (is_hier(l) ? E1 * D * Ei : 0);
+    p.w2 = p.w1 + nk * D * H;
+    return p;
+}
+
+/* Per-expert FFN over contiguous rows: ye = act(xe W1[k]) W2[k]. */
+static void experts_forward(const moe_layer *l, const gs_ws *w, const gs_params *p, const int64_t *off, int nk) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = hidden(c);
+    for (int k = 0; k < nk; k++) {
+        int64_t r0 = off[k], n = off[k + 1] - r0;
+        if (n == 0) continue;
+        moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
+    }
+    moe_act_forward(w->ha, w->hpre, off[nk] * H, c->activation, c->leaky_slope);
+    for (int k = 0; k < nk; k++) {
+        int64_t r0 = off[k], n = off[k + 1] - r0;
+        if (n == 0) continue;
+        moe_sgemm(0, 0, n, D, H, 1.0f, w->ha + r0 * H, H, p->w2 + k * H * D, D, 0.0f, w->ye + r0 * D, D);
+    }
+}
+
+/* Backward of experts_forward from dye: dW1, dW2 accumulate; dxe written. */
+static void experts_backward(const moe_layer *l, const gs_ws *w, const gs_params *p, const gs_params *g,
+                             const int64_t *off, int nk) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = hidden(c);
+    for (int k = 0; k < nk; k++) {
+        int64_t r0 = off[k], n = off[k + 1] - r0;
+        if (n == 0) continue;
+        /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
+        moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, g->w2 + k * H * D, D);
+        moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
+    }
+    moe_act_backward(w->dha, w->dha, w->hpre, off[nk] * H, c->activation, c->leaky_slope);
+    for (int k = 0; k < nk; k++) {
+        int64_t r0 = off[k], n = off[k + 1] - r0;
+        if (n == 0) continue;
+        /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
+        moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, g->w1 + k * D * H, H);
+        moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
+    }
+}
+
+/* Gate settings of this mode into a level. */
+static void set_mode(moe_top2 *g, const moe_config *c, int train) {
+    g->policy = train ? c->second_policy_train : c->second_policy_eval;
+    g->threshold = train ? c->second_threshold_train : c->second_threshold_eval;
+    g->capacity_factor = train ? c->capacity_factor_train : c->capacity_factor_eval;
+}
+
+static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, B = l->B, N = l->N;
+    int E1 = c->num_experts, Ei = c->num_experts_inner, hier = is_hier(l);
+    gs_ws w;
+    layout(l, B, N, l->ws, &w);
+    gs_params p = params_of(l, l->wmem);
+    uint64_t stream = moe_rng_u64(c->seed, 0x3000000ull + 2 * l->forward_calls);
+
+    /* first gate over the tokens: one segment per sequence */
+    memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    moe_sgemm(0, 0, T, E1, D, 1.0f, x, D, p.wg1, E1, 0.0f, w.L1.p, E1);
+    moe_softmax_rows(w.L1.p, w.L1.p, T, E1);
+    moe_top2 *g1 = &w.L1.g;
+    for (int64_t b = 0; b < B; b++) w.L1.start[b] = b * N, w.L1.len[b] = N, w.L1.set[b] = 0;
+    g1->R = T, g1->Ng = N, g1->imp = NULL, g1->rng_stream = stream;
+    g1->expert_counts = hier ? NULL : l->expert_counts;
+    set_mode(g1, c, train);
+    moe_top2_forward(g1);
+    double loss = g1->loss;
+    l->dropped = g1->dropped, l->second_candidates = g1->cand2, l->second_kept = g1->kept2;
+
+    if (!hier) {
+        moe_gather_rows(w.xe, x, g1->src, g1->A, D);
+        experts_forward(l, &w, &p, g1->offsets, E1);
+        moe_combine(y, w.ye, g1->gate, g1->pos, T, 2, D);
+        l->assignments = g1->A;
+    } else {
+        int64_t A1 = g1->A, C = outer_cap(l, N, train);
+        moe_gather_rows(w.xo, x, g1->src, A1, D);
+        /* importance of each outer row from the gate value that filled it */
+        for (int64_t t = 0; t < 2 * T; t++) {
+            int32_t r = g1->pos[t];
+            if (r >= 0) w.imp[r] = 0.5f * ((g1->gate[t] > 0.5f) + (g1->gate[t] > 0.0f));
+        }
+        /* inner segments: the rows of (eo, b), in outer-buffer order */
+        for (int eo = 0; eo < E1; eo++) {
+            int64_t start = g1->offsets[eo];
+            for (int64_t b = 0; b < B; b++) {
+                int64_t s = eo * B + b;
+                w.L2.start[s] = start;
+                w.L2.len[s] = g1->counts[b * E1 + eo];
+                w.L2.set[s] = eo;
+                start += w.L2.len[s];
+            }
+        }
+        for (int eo = 0; eo < E1; eo++) {
+            int64_t r0 = g1->offsets[eo], n = g1->offsets[eo + 1] - r0;
+            if (n) moe_sgemm(0, 0, n, Ei, D, 1.0f, w.xo + r0 * D, D, p.wg2 + (int64_t)eo * D * Ei, Ei, 0.0f,
+                             w.L2.p + r0 * Ei, Ei);
+        }
+        moe_softmax_rows(w.L2.p, w.L2.p, A1, Ei);
+        moe_top2 *g2 = &w.L2.g;
+        g2->R = A1, g2->Ng = C, g2->imp = w.imp, g2->rng_stream = stream + 1;
+        g2->expert_counts = l->expert_counts;
+        set_mode(g2, c, train);
+        moe_top2_forward(g2);
+        loss += g2->loss;
+        l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
+        moe_gather_rows(w.xe, w.xo, g2->src, g2->A, D);
+        experts_forward(l, &w, &p, g2->offsets, E1 * Ei);
+        moe_combine(w.yo, w.ye, g2->gate, g2->pos, A1, 2, D);
+        moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
+        l->assignments = g2->A;
+    }
+    if (aux) *aux = (float)(loss * c->loss_coef);
+}
+
+static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, T = l->T;
+    int E1 = c->num_experts, Ei = c->num_experts_inner;
+    gs_ws w;
+    layout(l, l->B, l->N, l->ws, &w);
+    gs_params p = params_of(l, l->wmem), g = params_of(l, l->gmem);
+    moe_top2 *g1 = &w.L1.g;
+    float dloss = (float)((double)daux * c->loss_coef);
+    /* the routing of the forward is in the workspace; restore the pointers' sizes */
+    g1->R = T, g1->Ng = l->N, g1->imp = NULL;
+
+    if (!is_hier(l)) {
+        moe_combine_backward(w.dye, w.L1.dgate, dy, w.ye, g1->gate, g1->pos, T, 2, D);
+        experts_backward(l, &w, &p, &g, g1->offsets, E1);
+    } else {
+        moe_top2 *g2 = &w.L2.g;
+        int64_t A1 = g1->offsets[E1];
+        g2->R = A1, g2->Ng = outer_cap(l, l->N, 1), g2->imp = w.imp;
+        moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
+        moe_combine_backward(w.dye, w.L2.dgate, w.dyo, w.ye, g2->gate, g2->pos, A1, 2, D);
+        experts_backward(l, &w, &p, &g, g2->offsets, E1 * Ei);
+        memset(w.dxo, 0, (size_t)(A1 * D) * sizeof(float));
+        moe_scatter_add(w.dxo, w.dxe, g2->pos, A1, 2, D);
+        moe_top2_backward(g2, w.L2.dl, w.L2.dgate, dloss);
+        for (int eo = 0; eo < E1; eo++) {
+            int64_t r0 = g1->offsets[eo], n = g1->offsets[eo + 1] - r0;
+            if (n == 0) continue;
+            float *gw = g.wg2 + (int64_t)eo * D * Ei;
+            const float *pw = p.wg2 + (int64_t)eo * D * Ei;
+            /* dWg_in[eo] (D,Ei) += xo^T dl ; dxo += dl Wg_in[eo]^T */
+            moe_sgemm(1, 0, D, Ei, n, 1.0f, w.xo + r0 * D, D, w.L2.dl + r0 * Ei, Ei, 1.0f, gw, Ei);
+            moe_sgemm(0, 1, n, D, Ei, 1.0f, w.L2.dl + r0 * Ei, Ei, pw, Ei, 1.0f, w.dxo + r0 * D, D);
+        }
+    }
+    moe_top2_backward(g1, w.L1.dl, w.L1.dgate, dloss);
+    moe_sgemm(1, 0, D, E1, T, 1.0f, w.x, D, w.L1.dl, E1, 1.0f, g.wg1, E1);
+    if (dx) {
+        moe_sgemm(0, 1, T, D, E1, 1.0f, w.L1.dl, E1, p.wg1, E1, 0.0f, dx, D);
+        moe_scatter_add(dx, is_hier(l) ? w.dxo : w.dxe, g1->pos, T, 2, D);
+    }
+}
+
+static const moe_layer_ops gs_ops = {gs_workspace_bytes, gs_forward, gs_backward};
+
+static moe_status check_gate_config(const moe_config *c) {
+    const char *pol[2] = {moe_second_policy_name(c->second_policy_train), moe_second_policy_name(c->second_policy_eval)};
+    if (!pol[0] || !pol[1])
+        return moe_err(MOE_ERR_ARG, "unknown second_policy_%s %d (known: all, none, threshold, random)",
+                       pol[0] ? "eval" : "train", pol[0] ? (int)c->second_policy_eval : (int)c->second_policy_train);
+    if (!(c->capacity_factor_train > 0 && isfinite(c->capacity_factor_train)))
+        return moe_err(MOE_ERR_ARG, "capacity_factor_train must be a finite number > 0, got %g", c->capacity_factor_train);
+    if (!(c->capacity_factor_eval > 0 && isfinite(c->capacity_factor_eval)))
+        return moe_err(MOE_ERR_ARG, "capacity_factor_eval must be a finite number > 0, got %g", c->capacity_factor_eval);
+    if (!(c->second_threshold_train >= 0 && isfinite(c->second_threshold_train)))
+        return moe_err(MOE_ERR_ARG, "second_threshold_train must be a finite number >= 0, got %g",
+                       c->second_threshold_train);
+    if (!(c->second_threshold_eval >= 0 && isfinite(c->second_threshold_eval)))
+        return moe_err(MOE_ERR_ARG, "second_threshold_eval must be a finite number >= 0, got %g",
+                       c->second_threshold_eval);
+    if (!isfinite(c->loss_coef)) return moe_err(MOE_ERR_ARG, "loss_coef must be finite, got %g", c->loss_coef);
+    if (!moe_activation_name(c->activation))
+        return moe_err(MOE_ERR_ARG, "unknown activation %d", (int)c->activation);
+    if (c->expert != MOE_EXPERT_MLP)
+        return moe_err(MOE_ERR_UNSUPPORTED, "%s experts are 2-layer MLPs; GLU experts (%s) are a topk option",
+                       moe_layer_type_name(c->type), moe_expert_kind_name(c->expert) ? moe_expert_kind_name(c->expert) : "?");
+    return MOE_OK;
+}
+
+moe_status moe__gshard_create(moe_layer *l) {
+    const moe_config *c = &l->cfg;
+    moe_status st = check_gate_config(c);
+    if (st != MOE_OK) return st;
+    int hier = is_hier(l);
+    int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
+    if (H < 1 || H > INT_MAX / 4)
+        return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4, (long long)H);
+    /* parameter count, overflow-checked: D*E1 + E1*D*Ei (hier) + 2*E1*Ei*D*H */
+    double total = (double)D * E1 + (hier ? (double)E1 * D * Ei : 0) + 2.0 * E1 * Ei * D * H;
+    if (total > (double)(INT64_MAX / 8) || total > 1e12)
+        return moe_err(MOE_ERR_ARG, "layer too large: D=%lld H=%lld experts=%lld", (long long)D, (long long)H,
+                       (long long)(E1 * Ei));
+    l->ops = &gs_ops;
+    l->in_dim = l->out_dim = D;
+    l->has_aux = 1;
+    int64_t o = 0;
+    if (!hier) {
+        int64_t s_g[2] = {D, E1}, s_w1[3] = {E1, D, H}, s_w2[3] = {E1, H, D};
+        st = moe__layer_add_param(l, "gate.w_gating", 2, s_g, o, 0);
+        o += D * E1;
+        if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w1", 3, s_w1, o, H);
+        o += E1 * D * H;
+        if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w2", 3, s_w2, o, D);
+        o += E1 * H * D;
+    } else {
+        int64_t s_go[2] = {D, E1}, s_gi[3] = {E1, D, Ei}, s_w1[4] = {E1, Ei, D, H}, s_w2[4] = {E1, Ei, H, D};
+        st = moe__layer_add_param(l, "gate_outer.w_gating", 2, s_go, o, 0);
+        o += D * E1;
+        if (st == MOE_OK) st = moe__layer_add_param(l, "gate_inner.w_gating", 3, s_gi, o, 0);
+        o += E1 * D * Ei;
+        if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w1", 4, s_w1, o, H);
+        o += E1 * Ei * D * H;
+        if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w2", 4, s_w2, o, D);
+        o += E1 * Ei * H * D;
+    }
+    if (st == MOE_OK) st = moe__layer_alloc(l, o);
+    return st;
+}
+
+/* Routing for tests: level 1 choices and rows, then (hierarchical) the rows
+ * kept at level 1 and level 2's choices and rows. */
+int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
+    gs_ws w;
+    layout(l, l->B, l->N, l->ws, &w);
+    int64_t T = l->T, n = 0;
+    const int32_t *parts[4] = {w.L1.g.idx, w.L1.g.pos, NULL, NULL};
+    int64_t lens[4] = {2 * T, 2 * T, 0, 0};
+    if (is_hier(l)) {
+        int64_t A1 = w.L1.g.offsets[l->cfg.num_experts];
+        parts[2] = w.L2.g.idx, parts[3] = w.L2.g.pos, lens[2] = lens[3] = 2 * A1;
+    }
+    for (int i = 0; i < 4; i++)
+        for (int64_t j = 0; j < lens[i]; j++, n++)
+            if (dst && n < cap) dst[n] = parts[i][j];
+    return n;
+}
