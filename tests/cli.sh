@@ -55,6 +55,17 @@ expect 0 "step" "$moe" train --steps 20 --batch 32 --layer dense --out "$tmp/d.s
 # a short benchmark prints the ratio line
 expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
 expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json
+expect 0 "expert rows per call" "$moe" bench --layer gshard --tokens 256 --dim 16 --hidden 32 --experts 4 --iters 2
+expect 0 '"layer": "hierarchical"' "$moe" bench --layer hierarchical --tokens 128 --dim 16 --hidden 16 --iters 1 --json
+expect 2 "not a multiple of --batch" "$moe" bench --layer gshard --tokens 10 --batch 4
+expect 2 "MLP experts only" "$moe" bench --layer gshard --expert swiglu
+# gshard configs: errors name the key
+printf '{"type": "gshard", "dim": 8, "second_policy_train": "maybe"}' >"$tmp/p.json"
+expect 1 "second_policy_train" "$moe" forward --config "$tmp/p.json" --input x --out y
+printf '{"type": "gshard", "dim": 8, "capacity_factor_train": 0}' >"$tmp/cf.json"
+expect 1 "capacity_factor_train must be a finite number > 0" "$moe" forward --config "$tmp/cf.json" --input x --out y
+printf '{"type": "hierarchical", "dim": 8, "num_experts": 4}' >"$tmp/h.json"
+expect 1 "pair" "$moe" forward --config "$tmp/h.json" --input x --out y
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -15,12 +15,16 @@
 #include <string.h>
 
 static const char *usage_text =
-    "usage: moe bench [--tokens T] [--dim D] [--hidden H] [--experts E] [--top-k K]\n"
+    "usage: moe bench [--layer topk|gshard|hierarchical] [--tokens T] [--batch B] [--dim D]\n"
+    "                 [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
     "\n"
-    "Times topk forward+backward (train mode) and, in the same run, a dense sgemm of the\n"
-    "same useful FLOPs; prints tokens/s, GFLOP/s and the ratio. Defaults: T=4096 D=512\n"
-    "H=2048 E=16 K=2 mlp (relu) experts, 5 timed iterations (medians), all cores.\n";
+    "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
+    "the same useful FLOPs (the rows the experts actually ran); prints tokens/s, GFLOP/s and\n"
+    "the ratio. Defaults: topk, T=4096 D=512 H=2048 E=16 K=2 mlp (relu) experts, 5 timed\n"
+    "iterations (medians), all cores. gshard and hierarchical run B=4 sequences of T/B\n"
+    "tokens with the seed's defaults (policy random, capacity factor 1.25); hierarchical\n"
+    "has E=4 outer and EI=4 inner experts unless given.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -37,8 +41,9 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
 
 int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
-    int64_t T = 4096, D = 512, H = 2048, E = 16, K = 2, iters = 5, threads = 0;
+    int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4;
     int json = 0, bad = 0;
+    moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_MLP;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
@@ -53,6 +58,18 @@ int cmd_bench(int argc, char **argv) {
             if (!cli_int(cmd, "--hidden", v, 1, 1 << 17, &H)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--experts", &bad))) {
             if (!cli_int(cmd, "--experts", v, 1, 4096, &E)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--inner", &bad))) {
+            if (!cli_int(cmd, "--inner", v, 1, 4096, &Ei)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--batch", &bad))) {
+            if (!cli_int(cmd, "--batch", v, 1, 1 << 20, &B)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--layer", &bad))) {
+            if (!strcmp(v, "topk")) type = MOE_LAYER_TOPK;
+            else if (!strcmp(v, "gshard")) type = MOE_LAYER_GSHARD;
+            else if (!strcmp(v, "hierarchical")) type = MOE_LAYER_HIERARCHICAL;
+            else {
+                fprintf(stderr, "moe bench: --layer: expected topk, gshard or hierarchical, got '%s'\n", v);
+                return 2;
+            }
         } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
             if (!cli_int(cmd, "--top-k", v, 1, 4096, &K)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--iters", &bad))) {
@@ -74,47 +91,77 @@ int cmd_bench(int argc, char **argv) {
         }
     }
     if (bad) return 2;
-    if (K > E) {
+    int topk = type == MOE_LAYER_TOPK;
+    if (E < 0) E = type == MOE_LAYER_HIERARCHICAL ? 4 : 16;
+    if (B < 0) B = topk ? 1 : 4;
+    if (topk && K > E) {
         fprintf(stderr, "moe bench: --top-k %lld is more than --experts %lld\n", (long long)K, (long long)E);
+        return 2;
+    }
+    if (T % B) {
+        fprintf(stderr, "moe bench: --tokens %lld is not a multiple of --batch %lld\n", (long long)T, (long long)B);
+        return 2;
+    }
+    if (!topk && kind != MOE_EXPERT_MLP) {
+        fprintf(stderr, "moe bench: --expert: %s layers have MLP experts only\n", moe_layer_type_name(type));
         return 2;
     }
     threads = moe_set_num_threads((int)threads);
     int glu = kind != MOE_EXPERT_MLP;
-    int64_t H2 = glu ? 2 * H : H, A = T * K;
+    int64_t H2 = glu ? 2 * H : H, N = T / B;
 
     moe_config c;
-    moe_config_init(&c, MOE_LAYER_TOPK);
+    moe_config_init(&c, type);
     c.input_dim = D, c.hidden_dim = H, c.num_experts = (int)E, c.top_k = (int)K, c.expert = kind, c.seed = 7;
+    if (type == MOE_LAYER_HIERARCHICAL) c.num_experts_inner = (int)Ei;
     moe_layer *l = NULL;
     moe_status st = moe_layer_create(&l, &c);
     if (st != MOE_OK) return cli_fail(cmd, "layer", st);
 
-    size_t nx = (size_t)(T * D), na = (size_t)(A * D), nh2 = (size_t)(A * H2), nh = (size_t)(A * H);
+    size_t nx = (size_t)(T * D);
     float *x = malloc(nx * 4), *y = malloc(nx * 4), *dy = malloc(nx * 4), *dx = malloc(nx * 4);
-    /* dense baseline buffers */
-    float *X = malloc(na * 4), *W1 = malloc((size_t)(H2 * D) * 4), *Hp = malloc(nh2 * 4), *Ha = malloc(nh * 4);
-    float *W2 = malloc((size_t)(D * H) * 4), *Y = malloc(na * 4), *dY = malloc(na * 4);
-    float *dW2 = malloc((size_t)(D * H) * 4), *dHa = malloc(nh2 * 4), *dW1 = malloc((size_t)(H2 * D) * 4);
-    float *dX = malloc(na * 4);
-    double *tm = malloc((size_t)iters * sizeof *tm), *td = malloc((size_t)iters * sizeof *td);
+    float *X = NULL, *W1 = NULL, *Hp = NULL, *Ha = NULL, *W2 = NULL, *Y = NULL, *dY = NULL, *dW2 = NULL;
+    float *dHa = NULL, *dW1 = NULL, *dX = NULL;
+    double *tm = malloc((size_t)iters * sizeof *tm), *td = malloc((size_t)iters * sizeof *td), rows = 0;
     int rc = 1;
-    if (!x || !y || !dy || !dx || !X || !W1 || !Hp || !Ha || !W2 || !Y || !dY || !dW2 || !dHa || !dW1 || !dX ||
-        !tm || !td) {
+    if (!x || !y || !dy || !dx || !tm || !td) {
         fprintf(stderr, "moe bench: out of memory\n");
         goto done;
     }
-    fill(x, nx, 1, 2.0f), fill(dy, nx, 2, 0.01f), fill(X, na, 3, 2.0f), fill(W1, (size_t)(H2 * D), 4, 0.1f);
+    fill(x, nx, 1, 2.0f), fill(dy, nx, 2, 0.01f);
+    /* warm-up: also tells how many rows the experts run (A = T*K for topk;
+     * the kept assignments for gshard and hierarchical) */
+    if ((st = moe_layer_forward_seq(l, y, NULL, x, B, N, 1)) != MOE_OK ||
+        (st = moe_layer_backward(l, dx, dy, 1.0f)) != MOE_OK) {
+        cli_fail(cmd, moe_layer_type_name(type), st);
+        goto done;
+    }
+    moe_stats stats;
+    moe_layer_stats(l, &stats);
+    int64_t A = stats.assignments > 0 ? stats.assignments : 1;
+    size_t na = (size_t)(A * D), nh2 = (size_t)(A * H2), nh = (size_t)(A * H);
+    X = malloc(na * 4), W1 = malloc((size_t)(H2 * D) * 4), Hp = malloc(nh2 * 4), Ha = malloc(nh * 4);
+    W2 = malloc((size_t)(D * H) * 4), Y = malloc(na * 4), dY = malloc(na * 4);
+    dW2 = malloc((size_t)(D * H) * 4), dHa = malloc(nh2 * 4), dW1 = malloc((size_t)(H2 * D) * 4);
+    dX = malloc(na * 4);
+    if (!X || !W1 || !Hp || !Ha || !W2 || !Y || !dY || !dW2 || !dHa || !dW1 || !dX) {
+        fprintf(stderr, "moe bench: out of memory\n");
+        goto done;
+    }
+    fill(X, na, 3, 2.0f), fill(W1, (size_t)(H2 * D), 4, 0.1f);
     fill(W2, (size_t)(D * H), 5, 0.1f), fill(dY, na, 6, 0.01f), fill(Hp, nh2, 7, 1.0f), fill(Ha, nh, 8, 1.0f);
     memset(dW1, 0, (size_t)(H2 * D) * 4), memset(dW2, 0, (size_t)(D * H) * 4);
 
-    for (int64_t it = -1; it < iters; it++) { /* it == -1: warm-up */
+    for (int64_t it = 0; it < iters; it++) {
         double t0 = cli_now();
-        if ((st = moe_layer_forward(l, y, NULL, x, T, 1)) != MOE_OK ||
-            (st = moe_layer_backward(l, dx, dy, 0.0f)) != MOE_OK) {
-            cli_fail(cmd, "topk", st);
+        if ((st = moe_layer_forward_seq(l, y, NULL, x, B, N, 1)) != MOE_OK ||
+            (st = moe_layer_backward(l, dx, dy, 1.0f)) != MOE_OK) {
+            cli_fail(cmd, moe_layer_type_name(type), st);
             goto done;
         }
         double t1 = cli_now();
+        moe_layer_stats(l, &stats);
+        rows += (double)stats.assignments / (double)iters;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, D, H, 1, Ha, H, W2, H, 0, Y, D);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
@@ -122,32 +169,47 @@ int cmd_bench(int argc, char **argv) {
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
         double t2 = cli_now();
-        if (it >= 0) tm[it] = t1 - t0, td[it] = t2 - t1;
+        tm[it] = t1 - t0, td[it] = t2 - t1;
     }
     qsort(tm, (size_t)iters, sizeof *tm, cmp_double);
     qsort(td, (size_t)iters, sizeof *td, cmp_double);
     double t_moe = tm[iters / 2], t_dense = td[iters / 2];
-    double flops = 3.0 * (double)A * 2.0 * (double)(D * H2 + H * D);
-    double gf_moe = flops / t_moe * 1e-9, gf_dense = flops / t_dense * 1e-9;
+    /* useful FLOPs: the rows the experts ran (mean over the timed calls for
+     * the layer; the warm-up's count for the dense baseline) */
+    double per_row = 3.0 * 2.0 * (double)(D * H2 + H * D);
+    double gf_moe = rows * per_row / t_moe * 1e-9, gf_dense = (double)A * per_row / t_dense * 1e-9;
     const char *kn = moe_expert_kind_name(kind);
     if (json) {
-        printf("{\"layer\": \"topk\", \"expert\": \"%s\", \"T\": %lld, \"D\": %lld, \"H\": %lld, \"E\": %lld, "
-               "\"K\": %lld, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
-               "\"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, \"ratio\": %.3f}\n",
-               kn, (long long)T, (long long)D, (long long)H, (long long)E, (long long)K, (long long)threads,
-               (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense, gf_moe / gf_dense);
+        printf("{\"layer\": \"%s\", \"expert\": \"%s\", \"T\": %lld, \"B\": %lld, \"D\": %lld, \"H\": %lld, "
+               "\"E\": %lld, \"K\": %lld, \"rows\": %.1f, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, "
+               "\"tokens_per_s\": %.1f, \"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, "
+               "\"ratio\": %.3f}\n",
+               moe_layer_type_name(type), kn, (long long)T, (long long)B, (long long)D, (long long)H,
+               (long long)(type == MOE_LAYER_HIERARCHICAL ? E * Ei : E), (long long)(topk ? K : 2), rows,
+               (long long)threads, (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense,
+               gf_moe / gf_dense);
     } else {
         printf("forward+backward, fp32, %lld threads, median of %lld\n", (long long)threads, (long long)iters);
         printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
-        char shape[64];
-        snprintf(shape, sizeof shape, "T=%lld D=%lld H=%lld E=%lld K=%lld", (long long)T, (long long)D,
-                 (long long)H, (long long)E, (long long)K);
+        char shape[96];
+        if (topk)
+            snprintf(shape, sizeof shape, "T=%lld D=%lld H=%lld E=%lld K=%lld", (long long)T, (long long)D,
+                     (long long)H, (long long)E, (long long)K);
+        else if (type == MOE_LAYER_GSHARD)
+            snprintf(shape, sizeof shape, "B=%lld N=%lld D=%lld H=%lld E=%lld", (long long)B, (long long)N,
+                     (long long)D, (long long)H, (long long)E);
+        else
+            snprintf(shape, sizeof shape, "B=%lld N=%lld D=%lld H=%lld E=%lldx%lld", (long long)B, (long long)N,
+                     (long long)D, (long long)H, (long long)E, (long long)Ei);
         char name[40];
-        snprintf(name, sizeof name, "topk (%s)", kn);
+        snprintf(name, sizeof name, "%s (%s)", moe_layer_type_name(type), kn);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
                gf_moe / gf_dense);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
                gf_dense, t_dense * 1e3, 1.0);
+        if (!topk)
+            printf("expert rows per call: %.0f of %lld tokens x 2 choices (the rest dropped by policy or "
+                   "capacity)\n", rows, (long long)T);
     }
     rc = 0;
 done:
