@@ -81,7 +81,10 @@ test-asan:
 bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench
 	./$(BUILD)/moe bench --expert swiglu
+	./$(BUILD)/moe bench --layer gshard
+	./$(BUILD)/moe bench --layer hierarchical
 	/usr/bin/python3 bench/torch_bench.py
+	/usr/bin/python3 bench/torch_bench.py --layer gshard
 
 clean:
 	rm -rf build build-asan

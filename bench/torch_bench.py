@@ -1,13 +1,16 @@
 """libmoe against PyTorch, in one run, on this machine.
 
-Times the topk layer forward+backward (train mode, fp32) in PyTorch, using the
-parity reference module (tests/parity/reference.py: per-expert gather with
-index, expert MLP, index_add - the usual eager-mode sparse MoE), then runs
+Times a layer's forward+backward (train mode, fp32) in PyTorch, then runs
 `build/moe bench --json` on the same shape and prints both and the ratio.
+  topk:   the parity reference module (tests/parity/reference.py: per-expert
+          gather with index, expert MLP, index_add - the usual eager sparse MoE)
+  gshard: the seeds' formulation (tests/parity/gshard_ref.py: dense (B,N,E,C)
+          dispatch and combine tensors, experts on every capacity slot), with
+          the seed's defaults (policy random, capacity factor 1.25)
 
-  /usr/bin/python3 bench/torch_bench.py [--tokens 4096] [--dim 512] [--hidden 2048]
-                                        [--experts 16] [--top-k 2] [--expert mlp]
-                                        [--iters 5] [--threads 2]
+  /usr/bin/python3 bench/torch_bench.py [--layer topk|gshard] [--tokens 4096] [--batch 4]
+                                        [--dim 512] [--hidden 2048] [--experts 16]
+                                        [--top-k 2] [--expert mlp] [--iters 5] [--threads 2]
 Run by `make bench`. The figures go in the README.
 """
 import argparse
@@ -25,22 +28,32 @@ sys.path.insert(0, str(ROOT / "tests" / "parity"))
 try:
     import torch
     import reference as ref
+    import gshard_ref
 except ImportError as e:
     sys.exit(f"torch_bench: {e}; install Debian's PyTorch: apt-get install python3-torch python3-numpy")
 
 
 def torch_time(a):
     torch.manual_seed(0)
-    m = ref.TopKMoE(a.experts, a.dim, a.hidden, a.top_k, "relu", a.expert)
-    x = torch.randn(a.tokens, a.dim, requires_grad=True)
-    dy = torch.randn(a.tokens, a.dim)
+    if a.layer == "gshard":
+        m = gshard_ref.build(dict(type="gshard", dim=a.dim, num_experts=a.experts, hidden_dim=a.hidden))
+        shape = (a.batch, a.tokens // a.batch, a.dim)
+    else:
+        m = ref.TopKMoE(a.experts, a.dim, a.hidden, a.top_k, "relu", a.expert)
+        shape = (a.tokens, a.dim)
+    x = torch.randn(*shape, requires_grad=True)
+    dy = torch.randn(*shape)
     times = []
     for it in range(a.iters + 1):  # the first is a warm-up
         m.zero_grad(set_to_none=False)
         x.grad = None
         t0 = time.perf_counter()
         y = m(x)
-        y.backward(dy)
+        if a.layer == "gshard":
+            y, aux = y
+            (y * dy).sum().add(aux).backward()
+        else:
+            y.backward(dy)
         t1 = time.perf_counter()
         if it:
             times.append(t1 - t0)
@@ -49,7 +62,9 @@ def torch_time(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layer", default="topk", choices=["topk", "gshard"])
     p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4, help="gshard: sequences (N = tokens / batch)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, default=16)
@@ -60,8 +75,9 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     moe = os.environ.get("MOE_BIN", str(ROOT / "build" / "moe"))
-    cmd = [moe, "bench", "--json", "--tokens", str(a.tokens), "--dim", str(a.dim), "--hidden", str(a.hidden),
-           "--experts", str(a.experts), "--top-k", str(a.top_k), "--expert", a.expert,
+    cmd = [moe, "bench", "--json", "--layer", a.layer, "--batch", str(a.batch if a.layer == "gshard" else 1),
+           "--tokens", str(a.tokens), "--dim", str(a.dim), "--hidden", str(a.hidden),
+           "--experts", str(a.experts), "--expert", a.expert] + (["--top-k", str(a.top_k)] if a.layer == "topk" else []) + [
            "--iters", str(a.iters), "--threads", str(a.threads)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -69,10 +85,15 @@ def main():
     c = json.loads(r.stdout.strip().splitlines()[-1])
     ts = torch_time(a)
     glu = 2 if a.expert != "mlp" else 1
-    # useful FLOPs: A = T*K routed rows through (D -> glu*H) and (H -> D), forward 1x + backward 2x
-    flops = 3 * 2.0 * a.tokens * a.top_k * a.dim * a.hidden * (glu + 1)
-    shape = f"T={a.tokens} D={a.dim} H={a.hidden} E={a.experts} K={a.top_k} {a.expert}"
-    print(f"topk forward+backward, fp32, {a.threads} threads, median of {a.iters}: {shape}")
+    # useful FLOPs: the rows the experts run (T*K for topk; libmoe's kept rows for gshard,
+    # the same routing rule) through (D -> glu*H) and (H -> D), forward 1x + backward 2x
+    rows = c["rows"]
+    flops = 3 * 2.0 * rows * a.dim * a.hidden * (glu + 1)
+    if a.layer == "gshard":
+        shape = f"B={a.batch} N={a.tokens // a.batch} D={a.dim} H={a.hidden} E={a.experts}"
+    else:
+        shape = f"T={a.tokens} D={a.dim} H={a.hidden} E={a.experts} K={a.top_k} {a.expert}"
+    print(f"{a.layer} forward+backward, fp32, {a.threads} threads, median of {a.iters}: {shape}")
     print(f"{'':10} {'tokens/s':>10} {'GFLOP/s':>9} {'ms':>9}")
     print(f"{'libmoe':10} {c['tokens_per_s']:10.0f} {c['gflops']:9.1f} {c['seconds'] * 1e3:9.1f}")
     print(f"{'PyTorch':10} {a.tokens / ts:10.0f} {flops / ts / 1e9:9.1f} {ts * 1e3:9.1f}   (torch {torch.__version__})")
