@@ -4,7 +4,7 @@ Times a layer's forward+backward (train mode, fp32) in PyTorch, then runs
 `build/moe bench --json` on the same shape and prints both and the ratio.
   topk:   the parity reference module (tests/parity/reference.py: per-expert
           gather with index, expert MLP, index_add - the usual eager sparse MoE)
-  gshard: the seeds' formulation (tests/parity/gshard_ref.py: dense (B,N,E,C)
+  gshard: the seeds' formulation (tests/parity/reference_gshard.py: dense (B,N,E,C)
           dispatch and combine tensors, experts on every capacity slot), with
           the seed's defaults (policy random, capacity factor 1.25)
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "parity"))
 try:
     import torch
     import reference as ref
-    import gshard_ref
+    import reference_gshard as gshard_ref
 except ImportError as e:
     sys.exit(f"torch_bench: {e}; install Debian's PyTorch: apt-get install python3-torch python3-numpy")
 

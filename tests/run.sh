@@ -47,7 +47,6 @@ done
 if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "cli" sh tests/cli.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
-    run "parity gshard (PyTorch)" /usr/bin/python3 tests/parity/run_parity_gshard.py
 fi
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

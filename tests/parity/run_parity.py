@@ -11,6 +11,10 @@ The reference runs in float64 on the same float32 weights and inputs, so the
 tolerance (rtol 1e-4, atol 1e-5) measures only libmoe's float32 error.
 Top-k inputs are drawn so that no token's k-th and (k+1)-th gate logits are
 within 1e-4: near ties could legitimately route differently in float32.
+gshard/hierarchical (reference_gshard.py) also compare aux_loss and, exactly,
+stats.expert_counts and stats.dropped; the backward is of sum(y*dy) + daux*aux_loss;
+their inputs are redrawn while any routing decision is float32-fragile
+(reference_gshard.knife_edges).
 
 Usage (from anywhere; needs Debian's python3-torch, run as /usr/bin/python3):
     /usr/bin/python3 tests/parity/run_parity.py              # needs build/moe (make)
@@ -42,6 +46,7 @@ except ImportError as exc:  # the test must fail, not skip, without torch
 
 sys.path.insert(0, str(HERE))
 import reference as ref  # noqa: E402
+import reference_gshard as refg  # noqa: E402
 import stio  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -235,12 +240,38 @@ def torch_f32_tool(d, train):
     """Stand-in for the binary (--self-test): the reference in float32, reading and
     writing the same files. Exercises everything but the C code."""
     cfg = json.loads((d / "LAYER.json").read_text())
-    model = ref.build(cfg)
+    model = (refg if cfg["type"] in refg.TYPES else ref).build(cfg)
     model.load_state_dict(stio.load(d / "W.safetensors"))
     x = stio.load(d / "X.safetensors")["x"]
-    dy = stio.load(d / "DY.safetensors")["dy"] if train else None
-    stio.save(d / "OUT.safetensors", reference_outputs(model, x, dy, torch.float32))
+    dyf = stio.load(d / "DY.safetensors") if train else {}
+    if cfg["type"] in refg.TYPES:
+        out = refg.outputs(model, x, dyf.get("dy"), float(dyf.get("daux", 1.0)), train, torch.float32)
+    else:
+        out = reference_outputs(model, x, dyf.get("dy"), torch.float32)
+    stio.save(d / "OUT.safetensors", out)
     return 0, ""
+
+
+def run_tool(tally, tool, d, train, what):
+    """Run the tool on the case in d; OUT's tensors, or None after recording a failure."""
+    rc, log = tool(d, train)
+    if rc != 0:
+        how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
+        tally.check(False, what, f"moe forward {how}")
+        if log.strip():
+            print("     " + log.strip().replace("\n", "\n     "))
+        return None
+    try:
+        return stio.load(d / "OUT.safetensors")
+    except (OSError, ValueError) as exc:
+        tally.check(False, what, f"cannot read OUT.safetensors: {exc}")
+        return None
+
+
+def report(tally, what, problems):
+    tally.check(not problems, what, "; ".join(problems[:1]))
+    for p in problems[1:]:
+        print(f"     {p}")
 
 
 def parity_case(tally, tool, cfg, T, seed, train=True):
@@ -248,23 +279,118 @@ def parity_case(tally, tool, cfg, T, seed, train=True):
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
         d = Path(tmp)
         model, x, dy = make_case(cfg, T, seed, d)
-        rc, log = tool(d, train)
-        if rc != 0:
-            how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
-            tally.check(False, what, f"moe forward {how}")
-            if log.strip():
-                print("     " + log.strip().replace("\n", "\n     "))
+        ours = run_tool(tally, tool, d, train, what)
+        if ours is not None:
+            report(tally, what, compare(ours, reference_outputs(model, x, dy if train else None), model, x))
+
+
+# ------------------------------------------------------------------ gshard / hierarchical
+# x is (B, N, D); groups are the sequences. A case sets policy, threshold and capacity
+# factor of the mode it tests and gives the other mode different ones (policy random),
+# so using the wrong mode's settings shows. Gates are scaled by gscale (default
+# 1/sqrt(D): logits ~ N(0,1)); skew > 0 routes most tokens to one expert (refg.draw_input).
+
+def gs(kind, D, E, B, N, H=None, act="relu", pol="all", t=0.2, cf=1.25, train=True,
+       skew=0.0, gscale=None, daux=None, coef=None):
+    mode, other = ("train", "eval") if train else ("eval", "train")
+    cfg = dict(type=kind, dim=D, num_experts=E, activation=act)
+    if H is not None:
+        cfg["hidden_dim"] = H
+    cfg.update({f"second_policy_{mode}": pol, f"second_threshold_{mode}": t, f"capacity_factor_{mode}": cf,
+                f"second_policy_{other}": "random", f"second_threshold_{other}": 0.35,
+                f"capacity_factor_{other}": 1.5 if cf == 2.0 else 2.0})
+    if coef is not None:
+        cfg["loss_coef"] = coef
+    return dict(cfg=cfg, B=B, N=N, train=train, skew=skew, gscale=gscale, daux=daux)
+
+
+GS_CASES = [
+    gs("gshard", 16, 4, 2, 16, 32),                                       # capacity 5
+    gs("gshard", 32, 8, 3, 24, 64, "gelu", "none", cf=2.0),
+    gs("gshard", 24, 6, 2, 37, 40, "leaky_relu", "threshold", 0.2, 1.5),
+    gs("gshard", 16, 16, 2, 10, 24),                                      # N < E, capacity 4
+    gs("gshard", 32, 4, 2, 64, 48, cf=1.0, skew=3.0, daux=0.7),           # overflow
+    gs("gshard", 20, 5, 3, 45, 30, "gelu", "threshold", 0.1, 0.75, skew=2.5),
+    gs("gshard", 12, 2, 2, 13, 20, "leaky_relu", cf=4.0),                 # capacity = N
+    gs("gshard", 8, 4, 3, 3),                                             # capacity 4 > N; H = 4D
+    gs("gshard", 24, 3, 1, 50, 16, "gelu", "threshold", 0.3, 2.0, gscale=1.0),  # seed's gate init
+    gs("gshard", 40, 10, 2, 29, 24, "silu", "none", cf=3.0, skew=2.0, coef=0.05),
+    gs("gshard", 12, 1, 2, 9, 16, "gelu", cf=0.5),                        # one expert, capacity 4
+    gs("gshard", 24, 6, 2, 30, 36, pol="threshold", t=0.25, cf=2.0, train=False),
+    gs("gshard", 16, 4, 3, 40, 24, "gelu", cf=0.5, skew=3.0, train=False),
+    gs("gshard", 32, 12, 2, 7, 16, pol="none", train=False),
+    gs("hierarchical", 16, [2, 3], 2, 20, 24),
+    gs("hierarchical", 24, [4, 4], 2, 48, 32, "gelu", "threshold", 0.2, 2.0),
+    gs("hierarchical", 20, [2, 3], 3, 40, 28, pol="none", cf=1.0, skew=3.0, daux=0.7),
+    gs("hierarchical", 20, [3, 2], 2, 7, 16, "leaky_relu"),
+    gs("hierarchical", 32, [4, 4], 2, 64, 24, cf=0.75, skew=2.5),
+    gs("hierarchical", 8, [2, 2], 1, 3),                                  # N < 4; H = 4D
+    gs("hierarchical", 12, [2, 5], 3, 31, 20, "silu", "threshold", 0.3, 1.5, daux=0.7),
+    gs("hierarchical", 48, [3, 3], 2, 33, 16, "gelu", cf=4.0, gscale=0.5, coef=0.05),
+    gs("hierarchical", 16, [3, 1], 2, 21, 24, "leaky_relu", "threshold", 0.3),   # one inner expert
+    gs("hierarchical", 16, [2, 3], 2, 24, 24, pol="threshold", t=0.2, cf=2.0, train=False),
+    gs("hierarchical", 24, [4, 4], 2, 40, 32, cf=1.0, skew=3.0, train=False),
+    gs("hierarchical", 16, [3, 3], 3, 17, 20, "leaky_relu", "none", train=False),
+]
+
+
+def describe_gs(c):
+    cfg, mode = c["cfg"], "train" if c["train"] else "eval"
+    E, cf, pol = cfg["num_experts"], cfg[f"capacity_factor_{mode}"], cfg[f"second_policy_{mode}"]
+    if cfg["type"] == "gshard":
+        caps = f"C={refg.capacity(c['N'], cf, E)}"
+    else:
+        co = refg.capacity(c["N"], cf, E[0])
+        caps = f"Co={co} Ci={refg.capacity(co, cf, E[1])}"
+    s = (f"{cfg['type']} D={cfg['dim']} H={cfg.get('hidden_dim', 4 * cfg['dim'])} E={E} B={c['B']} N={c['N']} "
+         f"act={cfg['activation']} {pol}" + (f"({cfg[f'second_threshold_{mode}']})" if pol == "threshold" else "")
+         + f" cf={cf} {caps}")
+    for k in ("skew", "gscale", "daux"):
+        s += f" {k}={c[k]}" if c[k] else ""
+    return s + (f" coef={cfg['loss_coef']}" if "loss_coef" in cfg else "")
+
+
+def make_gs_case(c, seed, d):
+    """Write LAYER.json, W/X/DY.safetensors into d; return (model, x, dy, daux)."""
+    cfg, B, N, D = c["cfg"], c["B"], c["N"], c["cfg"]["dim"]
+    torch.manual_seed(seed)
+    model = refg.build(cfg)
+    with torch.no_grad():
+        for g in refg.gates(model):
+            g.w_gating.mul_(c["gscale"] or D ** -0.5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = refg.draw_input(model, B, N, c["skew"], c["train"], gen)
+    dy = torch.randn(B, N, D, generator=gen)
+    daux = 1.0 if c["daux"] is None else c["daux"]
+    (d / "LAYER.json").write_text(json.dumps(cfg))
+    stio.save(d / "W.safetensors", model.state_dict())
+    stio.save(d / "X.safetensors", {"x": x})
+    stio.save(d / "DY.safetensors", {"dy": dy, **({} if c["daux"] is None else {"daux": torch.tensor(daux)})})
+    return model, x, dy, daux
+
+
+def gs_parity_case(tally, tool, c, seed):
+    train = c["train"]
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        d = Path(tmp)
+        model, x, dy, daux = make_gs_case(c, seed, d)
+        want = refg.outputs(model, x, dy if train else None, daux, train)
+        dropped = int(want["stats.dropped"])
+        what = ("" if train else "eval ") + describe_gs(c) + f" [dropped {dropped}]"
+        ours = run_tool(tally, tool, d, train, what)
+        if ours is None:
             return
-        try:
-            ours = stio.load(d / "OUT.safetensors")
-        except (OSError, ValueError) as exc:
-            tally.check(False, what, f"cannot read OUT.safetensors: {exc}")
-            return
-        want = reference_outputs(model, x, dy if train else None)
-        problems = compare(ours, want, model, x)
-        tally.check(not problems, what, "; ".join(problems[:1]))
-        for p in problems[1:]:
-            print(f"     {p}")
+        stats = {k: want.pop(k) for k in ("stats.expert_counts", "stats.dropped")}
+        problems = compare(ours, want)
+        for k, w in stats.items():  # routing statistics: exact
+            o = ours.get(k)
+            if o is None:
+                problems.append(f"OUT lacks {k}")
+            elif o.dtype != torch.int64 or tuple(o.shape) != tuple(w.shape) or not torch.equal(o, w):
+                problems.append(f"{k} {o.dtype} {list(o.shape)} {o.tolist()}, want int64 {list(w.shape)} {w.tolist()}")
+        if c["skew"] and dropped == 0:
+            problems.append("skewed case drops nothing: it does not test capacity overflow")
+        report(tally, what, problems)
 
 
 # ------------------------------------------------------------------ CLI errors
@@ -477,6 +603,7 @@ def main():
         state_dict_layout(tally)
         modules_vs_naive(tally)
         dense_quirk(tally)
+        refg.self_checks(tally.check)
         print("-- parity cases with a float32 PyTorch stand-in for the binary:")
         tool = torch_f32_tool
     else:
@@ -494,9 +621,12 @@ def main():
         parity_case(tally, tool, cfg, T, 1000 + i)
     for i, (cfg, T) in enumerate(EVAL_CASES):
         parity_case(tally, tool, cfg, T, 2000 + i, train=False)
+    for i, c in enumerate(GS_CASES):
+        gs_parity_case(tally, tool, c, 3000 + i)
     if not self_test:
         error_cases(tally, moe)
         dense_quirk(tally)
+        refg.self_checks(tally.check)
     print(f"parity: {tally.passed} passed, {tally.failed} failed")
     return 1 if tally.failed else 0
 
