@@ -13,6 +13,7 @@
  *   experts.{e}.net.0.weight (H2,D), .net.0.bias (H2), .net.2.weight (D,H),
  *   .net.2.bias (D), gate.weight (E,D), gate.bias (E).
  */
+#include "ffn.h"
 #include "layer_internal.h"
 #include "ops.h"
 
@@ -98,9 +99,16 @@ static topk_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
+/* The expert bank over parameters p and gradients g (g may be all NULL). */
+static moe_ffn ffn_of(const moe_config *c, topk_params p, topk_params g) {
+    moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
+                 c->num_experts, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
+    return f;
+}
+
 static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
+    int64_t D = c->input_dim;
     int E = c->num_experts, K = c->top_k;
     int64_t A = T * K;
     topk_ws w;
@@ -116,23 +124,9 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
     moe_gather_rows(w.xe, x, w.slot, A, D);
 
     /* experts: one GEMM per expert over its contiguous rows */
-    for (int e = 0; e < E; e++) {
-        int64_t r0 = w.offsets[e], n = w.offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 1, n, H2, D, 1.0f, w.xe + r0 * D, D, p.W1 + e * H2 * D, D, 0.0f,
-                  w.hpre + r0 * H2, H2);
-        moe_add_bias_rows(w.hpre + r0 * H2, p.b1 + e * H2, n, H2);
-    }
-    if (is_glu(c))
-        moe_glu_forward(w.ha, w.hpre, A, H, c->expert);
-    else
-        moe_act_forward(w.ha, w.hpre, A * H, c->activation, c->leaky_slope);
-    for (int e = 0; e < E; e++) {
-        int64_t r0 = w.offsets[e], n = w.offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 1, n, D, H, 1.0f, w.ha + r0 * H, H, p.W2 + e * D * H, H, 0.0f, w.ye + r0 * D, D);
-        moe_add_bias_rows(w.ye + r0 * D, p.b2 + e * D, n, D);
-    }
+    topk_params none = {0};
+    moe_ffn f = ffn_of(c, p, none);
+    moe_ffn_forward(&f, w.offsets, w.xe, w.hpre, w.ha, w.ye);
     moe_combine(y, w.ye, w.w, w.pos, T, K, D);
     l->assignments = A;
     l->dropped = 0;
@@ -142,38 +136,17 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
 
 static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
+    int64_t D = c->input_dim;
     int E = c->num_experts, K = c->top_k;
-    int64_t T = l->T, A = T * K;
+    int64_t T = l->T;
     topk_ws w;
     layout(l, T, l->ws, &w);
     topk_params p = params_of(l, l->wmem), g = params_of(l, l->gmem);
 
     /* combine: dye = w * dy per routed row, dw = <dy, ye> */
     moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, K, D);
-    for (int e = 0; e < E; e++) {
-        int64_t r0 = w.offsets[e], n = w.offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_colsum_acc(g.b2 + e * D, w.dye + r0 * D, n, D);
-        /* dW2 (D,H) += dye^T ha ; dha (n,H) = dye W2 */
-        moe_sgemm(1, 0, D, H, n, 1.0f, w.dye + r0 * D, D, w.ha + r0 * H, H, 1.0f, g.W2 + e * D * H, H);
-        moe_sgemm(0, 0, n, H, D, 1.0f, w.dye + r0 * D, D, p.W2 + e * D * H, H, 0.0f, w.dha + r0 * H, H);
-    }
-    if (is_glu(c))
-        moe_glu_backward(w.dhpre, w.dha, w.hpre, A, H, c->expert);
-    else
-        moe_act_backward(w.dhpre, w.dha, w.hpre, A * H, c->activation, c->leaky_slope);
-    for (int e = 0; e < E; e++) {
-        int64_t r0 = w.offsets[e], n = w.offsets[e + 1] - r0;
-        if (n == 0) continue;
-        /* dW1 (H2,D) += dhpre^T xe ; db1 += colsum ; dxe (n,D) = dhpre W1 */
-        moe_sgemm(1, 0, H2, D, n, 1.0f, w.dhpre + r0 * H2, H2, w.xe + r0 * D, D, 1.0f,
-                  g.W1 + e * H2 * D, D);
-        moe_colsum_acc(g.b1 + e * H2, w.dhpre + r0 * H2, n, H2);
-        if (dx)
-            moe_sgemm(0, 0, n, D, H2, 1.0f, w.dhpre + r0 * H2, H2, p.W1 + e * H2 * D, D, 0.0f,
-                      w.dxe + r0 * D, D);
-    }
+    moe_ffn f = ffn_of(c, p, g);
+    moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
 
     /* gate: softmax over the selected logits, scattered back to (T,E) */
     memset(w.dlogits, 0, (size_t)(T * E) * sizeof(float));

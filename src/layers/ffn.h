@@ -1,0 +1,47 @@
+/*
+ * A bank of E expert feed-forward networks in PyTorch's nn.Linear layout, run
+ * over expert-sorted rows: expert e owns rows [offsets[e], offsets[e+1]).
+ * Shared by the `topk` and soft layers (gshard's experts have no biases and
+ * (in, out) weights, so they keep their own loop).
+ * Dimension key: D model dim, H hidden width, H2 = H (MLP) or 2H (GLU),
+ * E experts, R rows in all (offsets[E]).
+ *
+ *   expert(x) = W2 drop(f(W1 x + b1)) + b2
+ *   W1 (E,H2,D)  b1 (E,H2)  W2 (E,D,H)  b2 (E,D)
+ * f is the activation (MLP) or a*f(g) over the halves [a | g] (GLU).
+ * drop is inverted dropout with probability p (train mode only): element
+ * (r, j) of the activation is zeroed when moe_rng_uniform(stream, r*H + j) < p
+ * and the rest scaled by 1/(1-p), so the mask depends only on the stream and
+ * the row order, never on the thread count.
+ */
+#ifndef MOE_FFN_H
+#define MOE_FFN_H
+
+#include "internal.h"
+
+typedef struct {
+    const float *W1, *b1, *W2, *b2; /* parameters (shapes above)                */
+    float *dW1, *db1, *dW2, *db2;   /* their gradients (accumulated); backward  */
+    int64_t D, H;
+    int E;
+    moe_expert_kind kind;
+    moe_activation act;             /* MLP experts                              */
+    float slope;                    /* leaky_relu                               */
+    float dropout;                  /* p in [0, 1); 0: none                     */
+    uint64_t stream;                /* dropout RNG stream of this forward       */
+} moe_ffn;
+
+static inline int64_t moe_ffn_h2(const moe_ffn *f) { return f->kind == MOE_EXPERT_MLP ? f->H : 2 * f->H; }
+
+/* Forward over R = offsets[E] rows:
+ *   xe (R,D) read; hpre (R,H2) pre-activation, ha (R,H) activation after
+ *   dropout, ye (R,D) written. */
+void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe,
+                     float *hpre, float *ha, float *ye);
+/* Backward from dye (R,D): parameter gradients accumulate, dha (R,H) and
+ * dhpre (R,H2) are scratch, dxe (R,D) written (skipped when NULL). */
+void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
+                      const float *hpre, const float *ha, const float *dye,
+                      float *dha, float *dhpre, float *dxe);
+
+#endif
