@@ -62,7 +62,9 @@ typedef enum {
     MOE_LAYER_DENSE = 0, /* seed 002 BasicMoE: softmax gate over all E, linear experts */
     MOE_LAYER_TOPK  = 1, /* seed 004 SimpleMoE: top-k gate, 2-layer MLP experts        */
     MOE_LAYER_GSHARD = 2,      /* seeds 000/001 MoE: GShard top-2 gate, capacity, loss */
-    MOE_LAYER_HIERARCHICAL = 3 /* seeds 000/001 two-level MoE: outer and inner top-2   */
+    MOE_LAYER_HIERARCHICAL = 3, /* seeds 000/001 two-level MoE: outer and inner top-2  */
+    MOE_LAYER_SOFT_DYNAMIC = 4, /* seed 003 Soft MoE with dynamic slots (means of E tokens) */
+    MOE_LAYER_SOFT = 5          /* Soft MoE (Puigcerver et al.) with learned slots (E,S,D)  */
 } moe_layer_type;
 
 /* What becomes of each token's second choice (GShard top-2 gating). */
@@ -107,13 +109,21 @@ typedef struct {
     double          capacity_factor_train;  /* default 1.25, must be > 0         */
     double          capacity_factor_eval;   /* default 2.0, must be > 0          */
     double          loss_coef;              /* default 1e-2                      */
+    /* soft_dynamic and soft (defaults are the seed module's): experts are
+     * Linear(D,H) -> gelu -> dropout -> Linear(H,D), or with expert GEGLU
+     * Linear(D,2H) -> a*gelu(g) -> dropout -> Linear(H,D). hidden_dim 0 means
+     * int(D * expert_mult) (MLP) or int(D * expert_mult * 2/3) (GLU).       */
+    double          expert_mult;            /* default 4                         */
+    float           dropout;                /* default 0; in [0, 1), train only  */
+    int64_t         slots_per_expert;       /* soft: S >= 1                      */
 } moe_config;
 
 /* Fill c with the defaults of the seed module of this type (SimpleMoE:
  * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64; GShard MoE: E=16,
  * D=64, H=0 meaning 4*D, relu, policies random, thresholds 0.2, capacity
  * factors 1.25 (train) and 2 (eval), loss_coef 1e-2; hierarchical: the same
- * with (Eo, Ei) = (4, 4)). */
+ * with (Eo, Ei) = (4, 4); soft_dynamic: E=4, D=64, expert_mult 4, GELU
+ * MLP experts, dropout 0; soft: the same with S=1 slot per expert). */
 void moe_config_init(moe_config *c, moe_layer_type type);
 
 /* Parse a layer config from JSON text: {"type": "topk"|"dense", plus the seed
@@ -123,7 +133,10 @@ void moe_config_init(moe_config *c, moe_layer_type type);
  * "hierarchical": dim, num_experts (an int; a pair [Eo, Ei] for hierarchical),
  * hidden_dim, activation, second_policy_train/_eval ("all"|"none"|"threshold"|
  * "random"), second_threshold_train/_eval, capacity_factor_train/_eval,
- * loss_coef, seed. Unknown keys are an error. */
+ * loss_coef, seed. For "soft_dynamic" and "soft": dim, num_experts,
+ * expert_mult, dropout, geglu (bool), seed; "soft" also num_slots (or its
+ * synonym slots_per_expert) or seq_len (S = seq_len / num_experts). Unknown
+ * keys are an error. */
 moe_status moe_config_from_json(moe_config *out, const char *json_text);
 /* Human-readable names, NULL for out-of-range values. */
 const char *moe_layer_type_name(moe_layer_type t);
@@ -179,6 +192,22 @@ moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
  * The same as moe_layer_forward with T = B*N for layers without groups. */
 moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
                                  const float *x, int64_t B, int64_t N, int train);
+
+/* Forward with a token mask: mask (B, N), nonzero for a real token, 0 for a
+ * masked one (padding); NULL means every token is real. Only the soft layers
+ * take a mask (others: MOE_ERR_UNSUPPORTED). A masked token gets no dispatch
+ * weight; its own output row is what the seed module gives it (combine
+ * weights uniform over all slots), and a row with every token masked gives
+ * finite output (uniform dispatch and combine), never NaN. */
+moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
+                                    const uint8_t *mask, int64_t B, int64_t N, int train);
+/* Forward of images x (B, D, h, w) (channels first, as PyTorch's conv
+ * layers): each image is a group of N = h*w tokens, token i*w + j being
+ * x[b, :, i, j]; y (B, out_dim, h, w). mask (B, h*w) or NULL as above. After
+ * this forward, moe_layer_backward takes dy (B, out_dim, h, w) and writes dx
+ * (B, D, h, w). */
+moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
+                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int train);
 
 /* Backward of the last train-mode forward.
  *   dx    (T, D)        written (not accumulated); may be NULL

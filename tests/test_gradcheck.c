@@ -1,6 +1,7 @@
 /*
  * Finite-difference gradient checks for every parameter and the input of the
- * topk, dense, gshard and hierarchical layers, on small random shapes.
+ * topk, dense, gshard, hierarchical, soft_dynamic and soft layers, on small
+ * random shapes (soft: with token masks, padding, image input and dropout).
  *
  * Loss L = sum(y * r) + daux * aux_loss for a fixed random r, so dL/dy = r
  * (daux = 0.7 for the layers with a balance loss). For each tensor
@@ -12,7 +13,9 @@
  * (float32 forward: L carries ~1e-6 absolute rounding, / 2h ~ 5e-4).
  * Routing is held fixed: a probe whose perturbation changes a discrete choice
  * (top-k, first/second expert, threshold, capacity) is not a valid finite
- * difference and is skipped; at most 1 in 10 may be.
+ * difference and is skipped; at most 1 in 10 may be. With dropout, every
+ * probe's forward replays the first forward's RNG stream (forward_calls is
+ * reset), so the dropout mask is held fixed the same way.
  * Dimension key: T tokens, D model dim, H hidden dim, O output dim, E experts, K top-k.
  */
 #include "check.h"
@@ -39,11 +42,20 @@ typedef struct {
     int32_t *route, *now; /* (n_route) base routing and the probe's */
     int64_t n_route;
     float daux;
+    const uint8_t *mask;  /* (B,N) or NULL                                   */
+    int64_t h, w;         /* image input (B,D,h,w) when h > 0                 */
+    uint64_t calls;       /* forward_calls of the first forward (RNG replay)  */
 } ctx;
+
+static moe_status forward(ctx *c, float *aux) {
+    c->l->forward_calls = c->calls;
+    if (c->h > 0) return moe_layer_forward_image(c->l, c->y, aux, c->x, c->mask, c->B, c->h, c->w, 1);
+    return moe_layer_forward_masked(c->l, c->y, aux, c->x, c->mask, c->B, c->N, 1);
+}
 
 static double loss(ctx *c) {
     float aux = 0.0f;
-    if (moe_layer_forward_seq(c->l, c->y, &aux, c->x, c->B, c->N, 1) != MOE_OK) return NAN;
+    if (forward(c, &aux) != MOE_OK) return NAN;
     double s = (double)c->daux * aux;
     for (int64_t i = 0; i < c->T * c->O; i++) s += (double)c->y[i] * c->r[i];
     return s;
@@ -99,12 +111,20 @@ static void check_tensor(ctx *c, const char *what, float *data, const float *gra
     free(v);
 }
 
-static void gradcheck_seq(const moe_config *cfg, int64_t B, int64_t N, const char *label) {
+/* B groups of N tokens; mask (B,N) or NULL; h > 0: image input with N = h*w. */
+static void gradcheck_full(const moe_config *cfg, int64_t B, int64_t N, const uint8_t *mask, int64_t h,
+                           int64_t w, const char *label) {
     ctx c = {0};
     int64_t T = B * N;
     CHECK_STATUS(moe_layer_create(&c.l, cfg), MOE_OK);
     if (!c.l) return;
-    c.T = T, c.B = B, c.N = N;
+    c.T = T, c.B = B, c.N = N, c.mask = mask, c.h = h, c.w = w;
+    /* norm gains start at 1: move them so their gradients are not at a special point */
+    for (int i = 0; i < moe_layer_num_params(c.l); i++) {
+        moe_param *p = moe_layer_param(c.l, i);
+        if (strstr(p->name, "gamma"))
+            for (int64_t j = 0; j < p->numel; j++) p->data[j] = 1.0f + 0.3f * nrand();
+    }
     c.D = moe_layer_input_dim(c.l);
     c.O = moe_layer_output_dim(c.l);
     c.daux = moe_layer_has_aux_loss(c.l) ? 0.7f : 0.0f;
@@ -114,7 +134,8 @@ static void gradcheck_seq(const moe_config *cfg, int64_t B, int64_t N, const cha
     float *dx = malloc((size_t)(T * c.D) * sizeof *dx);
     for (int64_t i = 0; i < T * c.D; i++) c.x[i] = nrand();
     for (int64_t i = 0; i < T * c.O; i++) c.r[i] = nrand();
-    CHECK_STATUS(moe_layer_forward_seq(c.l, c.y, NULL, c.x, B, N, 1), MOE_OK);
+    c.calls = c.l->forward_calls;
+    CHECK_STATUS(forward(&c, NULL), MOE_OK);
     c.n_route = moe__layer_routing(c.l, NULL, 0);
     if (c.n_route) {
         c.route = malloc((size_t)c.n_route * sizeof *c.route);
@@ -140,7 +161,49 @@ static void gradcheck_seq(const moe_config *cfg, int64_t B, int64_t N, const cha
     moe_layer_free(c.l);
 }
 
+static void gradcheck_seq(const moe_config *cfg, int64_t B, int64_t N, const char *label) {
+    gradcheck_full(cfg, B, N, NULL, 0, 0, label);
+}
 static void gradcheck(const moe_config *cfg, int64_t T, const char *label) { gradcheck_seq(cfg, 1, T, label); }
+
+static void soft_cases(void) {
+    moe_config c;
+    /* dynamic slots: N = 7 padded to 9 (E = 3), no mask */
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC);
+    c.input_dim = 6, c.num_experts = 3, c.expert_mult = 1.5, c.seed = 121;
+    gradcheck_seq(&c, 2, 7, "soft_dynamic mlp D=6 E=3 B=2 N=7 (padded)");
+    /* a mask: row 0 loses a token and a whole group; row 1 is fully masked */
+    uint8_t m1[2 * 8] = {1, 0, 1, 1, 0, 0, 1, 1, /**/ 0, 0, 0, 0, 0, 0, 0, 0};
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC);
+    c.input_dim = 5, c.num_experts = 2, c.expert = MOE_EXPERT_GEGLU, c.expert_mult = 2, c.seed = 131;
+    gradcheck_full(&c, 2, 8, m1, 0, 0, "soft_dynamic geglu D=5 E=2 B=2 N=8 masked");
+    uint8_t m2[1 * 5] = {1, 1, 0, 1, 1};
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC); /* mask and padding: 5 -> 8 */
+    c.input_dim = 4, c.num_experts = 4, c.expert_mult = 1, c.seed = 141;
+    gradcheck_full(&c, 1, 5, m2, 0, 0, "soft_dynamic mlp D=4 E=4 N=5 masked+padded");
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC); /* one token */
+    c.input_dim = 5, c.num_experts = 3, c.expert_mult = 1, c.seed = 151;
+    gradcheck_seq(&c, 2, 1, "soft_dynamic D=5 E=3 B=2 N=1");
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC); /* image (B,D,h,w), h*w = 6 padded to 8 */
+    c.input_dim = 4, c.num_experts = 4, c.expert_mult = 1.5, c.seed = 161;
+    gradcheck_full(&c, 2, 6, NULL, 2, 3, "soft_dynamic image B=2 D=4 h=2 w=3 E=4");
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC); /* dropout, mask replayed */
+    c.input_dim = 6, c.num_experts = 2, c.expert_mult = 2, c.dropout = 0.3f, c.seed = 171;
+    gradcheck_seq(&c, 2, 6, "soft_dynamic dropout 0.3 D=6 E=2 B=2 N=6");
+
+    moe_config_init(&c, MOE_LAYER_SOFT);
+    c.input_dim = 5, c.num_experts = 3, c.slots_per_expert = 2, c.expert_mult = 1.2, c.seed = 181;
+    gradcheck_seq(&c, 2, 5, "soft mlp D=5 E=3 S=2 B=2 N=5");
+    uint8_t m3[2 * 4] = {1, 0, 1, 1, /**/ 0, 0, 0, 0};
+    moe_config_init(&c, MOE_LAYER_SOFT);
+    c.input_dim = 4, c.num_experts = 2, c.slots_per_expert = 3, c.expert = MOE_EXPERT_GEGLU, c.expert_mult = 2;
+    c.seed = 191;
+    gradcheck_full(&c, 2, 4, m3, 0, 0, "soft geglu D=4 E=2 S=3 B=2 N=4 masked");
+    moe_config_init(&c, MOE_LAYER_SOFT);
+    c.input_dim = 3, c.num_experts = 2, c.slots_per_expert = 1, c.expert_mult = 2, c.dropout = 0.25f;
+    c.seed = 201;
+    gradcheck_full(&c, 1, 4, NULL, 2, 2, "soft image dropout 0.25 D=3 E=2 S=1 h=w=2");
+}
 
 int main(void) {
     moe_set_num_threads(2);
@@ -205,6 +268,8 @@ int main(void) {
     c.second_policy_train = MOE_SECOND_THRESHOLD, c.capacity_factor_train = 0.6, c.activation = MOE_ACT_GELU;
     c.loss_coef = 3.0;
     gradcheck_seq(&c, 2, 16, "hierarchical threshold gelu (3,2) cf=0.6 B=2 N=16");
+
+    soft_cases();
 
     printf("probes %d, skipped for a routing change %d\n", probes, skipped);
     CHECK(skipped * 10 <= probes, "too many probes changed the routing: %d of %d", skipped, probes);

@@ -87,6 +87,43 @@ static moe_status gshard_key(moe_config *c, const cJSON *v, int *known) {
     return st;
 }
 
+/* Keys of the soft layers (seed 003 DynamicSlotsSoftMoE and SoftMoE
+ * constructor names). seq_len is kept aside: S = seq_len / E once E is known. */
+static moe_status soft_key(moe_config *c, const cJSON *v, int *known, int64_t *seq_len, int *have_slots) {
+    const char *k = v->string;
+    int64_t n = 0;
+    double r = 0;
+    moe_status st = MOE_OK;
+    int soft = c->type == MOE_LAYER_SOFT;
+    *known = 1;
+    if (strcmp(k, "dim") == 0) {
+        if ((st = get_int(&n, v, 0, INT32_MAX)) == MOE_OK) c->input_dim = n;
+    } else if (strcmp(k, "num_experts") == 0) {
+        if ((st = get_int(&n, v, 0, 1 << 30)) == MOE_OK) c->num_experts = (int)n;
+    } else if (strcmp(k, "expert_mult") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->expert_mult = r;
+    } else if (strcmp(k, "dropout") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) {
+            if (r < 0.0 || r >= 1.0) st = moe_err(MOE_ERR_ARG, "\"dropout\" must be in [0, 1), got %g", r);
+            else c->dropout = (float)r;
+        }
+    } else if (strcmp(k, "geglu") == 0) {
+        if (!cJSON_IsBool(v)) st = moe_err(MOE_ERR_ARG, "\"geglu\" must be true or false");
+        else c->expert = cJSON_IsTrue(v) ? MOE_EXPERT_GEGLU : MOE_EXPERT_MLP;
+    } else if (strcmp(k, "seed") == 0) {
+        if ((st = get_int(&n, v, 0, INT64_MAX / 2)) == MOE_OK) c->seed = (uint64_t)n;
+    } else if (soft && (strcmp(k, "num_slots") == 0 || strcmp(k, "slots_per_expert") == 0)) {
+        if (*have_slots) return moe_err(MOE_ERR_ARG, "soft: give one of num_slots, slots_per_expert, seq_len");
+        if ((st = get_int(&n, v, 1, INT32_MAX)) == MOE_OK) c->slots_per_expert = n, *have_slots = 1;
+    } else if (soft && strcmp(k, "seq_len") == 0) {
+        if (*have_slots) return moe_err(MOE_ERR_ARG, "soft: give one of num_slots, slots_per_expert, seq_len");
+        if ((st = get_int(&n, v, 1, INT32_MAX)) == MOE_OK) *seq_len = n, *have_slots = 1;
+    } else {
+        *known = 0;
+    }
+    return st;
+}
+
 moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     moe_err_clear();
     if (!out || !json_text) return moe_err(MOE_ERR_ARG, "moe_config_from_json: NULL argument");
@@ -96,16 +133,16 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     moe_status st = MOE_OK;
     moe_config c;
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "type");
-    const char *types[] = {"dense", "topk", "gshard", "hierarchical"};
+    const char *types[] = {"dense", "topk", "gshard", "hierarchical", "soft_dynamic", "soft"};
     int ti = -1;
     if (!cJSON_IsObject(root))
         st = moe_err(MOE_ERR_FORMAT, "layer config must be a JSON object");
     else if (!cJSON_IsString(type))
         st = moe_err(MOE_ERR_ARG, "layer config needs \"type\": one of \"topk\", \"dense\", \"gshard\", "
-                                  "\"hierarchical\"");
-    else if ((ti = lookup(type->valuestring, types, 4)) < 0)
-        st = moe_err(MOE_ERR_UNSUPPORTED, "unknown layer type \"%s\" (known: topk, dense, gshard, hierarchical)",
-                     type->valuestring);
+                                  "\"hierarchical\", \"soft_dynamic\", \"soft\"");
+    else if ((ti = lookup(type->valuestring, types, 6)) < 0)
+        st = moe_err(MOE_ERR_UNSUPPORTED, "unknown layer type \"%s\" (known: topk, dense, gshard, hierarchical, "
+                                          "soft_dynamic, soft)", type->valuestring);
     if (st != MOE_OK) {
         cJSON_Delete(root);
         return st;
@@ -114,13 +151,22 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     const char *kinds[] = {"mlp", "swiglu", "geglu"};
     int is_topk = c.type == MOE_LAYER_TOPK;
     int is_gshard = c.type == MOE_LAYER_GSHARD || c.type == MOE_LAYER_HIERARCHICAL;
+    int is_soft = c.type == MOE_LAYER_SOFT_DYNAMIC || c.type == MOE_LAYER_SOFT;
+    int64_t seq_len = 0;
+    int have_slots = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, root) {
         const char *k = v->string;
         int64_t n = 0;
         int known = 0;
         if (strcmp(k, "type") == 0) continue;
-        if (is_gshard) {
+        if (is_soft) {
+            st = soft_key(&c, v, &known, &seq_len, &have_slots);
+            if (!known)
+                st = moe_err(MOE_ERR_ARG, "unknown config key \"%s\" for a %s layer (known: dim, num_experts, "
+                                          "expert_mult, dropout, geglu, seed%s)", k, types[ti],
+                             c.type == MOE_LAYER_SOFT ? ", num_slots (or slots_per_expert), seq_len" : "");
+        } else if (is_gshard) {
             st = gshard_key(&c, v, &known);
             if (!known)
                 st = moe_err(MOE_ERR_ARG, "unknown config key \"%s\" for a %s layer (known: dim, num_experts, "
@@ -161,6 +207,17 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
         if (st != MOE_OK) break;
     }
     cJSON_Delete(root);
+    if (st == MOE_OK && c.type == MOE_LAYER_SOFT) {
+        if (!have_slots)
+            st = moe_err(MOE_ERR_ARG, "a soft layer needs \"num_slots\" (slots per expert) or \"seq_len\" "
+                                      "(then num_slots = seq_len / num_experts)");
+        else if (seq_len) {
+            if (c.num_experts < 1 || seq_len / c.num_experts < 1)
+                st = moe_err(MOE_ERR_ARG, "soft: seq_len %lld / num_experts %d gives no slots; seq_len must be "
+                                          ">= num_experts", (long long)seq_len, c.num_experts);
+            else c.slots_per_expert = seq_len / c.num_experts;
+        }
+    }
     if (st == MOE_OK) *out = c;
     return st;
 }

@@ -35,6 +35,9 @@ void moe_config_init(moe_config *c, moe_layer_type type) {
     c->capacity_factor_train = 1.25;
     c->capacity_factor_eval = 2.0;
     c->loss_coef = 1e-2;
+    c->expert_mult = 4.0;
+    c->dropout = 0.0f;
+    c->slots_per_expert = 0;
     if (type == MOE_LAYER_GSHARD) {
         c->num_experts = 16;
         c->hidden_dim = 0; /* 4 * input_dim */
@@ -42,6 +45,10 @@ void moe_config_init(moe_config *c, moe_layer_type type) {
         c->num_experts = 4;
         c->num_experts_inner = 4;
         c->hidden_dim = 0;
+    } else if (type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT) {
+        c->hidden_dim = 0; /* from expert_mult */
+        c->activation = MOE_ACT_GELU;
+        c->slots_per_expert = type == MOE_LAYER_SOFT ? 1 : 0;
     }
 }
 
@@ -51,6 +58,8 @@ const char *moe_layer_type_name(moe_layer_type t) {
     case MOE_LAYER_TOPK: return "topk";
     case MOE_LAYER_GSHARD: return "gshard";
     case MOE_LAYER_HIERARCHICAL: return "hierarchical";
+    case MOE_LAYER_SOFT_DYNAMIC: return "soft_dynamic";
+    case MOE_LAYER_SOFT: return "soft";
     }
     return NULL;
 }
@@ -102,7 +111,7 @@ moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const 
     }
     l->param_off[i] = off;
     l->fan_in[i] = fan_in;
-    l->init_normal[i] = fan_in <= 0;
+    l->init_normal[i] = fan_in == 0 ? 1 : fan_in < 0 ? 2 : 0;
     return MOE_OK;
 }
 
@@ -132,6 +141,10 @@ void moe_layer_init_params(moe_layer *l, uint64_t seed) {
         moe_param *p = &l->params[i];
         float bound = 1.0f / sqrtf((float)l->fan_in[i]);
         uint64_t stream = moe_rng_u64(seed, 0x1000000ull + (uint64_t)i);
+        if (l->init_normal[i] == 2) { /* torch.ones (norm gains) */
+            for (int64_t j = 0; j < p->numel; j++) p->data[j] = 1.0f;
+            continue;
+        }
         if (l->init_normal[i]) { /* torch.randn: N(0, 1), Box-Muller on two draws */
             for (int64_t j = 0; j < p->numel; j++) {
                 double u1 = ((double)(moe_rng_u64(stream, 2 * (uint64_t)j) >> 11) + 1.0) * 0x1p-53;
@@ -163,7 +176,7 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     if (!l) return moe_err(MOE_ERR_NOMEM, "cannot allocate the layer");
     l->cfg = *cfg;
     int E = cfg->num_experts;
-    l->cap_params = 4 * E + 2;
+    l->cap_params = 4 * E + 3;
     l->params = moe_calloc((size_t)l->cap_params * sizeof *l->params);
     l->param_off = moe_calloc((size_t)l->cap_params * sizeof *l->param_off);
     l->fan_in = moe_calloc((size_t)l->cap_params * sizeof *l->fan_in);
@@ -188,6 +201,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
         st = moe__dense_create(l);
     else if (cfg->type == MOE_LAYER_GSHARD || cfg->type == MOE_LAYER_HIERARCHICAL)
         st = moe__gshard_create(l);
+    else if (cfg->type == MOE_LAYER_SOFT_DYNAMIC || cfg->type == MOE_LAYER_SOFT)
+        st = moe__soft_create(l);
     else
         st = moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
     if (st != MOE_OK) {
@@ -210,6 +225,7 @@ void moe_layer_free(moe_layer *l) {
     moe_free(l->gmem);
     moe_free(l->expert_counts);
     moe_free(l->ws);
+    moe_free(l->img);
     moe_free(l);
 }
 
@@ -253,13 +269,17 @@ static moe_status reserve(moe_layer *l, int64_t B, int64_t N) {
     return MOE_OK;
 }
 
-moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t B,
-                                 int64_t N, int train) {
-    moe_err_clear();
+/* Validate, reserve, run. x (B,N,D) token-major; mask (B,N) or NULL. */
+static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const float *x, const uint8_t *mask,
+                              int64_t B, int64_t N, int train) {
     if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer, y or x");
     if (B <= 0 || N <= 0)
         return moe_err(MOE_ERR_ARG, "empty batch: x has %lld x %lld tokens; forward needs at least one row",
                        (long long)B, (long long)N);
+    int soft = l->cfg.type == MOE_LAYER_SOFT_DYNAMIC || l->cfg.type == MOE_LAYER_SOFT;
+    if (mask && !soft)
+        return moe_err(MOE_ERR_UNSUPPORTED, "a token mask is only taken by the soft layers (soft_dynamic, soft), "
+                                            "not by a %s layer", moe_layer_type_name(l->cfg.type));
     /* rows per token in the widest routed buffer: K (topk), 2 (gshard), 4 (hierarchical) */
     int K = l->cfg.type == MOE_LAYER_TOPK ? l->cfg.top_k
           : l->cfg.type == MOE_LAYER_GSHARD ? 2 : l->cfg.type == MOE_LAYER_HIERARCHICAL ? 4 : 1;
@@ -276,7 +296,9 @@ moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const 
     if (st != MOE_OK) return st;
     l->B = B;
     l->N = N;
+    l->mask = mask;
     l->ops->forward(l, y, aux_loss, x, T, train);
+    l->mask = NULL;
     l->forward_calls++;
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
@@ -284,9 +306,69 @@ moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const 
     return MOE_OK;
 }
 
+moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t B,
+                                 int64_t N, int train) {
+    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, B, N, train);
+}
+
 moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t T,
                              int train) {
-    return moe_layer_forward_seq(l, y, aux_loss, x, 1, T, train);
+    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, 1, T, train);
+}
+
+moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
+                                    const uint8_t *mask, int64_t B, int64_t N, int train) {
+    moe_err_clear();
+    moe_status st = run_forward(l, y, aux_loss, x, mask, B, N, train);
+    if (st == MOE_OK) l->image = 0;
+    return st;
+}
+
+/* dst (B, C, N) <- src (B, N, C), or the reverse with to_tokens. */
+static void transpose_batch(float *dst, const float *src, int64_t B, int64_t N, int64_t C, int to_tokens) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c++) {
+            const float *s = src + b * N * C;
+            float *d = dst + b * N * C;
+            for (int64_t n = 0; n < N; n++) {
+                if (to_tokens) d[n * C + c] = s[c * N + n];
+                else d[c * N + n] = s[n * C + c];
+            }
+        }
+}
+
+moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
+                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int train) {
+    moe_err_clear();
+    if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward_image: NULL layer, y or x");
+    if (B <= 0 || h <= 0 || w <= 0)
+        return moe_err(MOE_ERR_ARG, "empty batch: image input is %lld x D x %lld x %lld; forward needs at "
+                                    "least one pixel", (long long)B, (long long)h, (long long)w);
+    if (h > INT32_MAX / w || B > INT32_MAX / (h * w))
+        return moe_err(MOE_ERR_ARG, "image batch of %lld x %lld x %lld is too large", (long long)B,
+                       (long long)h, (long long)w);
+    int64_t N = h * w, T = B * N, D = l->in_dim, O = l->out_dim;
+    /* img holds x (then dx) as (T,D) followed by y (then dy) as (T,O) */
+    size_t need, a, b;
+    if (!moe_mul_size(&a, (size_t)T, (size_t)D) || !moe_mul_size(&b, (size_t)T, (size_t)O) ||
+        !moe_add_size(&need, a, b) || !moe_mul_size(&need, need, sizeof(float)))
+        return moe_err(MOE_ERR_ARG, "image batch of %lld x %lld x %lld is too large", (long long)B,
+                       (long long)h, (long long)w);
+    if (need > l->img_bytes) {
+        float *img = moe_alloc(need);
+        if (!img) return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for the image layout", need);
+        moe_free(l->img);
+        l->img = img;
+        l->img_bytes = need;
+    }
+    float *xt = l->img, *yt = l->img + T * D;
+    transpose_batch(xt, x, B, N, D, 1);
+    moe_status st = run_forward(l, yt, aux_loss, xt, mask, B, N, train);
+    if (st != MOE_OK) return st;
+    transpose_batch(y, yt, B, N, O, 0);
+    l->image = 1;
+    return MOE_OK;
 }
 
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux) {
@@ -301,6 +383,14 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
                        (long long)(bad / l->out_dim), (long long)(bad % l->out_dim),
                        isnan(dy[bad]) ? "NaN" : "Inf");
     if (!isfinite(daux)) return moe_err(MOE_ERR_NONFINITE, "daux is not finite");
+    if (l->image) { /* dy (B,O,N) -> token-major, dx back to (B,D,N) */
+        int64_t N = l->N, B = l->B;
+        float *dxt = l->img, *dyt = l->img + l->T * l->in_dim;
+        transpose_batch(dyt, dy, B, N, l->out_dim, 1);
+        l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
+        if (dx) transpose_batch(dx, dxt, B, N, l->in_dim, 0);
+        return MOE_OK;
+    }
     l->ops->backward(l, dx, dy, daux);
     return MOE_OK;
 }

@@ -30,7 +30,7 @@ struct moe_layer {
     int64_t   *param_off;      /* (n_params) offset of each in wmem/gmem      */
     int64_t   *fan_in;         /* (n_params) for init                         */
     char      *names;          /* (cap_params * MOE_NAME_MAX)                  */
-    uint8_t   *init_normal;    /* (cap_params) 1: init N(0,1) (torch.randn)   */
+    uint8_t   *init_normal;    /* (cap_params) 0 uniform, 1 N(0,1), 2 ones     */
     float     *wmem, *gmem;    /* (n_weights) parameters and gradients        */
     int64_t    n_weights;
 
@@ -41,13 +41,18 @@ struct moe_layer {
     int64_t  B, N;             /* groups and tokens per group, last forward   */
 
     int64_t T;                 /* tokens of the last forward                  */
+    const uint8_t *mask;       /* (B,N) token mask of the running forward, or NULL */
+    int     image;             /* last forward was moe_layer_forward_image    */
+    float  *img;               /* transposed image x/dx (T,D) then y/dy (T,O) */
+    size_t  img_bytes;
     int     cached;            /* last forward was train mode                 */
     char   *ws;                /* workspace (one allocation)                  */
     size_t  ws_bytes;
 };
 
 /* Register a parameter; its storage is wmem + off once moe__layer_alloc ran.
- * Init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), or N(0,1) when fan_in <= 0. */
+ * Init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)); N(0,1) (torch.randn) when
+ * fan_in == 0; ones (a norm's gain) when fan_in < 0. */
 moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const int64_t *shape,
                                 int64_t off, int64_t fan_in);
 /* Allocate parameter and gradient memory (n_weights floats each). */
@@ -72,6 +77,7 @@ static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, 
 moe_status moe__topk_create(moe_layer *l);
 moe_status moe__dense_create(moe_layer *l);
 moe_status moe__gshard_create(moe_layer *l); /* gshard and hierarchical */
+moe_status moe__soft_create(moe_layer *l);   /* soft_dynamic and soft     */
 
 /* Routing of the last forward, for tests (gradient checks hold it fixed):
  * copies up to cap int32s describing every discrete choice into dst and
