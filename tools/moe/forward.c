@@ -3,7 +3,8 @@
  * output (and, with --grad-output, every gradient) as safetensors.
  * Dimension key: T tokens (product of x's leading dims), D input dim, O output dim,
  * B groups and N tokens per group (x (..., N, D): N is the second-last dim,
- * B the product of the dims before it; a 1-D or 2-D x is one group).
+ * B the product of the dims before it; a 1-D or 2-D x is one group). For the
+ * soft layers a 4-D x is an image batch (B, D, h, w) with N = h*w.
  */
 #include "cli.h"
 
@@ -17,23 +18,31 @@ static const char *usage_text =
     "                   [--seed N] [--threads N]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
-    "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\", and the\n"
-    "                      seed module's constructor arguments: topk and dense: num_experts,\n"
+    "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\"|\n"
+    "                      \"soft_dynamic\"|\"soft\", and the seed module's constructor\n"
+    "                      arguments: topk and dense: num_experts,\n"
     "                      input_dim, hidden_dim, output_dim, top_k, activation\n"
     "                      (relu|gelu|silu|leaky_relu), expert (mlp|swiglu|geglu); gshard and\n"
     "                      hierarchical: dim, num_experts (a pair [outer, inner] for\n"
     "                      hierarchical), hidden_dim, activation, second_policy_train/_eval\n"
     "                      (all|none|threshold|random), second_threshold_train/_eval,\n"
-    "                      capacity_factor_train/_eval, loss_coef}\n"
+    "                      capacity_factor_train/_eval, loss_coef; soft_dynamic and soft: dim,\n"
+    "                      num_experts, expert_mult, dropout, geglu (true|false); soft also\n"
+    "                      num_slots (slots per expert) or seq_len}\n"
     "  --weights FILE      the module's state_dict as safetensors (names as PyTorch's); without\n"
     "                      it the parameters are initialised from the seed\n"
     "  --input FILE        tensor 'x' (..., D) float32 (F64/F16/BF16 are converted); for\n"
-    "                      gshard and hierarchical (B, N, D): B sequences of N tokens\n"
-    "  --out FILE          written: 'y' (..., O), 'aux_loss' (layers with one),\n"
+    "                      gshard, hierarchical and soft (B, N, D): B sequences of N tokens;\n"
+    "                      soft layers also take an image batch (B, D, h, w) and an optional\n"
+    "                      tensor 'mask' (B, N) (images: (B, h*w) or (B, h, w)), BOOL or\n"
+    "                      integer, nonzero for a real token\n"
+    "  --out FILE          written: 'y' (..., O; an image's y is (B, D, h, w)),\n"
+    "                      'aux_loss' (layers with one),\n"
     "                      'stats.expert_counts' (E; Eo*Ei for hierarchical), 'stats.dropped'\n"
     "                      and, with --grad-output, 'dx' and 'grad.<parameter name>' for\n"
     "                      every parameter\n"
-    "  --grad-output FILE  tensor 'dy' (..., O) and optional scalar 'daux' (default 1)\n"
+    "  --grad-output FILE  tensor 'dy' (the shape of y) and optional scalar 'daux'\n"
+    "                      (default 1)\n"
     "  --eval              eval mode (default: train mode)\n"
     "  --seed N            overrides the config's seed (init and random choices)\n"
     "  --threads N         threads (default: all cores)\n";
@@ -46,7 +55,8 @@ typedef struct {
     int64_t rows; /* product of all dims but the last */
 } tensor_in;
 
-/* Load tensor `name` from path as float32; its last dim must be `width`. */
+/* Load tensor `name` from path as float32; its last dim must be `width`
+ * (width <= 0: any shape, the caller checks). */
 static int load_rows(tensor_in *t, const char *path, const char *name, int64_t width, const char *flag) {
     memset(t, 0, sizeof *t);
     moe_status st = moe_st_open(&t->f, path);
@@ -56,14 +66,14 @@ static int load_rows(tensor_in *t, const char *path, const char *name, int64_t w
         fprintf(stderr, "moe forward: %s: %s has no tensor '%s'\n", flag, path, name);
         return 1;
     }
-    if (ti->ndim < 1 || ti->shape[ti->ndim - 1] != width) {
+    if (width > 0 && (ti->ndim < 1 || ti->shape[ti->ndim - 1] != width)) {
         fprintf(stderr, "moe forward: %s: tensor '%s' in %s must be (..., %lld); its last dim is %lld\n",
                 flag, name, path, (long long)width, ti->ndim ? (long long)ti->shape[ti->ndim - 1] : 0LL);
         return 1;
     }
     t->ndim = ti->ndim;
     memcpy(t->shape, ti->shape, sizeof t->shape);
-    t->rows = ti->numel / width;
+    t->rows = width > 0 ? ti->numel / width : ti->numel;
     t->data = malloc((size_t)(ti->numel ? ti->numel : 1) * sizeof(float));
     if (!t->data) {
         fprintf(stderr, "moe forward: out of memory reading %s\n", path);
@@ -71,6 +81,48 @@ static int load_rows(tensor_in *t, const char *path, const char *name, int64_t w
     }
     st = moe_st_read_f32(t->data, t->f, name, -1, NULL);
     if (st != MOE_OK) return cli_fail("forward", flag, st);
+    return 0;
+}
+
+/* The optional 'mask' of the input file as bytes (1 real token), shape
+ * checked against B groups of N tokens. *out stays NULL when there is none.
+ * Returns 0 on success. */
+static int load_mask(uint8_t **out, const moe_st_file *f, const char *path, int64_t B, int64_t N, int image,
+                     int64_t h, int64_t w) {
+    *out = NULL;
+    const moe_st_tensor *t = moe_st_find(f, "mask");
+    if (!t) return 0;
+    if (t->dtype == MOE_DT_F64 || t->dtype == MOE_DT_F32 || t->dtype == MOE_DT_F16 || t->dtype == MOE_DT_BF16 ||
+        t->dtype == MOE_DT_F8_E4M3 || t->dtype == MOE_DT_F8_E5M2) {
+        fprintf(stderr, "moe forward: --input: 'mask' in %s has dtype %s; a mask must be BOOL or an integer "
+                        "dtype (save it as torch.bool)\n", path, moe_dtype_name(t->dtype));
+        return 1;
+    }
+    int ok = (t->ndim == 2 && t->shape[0] == B && t->shape[1] == N) || (B == 1 && t->ndim == 1 && t->shape[0] == N) ||
+             (image && t->ndim == 3 && t->shape[0] == B && t->shape[1] == h && t->shape[2] == w);
+    if (!ok) {
+        char got[160] = "";
+        size_t o = 0;
+        for (int d = 0; d < t->ndim && o < sizeof got - 24; d++)
+            o += (size_t)snprintf(got + o, sizeof got - o, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+        fprintf(stderr, "moe forward: --input: 'mask' in %s is (%s); it must be (B, N) = (%lld, %lld)%s, one "
+                        "entry per token of x\n", path, got, (long long)B, (long long)N,
+                image ? " or (B, h, w)" : "");
+        return 1;
+    }
+    size_t es = moe_dtype_size(t->dtype);
+    uint8_t *m = malloc((size_t)(B * N));
+    if (!m) {
+        fprintf(stderr, "moe forward: out of memory reading the mask\n");
+        return 1;
+    }
+    const unsigned char *src = t->data;
+    for (int64_t i = 0; i < B * N; i++) { /* an element is nonzero when any of its bytes is */
+        uint8_t v = 0;
+        for (size_t k = 0; k < es; k++) v |= src[(size_t)i * es + k];
+        m[i] = v != 0;
+    }
+    *out = m;
     return 0;
 }
 
@@ -119,6 +171,7 @@ int cmd_forward(int argc, char **argv) {
     moe_layer *l = NULL;
     tensor_in x = {0}, dy = {0};
     float *y = NULL, *dx = NULL;
+    uint8_t *mask = NULL;
     moe_st_entry *ents = NULL;
     char **names = NULL;
     int n_ent = 0, np = 0;
@@ -136,12 +189,31 @@ int cmd_forward(int argc, char **argv) {
         goto done;
     }
     int64_t D = moe_layer_input_dim(l), O = moe_layer_output_dim(l);
-    if (load_rows(&x, x_path, "x", D, "--input")) goto done;
+    int soft = cfg.type == MOE_LAYER_SOFT_DYNAMIC || cfg.type == MOE_LAYER_SOFT;
+    if (load_rows(&x, x_path, "x", soft ? 0 : D, "--input")) goto done;
+    /* soft layers: a 4-D x is an image batch (B, D, h, w) */
+    int image = soft && x.ndim == 4;
+    int64_t h = image ? x.shape[2] : 0, wd = image ? x.shape[3] : 0;
+    if (image ? x.shape[1] != D : (x.ndim < 1 || x.shape[x.ndim - 1] != D)) {
+        fprintf(stderr, "moe forward: --input: tensor 'x' in %s must be %s with D = %lld; its %s is %lld\n",
+                x_path, image ? "an image (B, D, h, w)" : "(..., D)", (long long)D,
+                image ? "second dim" : "last dim", x.ndim ? (long long)x.shape[image ? 1 : x.ndim - 1] : 0LL);
+        goto done;
+    }
+    if (soft && x.ndim > 4) {
+        fprintf(stderr, "moe forward: --input: tensor 'x' in %s has %d dims; soft layers take (N, D), (B, N, D) "
+                        "or an image (B, D, h, w)\n", x_path, x.ndim);
+        goto done;
+    }
+    if (soft) x.rows /= D; /* loaded with any shape: numel / D token rows */
     y = malloc((size_t)(x.rows ? x.rows : 1) * (size_t)O * sizeof(float));
     if (!y) goto done;
     float aux = 0.0f;
-    int64_t N = x.ndim >= 2 ? x.shape[x.ndim - 2] : x.rows, B = N ? x.rows / N : 0;
-    if ((st = moe_layer_forward_seq(l, y, &aux, x.data, B, N, !eval)) != MOE_OK) {
+    int64_t N = image ? h * wd : x.ndim >= 2 ? x.shape[x.ndim - 2] : x.rows, B = N ? x.rows / N : 0;
+    if (load_mask(&mask, x.f, x_path, B, N, image, h, wd)) goto done;
+    st = image ? moe_layer_forward_image(l, y, &aux, x.data, mask, B, h, wd, !eval)
+               : moe_layer_forward_masked(l, y, &aux, x.data, mask, B, N, !eval);
+    if (st != MOE_OK) {
         cli_fail("forward", "forward", st);
         goto done;
     }
@@ -154,7 +226,7 @@ int cmd_forward(int argc, char **argv) {
     e->dtype = MOE_DT_F32;
     e->ndim = x.ndim;
     memcpy(e->shape, x.shape, sizeof e->shape);
-    e->shape[x.ndim - 1] = O;
+    e->shape[image ? 1 : x.ndim - 1] = O;
     e->data = y;
     if (moe_layer_has_aux_loss(l)) {
         e = &ents[n_ent++];
@@ -178,10 +250,15 @@ int cmd_forward(int argc, char **argv) {
     e->data = &stats.dropped;
 
     if (dy_path) {
-        if (load_rows(&dy, dy_path, "dy", O, "--grad-output")) goto done;
-        if (dy.rows != x.rows) {
-            fprintf(stderr, "moe forward: --grad-output: 'dy' has %lld rows, x has %lld\n",
-                    (long long)dy.rows, (long long)x.rows);
+        if (load_rows(&dy, dy_path, "dy", 0, "--grad-output")) goto done;
+        int same = dy.ndim == ents[0].ndim;
+        for (int d = 0; same && d < dy.ndim; d++) same = dy.shape[d] == ents[0].shape[d];
+        if (!same) {
+            fprintf(stderr, "moe forward: --grad-output: 'dy' in %s must have the shape of y (%d dims, ", dy_path,
+                    ents[0].ndim);
+            for (int d = 0; d < ents[0].ndim; d++)
+                fprintf(stderr, "%s%lld", d ? " x " : "", (long long)ents[0].shape[d]);
+            fprintf(stderr, ")\n");
             goto done;
         }
         float daux = 1.0f;
@@ -237,6 +314,7 @@ done:
     free(ents);
     free(y);
     free(dx);
+    free(mask);
     free_rows(&x);
     free_rows(&dy);
     moe_layer_free(l);
