@@ -5,6 +5,10 @@
  * rows would: forward X W1^T, act, H W2^T; backward dW2, dH, dW1, dX.
  * Useful FLOPs (DESIGN.md): forward T*K*2*(D*H2 + H*D), H2 = H (MLP) or 2H
  * (GLU); backward twice forward. The gate's FLOPs are not counted.
+ * Soft layers have no routing to leave out: every matrix product of the
+ * method counts (slot logits, dispatch, combine, the dynamic slot projection,
+ * the experts over all B*E*S slots), and the baseline runs the same FLOPs as
+ * the FFN GEMMs above over the equivalent number of rows.
  * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k, A = T*K.
  */
 #include "cli.h"
@@ -15,8 +19,9 @@
 #include <string.h>
 
 static const char *usage_text =
-    "usage: moe bench [--layer topk|gshard|hierarchical] [--tokens T] [--batch B] [--dim D]\n"
-    "                 [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
+    "usage: moe bench [--layer topk|gshard|hierarchical|soft_dynamic|soft] [--tokens T]\n"
+    "                 [--batch B] [--dim D] [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
+    "                 [--slots S]\n"
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
@@ -24,7 +29,9 @@ static const char *usage_text =
     "the ratio. Defaults: topk, T=4096 D=512 H=2048 E=16 K=2 mlp (relu) experts, 5 timed\n"
     "iterations (medians), all cores. gshard and hierarchical run B=4 sequences of T/B\n"
     "tokens with the seed's defaults (policy random, capacity factor 1.25); hierarchical\n"
-    "has E=4 outer and EI=4 inner experts unless given.\n";
+    "has E=4 outer and EI=4 inner experts unless given. soft_dynamic and soft run B=4\n"
+    "sequences with E=4 experts and GELU experts of H=4*D (the seed's expert_mult 4; geglu:\n"
+    "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -41,7 +48,7 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
 
 int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
-    int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4;
+    int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4, S = 0;
     int json = 0, bad = 0;
     moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_MLP;
@@ -66,12 +73,17 @@ int cmd_bench(int argc, char **argv) {
             if (!strcmp(v, "topk")) type = MOE_LAYER_TOPK;
             else if (!strcmp(v, "gshard")) type = MOE_LAYER_GSHARD;
             else if (!strcmp(v, "hierarchical")) type = MOE_LAYER_HIERARCHICAL;
+            else if (!strcmp(v, "soft_dynamic")) type = MOE_LAYER_SOFT_DYNAMIC;
+            else if (!strcmp(v, "soft")) type = MOE_LAYER_SOFT;
             else {
-                fprintf(stderr, "moe bench: --layer: expected topk, gshard or hierarchical, got '%s'\n", v);
+                fprintf(stderr, "moe bench: --layer: expected topk, gshard, hierarchical, soft_dynamic or soft, "
+                                "got '%s'\n", v);
                 return 2;
             }
         } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
             if (!cli_int(cmd, "--top-k", v, 1, 4096, &K)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--slots", &bad))) {
+            if (!cli_int(cmd, "--slots", v, 1, 1 << 20, &S)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--iters", &bad))) {
             if (!cli_int(cmd, "--iters", v, 1, 10000, &iters)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--threads", &bad))) {
@@ -92,7 +104,8 @@ int cmd_bench(int argc, char **argv) {
     }
     if (bad) return 2;
     int topk = type == MOE_LAYER_TOPK;
-    if (E < 0) E = type == MOE_LAYER_HIERARCHICAL ? 4 : 16;
+    int soft = type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT;
+    if (E < 0) E = type == MOE_LAYER_HIERARCHICAL || soft ? 4 : 16;
     if (B < 0) B = topk ? 1 : 4;
     if (topk && K > E) {
         fprintf(stderr, "moe bench: --top-k %lld is more than --experts %lld\n", (long long)K, (long long)E);
@@ -102,7 +115,11 @@ int cmd_bench(int argc, char **argv) {
         fprintf(stderr, "moe bench: --tokens %lld is not a multiple of --batch %lld\n", (long long)T, (long long)B);
         return 2;
     }
-    if (!topk && kind != MOE_EXPERT_MLP) {
+    if (soft && kind == MOE_EXPERT_SWIGLU) {
+        fprintf(stderr, "moe bench: --expert: soft layers have GELU (mlp) or geglu experts\n");
+        return 2;
+    }
+    if (!topk && !soft && kind != MOE_EXPERT_MLP) {
         fprintf(stderr, "moe bench: --expert: %s layers have MLP experts only\n", moe_layer_type_name(type));
         return 2;
     }
@@ -114,6 +131,11 @@ int cmd_bench(int argc, char **argv) {
     moe_config_init(&c, type);
     c.input_dim = D, c.hidden_dim = H, c.num_experts = (int)E, c.top_k = (int)K, c.expert = kind, c.seed = 7;
     if (type == MOE_LAYER_HIERARCHICAL) c.num_experts_inner = (int)Ei;
+    if (soft) {
+        c.activation = MOE_ACT_GELU;
+        if (S == 0) S = N / E > 0 ? N / E : 1;
+        c.slots_per_expert = S;
+    }
     moe_layer *l = NULL;
     moe_status st = moe_layer_create(&l, &c);
     if (st != MOE_OK) return cli_fail(cmd, "layer", st);
@@ -139,6 +161,16 @@ int cmd_bench(int argc, char **argv) {
     moe_stats stats;
     moe_layer_stats(l, &stats);
     int64_t A = stats.assignments > 0 ? stats.assignments : 1;
+    double per_row = 3.0 * 2.0 * (double)(D * H2 + H * D), soft_flops = 0, soft_route = 0;
+    if (soft) { /* every product of the method, forward; backward is twice that */
+        int64_t Np = type == MOE_LAYER_SOFT_DYNAMIC ? (N + E - 1) / E * E : N;
+        int64_t Sl = type == MOE_LAYER_SOFT_DYNAMIC ? Np / E : S, J = E * Sl;
+        soft_route = 2.0 * (double)B * (double)J * (double)D * (double)(2 * Np + N);
+        if (type == MOE_LAYER_SOFT_DYNAMIC) soft_route += 2.0 * (double)(B * Sl) * (double)(E * D) * (double)D;
+        soft_flops = 3.0 * (soft_route + (double)(B * J) * 2.0 * (double)(D * H2 + H * D));
+        A = (int64_t)(soft_flops / per_row + 0.5); /* baseline rows of the same FLOPs */
+        if (A < 1) A = 1;
+    }
     size_t na = (size_t)(A * D), nh2 = (size_t)(A * H2), nh = (size_t)(A * H);
     X = malloc(na * 4), W1 = malloc((size_t)(H2 * D) * 4), Hp = malloc(nh2 * 4), Ha = malloc(nh * 4);
     W2 = malloc((size_t)(D * H) * 4), Y = malloc(na * 4), dY = malloc(na * 4);
@@ -161,7 +193,7 @@ int cmd_bench(int argc, char **argv) {
         }
         double t1 = cli_now();
         moe_layer_stats(l, &stats);
-        rows += (double)stats.assignments / (double)iters;
+        rows += (soft ? (double)A : (double)stats.assignments) / (double)iters;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, D, H, 1, Ha, H, W2, H, 0, Y, D);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
@@ -176,7 +208,6 @@ int cmd_bench(int argc, char **argv) {
     double t_moe = tm[iters / 2], t_dense = td[iters / 2];
     /* useful FLOPs: the rows the experts ran (mean over the timed calls for
      * the layer; the warm-up's count for the dense baseline) */
-    double per_row = 3.0 * 2.0 * (double)(D * H2 + H * D);
     double gf_moe = rows * per_row / t_moe * 1e-9, gf_dense = (double)A * per_row / t_dense * 1e-9;
     const char *kn = moe_expert_kind_name(kind);
     if (json) {
@@ -195,6 +226,10 @@ int cmd_bench(int argc, char **argv) {
         if (topk)
             snprintf(shape, sizeof shape, "T=%lld D=%lld H=%lld E=%lld K=%lld", (long long)T, (long long)D,
                      (long long)H, (long long)E, (long long)K);
+        else if (soft)
+            snprintf(shape, sizeof shape, "B=%lld N=%lld D=%lld H=%lld E=%lld S=%lld", (long long)B, (long long)N,
+                     (long long)D, (long long)H, (long long)E,
+                     (long long)(type == MOE_LAYER_SOFT ? S : (N + E - 1) / E));
         else if (type == MOE_LAYER_GSHARD)
             snprintf(shape, sizeof shape, "B=%lld N=%lld D=%lld H=%lld E=%lld", (long long)B, (long long)N,
                      (long long)D, (long long)H, (long long)E);
@@ -207,7 +242,11 @@ int cmd_bench(int argc, char **argv) {
                gf_moe / gf_dense);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
                gf_dense, t_dense * 1e3, 1.0);
-        if (!topk)
+        if (soft)
+            printf("useful work per call: %.1f GFLOP (experts %.0f%%, slot logits/dispatch/combine%s %.0f%%)\n",
+                   soft_flops * 1e-9, 100.0 * (1.0 - 3.0 * soft_route / soft_flops),
+                   type == MOE_LAYER_SOFT_DYNAMIC ? "/slot projection" : "", 100.0 * 3.0 * soft_route / soft_flops);
+        else if (!topk)
             printf("expert rows per call: %.0f of %lld tokens x 2 choices (the rest dropped by policy or "
                    "capacity)\n", rows, (long long)T);
     }
