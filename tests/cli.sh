@@ -66,6 +66,18 @@ printf '{"type": "gshard", "dim": 8, "capacity_factor_train": 0}' >"$tmp/cf.json
 expect 1 "capacity_factor_train must be a finite number > 0" "$moe" forward --config "$tmp/cf.json" --input x --out y
 printf '{"type": "hierarchical", "dim": 8, "num_experts": 4}' >"$tmp/h.json"
 expect 1 "pair" "$moe" forward --config "$tmp/h.json" --input x --out y
+# soft layers: help, config errors, bench
+expect 0 "soft_dynamic" "$moe" forward --help
+expect 0 "soft_dynamic" "$moe" bench --help
+printf '{"type": "soft", "dim": 8}' >"$tmp/s.json"
+expect 1 '"num_slots"' "$moe" forward --config "$tmp/s.json" --input x --out y
+printf '{"type": "soft_dynamic", "dim": 8, "dropout": 1}' >"$tmp/sd.json"
+expect 1 "dropout" "$moe" forward --config "$tmp/sd.json" --input x --out y
+printf '{"type": "soft_dynamic", "dim": 8, "top_k": 2}' >"$tmp/sk.json"
+expect 1 'unknown config key "top_k" for a soft_dynamic layer' "$moe" forward --config "$tmp/sk.json" --input x --out y
+expect 0 "slot logits/dispatch/combine" "$moe" bench --layer soft_dynamic --tokens 256 --dim 16 --hidden 32 --iters 2
+expect 0 '"layer": "soft"' "$moe" bench --layer soft --tokens 96 --dim 8 --hidden 16 --slots 5 --iters 1 --json
+expect 2 "GELU (mlp) or geglu" "$moe" bench --layer soft --expert swiglu
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
