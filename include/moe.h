@@ -230,6 +230,13 @@ typedef struct {
 } moe_stats;
 moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
 
+/* Position of the layer's random stream: the number of forwards run so far
+ * (every random choice of a forward, a `random` second-expert draw or a
+ * dropout mask, is keyed by the seed and this count). Save it in a checkpoint
+ * and restore it to resume bit for bit. */
+uint64_t moe_layer_rng_position(const moe_layer *l);
+void     moe_layer_set_rng_position(moe_layer *l, uint64_t pos);
+
 /* Weights as safetensors (names and shapes of the state_dict). Load checks
  * every tensor before copying any: a missing, extra or mis-shaped tensor is an
  * error naming it, and the parameters stay as they were. F32, F64, F16 and
@@ -264,6 +271,12 @@ void       moe_optim_set_lr(moe_optim *o, float lr);
  * and MOE_ERR_NONFINITE names the parameter. */
 moe_status moe_optim_step(moe_optim *o);
 int64_t    moe_optim_steps(const moe_optim *o);
+/* Checkpoints: the state of parameter i (the order given to create): *m and *v
+ * point at its numel floats of first and second moments (AdamW) or momentum
+ * (SGD: *v is NULL). Read them to save, write them to restore. */
+moe_status moe_optim_state(moe_optim *o, int i, float **m, float **v);
+/* Restore the step count (bias correction) from a checkpoint; steps >= 0. */
+moe_status moe_optim_set_steps(moe_optim *o, int64_t steps);
 
 /* ---------------------------------------------------------------- safetensors */
 

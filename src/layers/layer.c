@@ -415,6 +415,11 @@ moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {
     return MOE_OK;
 }
 
+uint64_t moe_layer_rng_position(const moe_layer *l) { return l ? l->forward_calls : 0; }
+void moe_layer_set_rng_position(moe_layer *l, uint64_t pos) {
+    if (l) l->forward_calls = pos;
+}
+
 /* ---------------------------------------------------------------- load/save */
 
 moe_status moe_layer_load(moe_layer *l, const char *path) {

@@ -131,3 +131,17 @@ moe_status moe_optim_step(moe_optim *o) {
     }
     return MOE_OK;
 }
+
+moe_status moe_optim_state(moe_optim *o, int i, float **m, float **v) {
+    if (!o || !m || !v || i < 0 || i >= o->n)
+        return moe_err(MOE_ERR_ARG, "moe_optim_state: NULL argument or parameter index %d out of range", i);
+    *m = o->m + o->off[i];
+    *v = o->v ? o->v + o->off[i] : NULL;
+    return MOE_OK;
+}
+
+moe_status moe_optim_set_steps(moe_optim *o, int64_t steps) {
+    if (!o || steps < 0) return moe_err(MOE_ERR_ARG, "moe_optim_set_steps: NULL optimizer or steps < 0");
+    o->steps = steps;
+    return MOE_OK;
+}
