@@ -1,14 +1,16 @@
 /*
- * `moe train`: train an MoE layer end to end on a built-in synthetic task.
- *
- * The task: a fixed random "teacher" top-1 MoE with sharp routing maps
- * x ~ N(0, I_D) to targets; the student (the layer chosen by the flags)
- * learns to imitate it with MSE loss and AdamW. Every input region belongs to
- * one teacher expert, so a sparse student can specialise its experts. The
- * [train] issue replaces this with a character-level MoE language model.
- * Dimension key: B batch rows, D model dim, H hidden dim, E experts, K top-k.
+ * `moe train`: train the MoE character language model (lm.h) end to end.
+ * Data: --data FILE, or the built-in task corpus (corpus.h). AdamW with
+ * linear warmup and cosine decay; periodic validation; checkpoints with the
+ * optimizer and RNG state (ckpt.h) that resume bit for bit; a plot of the
+ * losses and the expert load (plot.h).
+ * Dimension key: T tokens per step, W window, D model dim, H expert hidden
+ * dim, E experts, K top-k, L blocks.
  */
+#include "ckpt.h"
 #include "cli.h"
+#include "lmdata.h"
+#include "plot.h"
 
 #include <errno.h>
 #include <math.h>
@@ -20,257 +22,415 @@
 static const char *usage_text =
     "usage: moe train [options]\n"
     "\n"
-    "Trains an MoE layer to imitate a fixed random teacher MoE (built-in synthetic task)\n"
-    "and saves its weights as safetensors.\n"
-    "  --layer topk|dense     layer type (default topk)\n"
-    "  --experts N            experts E (default 8)\n"
-    "  --top-k N              experts per token K (topk; default 2)\n"
-    "  --dim N                model dim D (default 32)\n"
-    "  --hidden N             expert hidden dim H (topk; default 64)\n"
-    "  --expert KIND          mlp|swiglu|geglu (default swiglu)\n"
-    "  --activation ACT       relu|gelu|silu|leaky_relu for mlp experts (default relu)\n"
-    "  --steps N              training steps (default 600)\n"
-    "  --batch N              rows per step (default 256)\n"
-    "  --lr X                 peak learning rate, AdamW, warmup then cosine (default 3e-3)\n"
-    "  --seed N               seed for data, init and everything random (default 1)\n"
-    "  --threads N            threads (default: all cores)\n"
-    "  --out FILE             where the weights go (default runs/demo.safetensors)\n"
-    "  --quiet                print only the final summary\n";
+    "Trains a character-level language model whose feed-forward blocks are MoE layers:\n"
+    "embeddings of the W previous bytes, a projection to D, L blocks x + MoE(RMSNorm(x)),\n"
+    "a linear head over 256 bytes, cross-entropy plus the layers' auxiliary losses.\n"
+    "Without --data it trains on a built-in corpus of four tagged tasks (copy, reverse,\n"
+    "sort, add) and reports per-task accuracy and which experts each task uses.\n"
+    "\n"
+    "model:\n"
+    "  --layer TYPE      topk|gshard|hierarchical|soft_dynamic|soft|dense (default topk)\n"
+    "  --expert KIND     mlp|swiglu|geglu experts (topk; default swiglu); soft: mlp|geglu\n"
+    "  --experts E       experts per layer (default 8; hierarchical: outer, see --inner)\n"
+    "  --inner EI        hierarchical inner experts (default 2)\n"
+    "  --top-k K         experts per token (topk; default 2)\n"
+    "  --dim D           model dim (default 96)\n"
+    "  --hidden H        expert hidden dim (default 96; soft: from expert_mult 1)\n"
+    "  --blocks L        MoE blocks (default 2)\n"
+    "  --window W        previous bytes the model sees (default 24)\n"
+    "  --emb C           byte embedding dim (default 16)\n"
+    "  --group N         tokens per group for gshard/hierarchical/soft (default 64)\n"
+    "  --dense           the same model with one plain FFN of the same active size\n"
+    "                    (hidden K*H) per block, for comparison\n"
+    "training:\n"
+    "  --data FILE       train on a text file (90% train, 10% validation)\n"
+    "  --steps N         total steps (default 3000)\n"
+    "  --batch T         tokens per step (default 256)\n"
+    "  --lr X            peak learning rate (default 3e-3), AdamW\n"
+    "  --warmup N        linear warmup steps (default 100), then cosine decay\n"
+    "  --min-lr F        final learning rate as a fraction of --lr (default 0.1)\n"
+    "  --wd X            weight decay (default 0.01)\n"
+    "  --eval-every N    validation and checkpoint every N steps (default 500)\n"
+    "  --seed N          seed of init, data order and every random choice (default 1)\n"
+    "  --threads N       threads (default: all cores)\n"
+    "  --out DIR         run directory (default runs/train): checkpoint.safetensors,\n"
+    "                    plot.svg, log.tsv\n"
+    "  --resume FILE     continue from a checkpoint (its model and settings; --steps may\n"
+    "                    not change); N steps + resume + M steps gives the bits of N+M\n"
+    "  --stop-at N       stop after step N (checkpoint written), as if interrupted\n"
+    "  --quiet           print only the final summary\n";
 
-/* Data RNG: splitmix64 stream, Box-Muller normals. */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+typedef struct {
+    double *step, *train, *val_step, *val, *load; /* load (n, E) shares of block 0 */
+    int64_t n, n_val, cap, cap_val;
+} history;
+
+static int hist_push(history *h, double s, double loss, const double *load, int64_t E) {
+    if (h->n == h->cap) {
+        int64_t c = h->cap ? 2 * h->cap : 256;
+        double *a = realloc(h->step, (size_t)c * sizeof *a);
+        if (a) h->step = a;
+        double *b = realloc(h->train, (size_t)c * sizeof *b);
+        if (b) h->train = b;
+        double *l = realloc(h->load, (size_t)(c * E) * sizeof *l);
+        if (l) h->load = l;
+        if (!a || !b || !l) return -1;
+        h->cap = c;
+    }
+    h->step[h->n] = s, h->train[h->n] = loss;
+    memcpy(h->load + h->n * E, load, (size_t)E * sizeof *load);
+    h->n++;
+    return 0;
+}
+
+static int hist_push_val(history *h, double s, double v) {
+    if (h->n_val == h->cap_val) {
+        int64_t c = h->cap_val ? 2 * h->cap_val : 64;
+        double *a = realloc(h->val_step, (size_t)c * sizeof *a);
+        if (a) h->val_step = a;
+        double *b = realloc(h->val, (size_t)c * sizeof *b);
+        if (b) h->val = b;
+        if (!a || !b) return -1;
+        h->cap_val = c;
+    }
+    h->val_step[h->n_val] = s, h->val[h->n_val] = v;
+    h->n_val++;
+    return 0;
+}
+
+static void write_plot(const char *path, const history *h, const lm_config *c, int64_t E) {
+    char title[160];
+    snprintf(title, sizeof title, "moe train: %s%s E=%d K=%d D=%lld L=%lld", c->dense ? "dense FFN " : "",
+             moe_layer_type_name(c->moe.type), c->moe.num_experts, c->moe.top_k, (long long)c->D, (long long)c->L);
+    plot_series loss[2] = {{"train", h->step, h->train, h->n}, {"validation", h->val_step, h->val, h->n_val}};
+    plot_series *load = calloc((size_t)E, sizeof *load);
+    double *ys = malloc((size_t)(E * (h->n ? h->n : 1)) * sizeof *ys);
+    char(*labels)[24] = calloc((size_t)E, sizeof *labels);
+    if (load && ys && labels) {
+        for (int64_t e = 0; e < E; e++) {
+            for (int64_t i = 0; i < h->n; i++) ys[e * h->n + i] = h->load[i * E + e];
+            snprintf(labels[e], sizeof labels[e], "expert %lld", (long long)e);
+            load[e] = (plot_series){labels[e], h->step, ys + e * h->n, h->n};
+        }
+        if (plot_write_svg(path, title, loss, 2, load, (int)E, 1.0 / (double)E))
+            fprintf(stderr, "moe train: cannot write %s: %s\n", path, strerror(errno));
+    }
+    free(load), free(ys), free(labels);
+}
+
+static int mkdirs(const char *dir) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(buf, 0777) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return (mkdir(buf, 0777) && errno != EEXIST) ? -1 : 0;
+}
+
+static double lr_at(const train_opts *t, int64_t step) { /* step counts from 1 */
+    if (step <= t->warmup) return t->lr * (double)step / (double)(t->warmup ? t->warmup : 1);
+    double q = (double)(step - t->warmup) / (double)(t->steps > t->warmup ? t->steps - t->warmup : 1);
+    return t->lr * (t->min_lr + (1.0 - t->min_lr) * 0.5 * (1.0 + cos(3.141592653589793 * (q > 1 ? 1 : q))));
+}
+
+static uint64_t mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
-static float rng_normal(uint64_t *s) {
-    double u1 = ((double)(rng_next(s) >> 11) + 0.5) / 9007199254740992.0;
-    double u2 = (double)(rng_next(s) >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
 
-static int mkdir_for(const char *path) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash) return 0;
-    *slash = '\0';
-    for (char *p = dir + 1; *p; p++)
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(dir, 0777) && errno != EEXIST) return -1;
-            *p = '/';
-        }
-    return (mkdir(dir, 0777) && errno != EEXIST) ? -1 : 0;
-}
+/* Parse the model and training flags; returns 0 to go on, else an exit code. */
+typedef struct {
+    lm_config c;
+    train_opts t;
+    int64_t stop_at, threads, E, K, H, Ei;
+    int quiet, dense, have_H;
+    const char *out, *resume;
+} train_args;
 
-int cmd_train(int argc, char **argv) {
-    const char *cmd = "train", *out = "runs/demo.safetensors";
-    int64_t E = 8, K = 2, D = 32, H = 64, steps = 600, B = 256, seed = 1, threads = 0;
-    double lr = 3e-3;
-    int quiet = 0, bad = 0;
+static int parse(train_args *a, int argc, char **argv) {
+    const char *cmd = "train";
+    memset(a, 0, sizeof *a);
+    lm_config *c = &a->c;
+    c->W = 24, c->C = 16, c->D = 96, c->L = 2, c->group = 64;
     moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_SWIGLU;
-    moe_activation act = MOE_ACT_RELU;
+    int have_kind = 0;
+    a->E = 8, a->K = 2, a->H = 96, a->Ei = 2;
+    train_opts *t = &a->t;
+    t->steps = 3000, t->batch = 256, t->warmup = 100, t->eval_every = 500, t->seed = 1;
+    t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
+    a->out = "runs/train";
+    int bad = 0;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
+        double r;
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             fputs(usage_text, stdout);
-            return 0;
+            return -1;
+        }
+#define INT_FLAG(flag, lo, hi, dst)                                                                                \
+    else if ((v = cli_flag(argc, argv, &i, flag, &bad))) {                                                         \
+        if (!cli_int(cmd, flag, v, lo, hi, &(dst))) return 2;                                                      \
+    }
+        INT_FLAG("--experts", 1, 4096, a->E)
+        INT_FLAG("--inner", 1, 4096, a->Ei)
+        INT_FLAG("--top-k", 1, 4096, a->K)
+        INT_FLAG("--dim", 1, 8192, c->D)
+        INT_FLAG("--blocks", 1, 64, c->L)
+        INT_FLAG("--window", 1, 1024, c->W)
+        INT_FLAG("--emb", 1, 1024, c->C)
+        INT_FLAG("--group", 1, 1 << 20, c->group)
+        INT_FLAG("--steps", 1, 100000000, t->steps)
+        INT_FLAG("--batch", 1, 1 << 20, t->batch)
+        INT_FLAG("--warmup", 0, 100000000, t->warmup)
+        INT_FLAG("--eval-every", 1, 100000000, t->eval_every)
+        INT_FLAG("--seed", 0, INT64_MAX / 2, t->seed)
+        INT_FLAG("--threads", 1, 1024, a->threads)
+        INT_FLAG("--stop-at", 1, 100000000, a->stop_at)
+#undef INT_FLAG
+        else if ((v = cli_flag(argc, argv, &i, "--hidden", &bad))) {
+            if (!cli_int(cmd, "--hidden", v, 1, 1 << 16, &a->H)) return 2;
+            a->have_H = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--lr", &bad))) {
+            if (!cli_float(cmd, "--lr", v, 0, 10, &t->lr)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--min-lr", &bad))) {
+            if (!cli_float(cmd, "--min-lr", v, 0, 1, &t->min_lr)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--wd", &bad))) {
+            if (!cli_float(cmd, "--wd", v, 0, 10, &r)) return 2;
+            t->weight_decay = r;
+        } else if ((v = cli_flag(argc, argv, &i, "--data", &bad))) {
+            snprintf(t->data, sizeof t->data, "%s", v);
+        } else if ((v = cli_flag(argc, argv, &i, "--out", &bad))) {
+            a->out = v;
+        } else if ((v = cli_flag(argc, argv, &i, "--resume", &bad))) {
+            a->resume = v;
         } else if ((v = cli_flag(argc, argv, &i, "--layer", &bad))) {
-            if (!strcmp(v, "topk")) type = MOE_LAYER_TOPK;
-            else if (!strcmp(v, "dense")) type = MOE_LAYER_DENSE;
-            else {
-                fprintf(stderr, "moe train: --layer: expected topk or dense, got '%s'\n", v);
+            int k = -1;
+            for (int j = 0; j <= MOE_LAYER_SOFT; j++)
+                if (!strcmp(v, moe_layer_type_name((moe_layer_type)j))) k = j;
+            if (k < 0) {
+                fprintf(stderr, "moe train: --layer: expected topk, gshard, hierarchical, soft_dynamic, soft or "
+                                "dense, got '%s'\n", v);
                 return 2;
             }
+            type = (moe_layer_type)k;
         } else if ((v = cli_flag(argc, argv, &i, "--expert", &bad))) {
-            if (!strcmp(v, "mlp")) kind = MOE_EXPERT_MLP;
-            else if (!strcmp(v, "swiglu")) kind = MOE_EXPERT_SWIGLU;
-            else if (!strcmp(v, "geglu")) kind = MOE_EXPERT_GEGLU;
-            else {
+            int k = -1;
+            for (int j = 0; j <= MOE_EXPERT_GEGLU; j++)
+                if (!strcmp(v, moe_expert_kind_name((moe_expert_kind)j))) k = j;
+            if (k < 0) {
                 fprintf(stderr, "moe train: --expert: expected mlp, swiglu or geglu, got '%s'\n", v);
                 return 2;
             }
-        } else if ((v = cli_flag(argc, argv, &i, "--activation", &bad))) {
-            int found = 0;
-            for (int a = 0; a < 4; a++)
-                if (!strcmp(v, moe_activation_name((moe_activation)a))) act = (moe_activation)a, found = 1;
-            if (!found) {
-                fprintf(stderr, "moe train: --activation: expected relu, gelu, silu or leaky_relu, got '%s'\n", v);
-                return 2;
-            }
-        } else if ((v = cli_flag(argc, argv, &i, "--experts", &bad))) {
-            if (!cli_int(cmd, "--experts", v, 1, 4096, &E)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
-            if (!cli_int(cmd, "--top-k", v, 1, 4096, &K)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--dim", &bad))) {
-            if (!cli_int(cmd, "--dim", v, 1, 1 << 16, &D)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--hidden", &bad))) {
-            if (!cli_int(cmd, "--hidden", v, 1, 1 << 18, &H)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--steps", &bad))) {
-            if (!cli_int(cmd, "--steps", v, 1, 100000000, &steps)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--batch", &bad))) {
-            if (!cli_int(cmd, "--batch", v, 1, 1 << 20, &B)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--seed", &bad))) {
-            if (!cli_int(cmd, "--seed", v, 0, INT64_MAX / 2, &seed)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--threads", &bad))) {
-            if (!cli_int(cmd, "--threads", v, 1, 1024, &threads)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--lr", &bad))) {
-            if (!cli_float(cmd, "--lr", v, 0.0, 10.0, &lr)) return 2;
-        } else if ((v = cli_flag(argc, argv, &i, "--out", &bad))) out = v;
-        else if (!strcmp(argv[i], "--quiet")) quiet = 1;
+            kind = (moe_expert_kind)k, have_kind = 1;
+        } else if (!strcmp(argv[i], "--dense")) a->dense = 1;
+        else if (!strcmp(argv[i], "--quiet")) a->quiet = 1;
         else if (!bad) {
             fprintf(stderr, "moe train: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
         }
     }
     if (bad) return 2;
-    if (type == MOE_LAYER_TOPK && K > E) {
+    if (type == MOE_LAYER_TOPK && a->K > a->E) {
         fprintf(stderr, "moe train: --top-k %lld is more than --experts %lld; use --top-k <= --experts\n",
-                (long long)K, (long long)E);
+                (long long)a->K, (long long)a->E);
         return 2;
     }
-    threads = moe_set_num_threads((int)threads);
-
-    /* teacher: top-1 MoE with a sharpened gate (fixed, seed-derived) */
-    moe_config tc, sc;
-    moe_config_init(&tc, MOE_LAYER_TOPK);
-    tc.input_dim = D, tc.hidden_dim = 2 * D, tc.num_experts = (int)E, tc.top_k = 1;
-    tc.activation = MOE_ACT_GELU, tc.seed = (uint64_t)seed * 1000003u + 17u;
-    moe_config_init(&sc, type);
-    sc.input_dim = D, sc.hidden_dim = H, sc.output_dim = D, sc.num_experts = (int)E, sc.top_k = (int)K;
-    sc.expert = kind, sc.activation = act, sc.seed = (uint64_t)seed;
-    moe_layer *teacher = NULL, *student = NULL;
-    moe_optim *opt = NULL;
-    moe_status st;
-    if ((st = moe_layer_create(&teacher, &tc)) != MOE_OK) return cli_fail(cmd, "teacher", st);
-    if ((st = moe_layer_create(&student, &sc)) != MOE_OK) {
-        moe_layer_free(teacher);
-        return cli_fail(cmd, "layer", st);
-    }
-    moe_param *gw = moe_layer_find_param(teacher, "gate.weight");
-    for (int64_t j = 0; j < gw->numel; j++) gw->data[j] *= 8.0f;
-    for (int i = 0; i < moe_layer_num_params(teacher); i++) { /* make experts distinct and strong */
-        moe_param *p = moe_layer_param(teacher, i);
-        if (strstr(p->name, "net.2.weight"))
-            for (int64_t j = 0; j < p->numel; j++) p->data[j] *= 3.0f;
-    }
-    moe_optim_config oc;
-    moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
-    oc.lr = (float)lr;
-    oc.weight_decay = 0.0f;
-    if ((st = moe_optim_create(&opt, &oc, moe_layer_param(student, 0), moe_layer_num_params(student))) != MOE_OK) {
-        moe_layer_free(teacher);
-        moe_layer_free(student);
-        return cli_fail(cmd, "optimizer", st);
-    }
-
-    int64_t V = 2048; /* held-out rows */
-    size_t nb = (size_t)(B > V ? B : V) * (size_t)D;
-    float *x = malloc(nb * sizeof *x), *tgt = malloc(nb * sizeof *tgt), *y = malloc(nb * sizeof *y);
-    float *vx = malloc((size_t)V * D * sizeof *vx), *vt = malloc((size_t)V * D * sizeof *vt);
-    double *load = calloc((size_t)E, sizeof *load);
-    int rc = 1;
-    if (!x || !tgt || !y || !vx || !vt || !load) {
-        fprintf(stderr, "moe train: out of memory\n");
-        goto done;
-    }
-    uint64_t rs = (uint64_t)seed ^ 0xA5A5A5A5ull;
-    for (int64_t j = 0; j < V * D; j++) vx[j] = rng_normal(&rs);
-    if ((st = moe_layer_forward(teacher, vt, NULL, vx, V, 0)) != MOE_OK) {
-        cli_fail(cmd, "teacher", st);
-        goto done;
-    }
-    double vvar = 0;
-    for (int64_t j = 0; j < V * D; j++) vvar += (double)vt[j] * vt[j];
-    vvar /= (double)(V * D);
-
-    if (!quiet)
-        printf("moe train: %s layer, E=%lld K=%lld D=%lld H=%lld expert=%s, %lld steps of %lld rows, "
-               "%lld threads\n",
-               moe_layer_type_name(type), (long long)E, (long long)(type == MOE_LAYER_TOPK ? K : E),
-               (long long)D, (long long)H, type == MOE_LAYER_TOPK ? moe_expert_kind_name(kind) : "linear",
-               (long long)steps, (long long)B, (long long)threads);
-    int tty = cli_isatty_err() && !quiet;
-    int64_t every = steps / 10 > 0 ? steps / 10 : 1, warm = steps / 20;
-    double t0 = cli_now(), train_loss = 0, val = 0;
-    for (int64_t s = 1; s <= steps; s++) {
-        double f = s <= warm ? (double)s / (double)warm
-                             : 0.5 * (1.0 + cos(3.141592653589793 * (double)(s - warm) / (double)(steps - warm + 1)));
-        moe_optim_set_lr(opt, (float)(lr * (0.05 + 0.95 * f)));
-        for (int64_t j = 0; j < B * D; j++) x[j] = rng_normal(&rs);
-        if ((st = moe_layer_forward(teacher, tgt, NULL, x, B, 0)) != MOE_OK ||
-            (st = moe_layer_forward(student, y, NULL, x, B, 1)) != MOE_OK) {
-            cli_fail(cmd, "forward", st);
-            goto done;
-        }
-        double loss = 0;
-        float scale = 2.0f / (float)(B * D);
-        for (int64_t j = 0; j < B * D; j++) {
-            float d = y[j] - tgt[j];
-            loss += (double)d * d;
-            y[j] = scale * d; /* y now holds dL/dy */
-        }
-        loss /= (double)(B * D);
-        train_loss = loss / vvar;
-        moe_stats ms;
-        moe_layer_stats(student, &ms);
-        for (int64_t e = 0; e < E; e++) load[e] += (double)ms.expert_counts[e];
-        moe_layer_zero_grad(student);
-        if ((st = moe_layer_backward(student, NULL, y, 0.0f)) != MOE_OK) {
-            cli_fail(cmd, "backward", st);
-            goto done;
-        }
-        if ((st = moe_optim_step(opt)) != MOE_OK) {
-            cli_fail(cmd, "optimizer step", st);
-            goto done;
-        }
-        int report = s % every == 0 || s == steps;
-        if (report) {
-            if ((st = moe_layer_forward(student, y, NULL, vx, V, 0)) != MOE_OK) {
-                cli_fail(cmd, "validation", st);
-                goto done;
+    if (a->resume) return 0; /* the model and settings come from the checkpoint */
+    moe_config *m = &c->moe;
+    if (a->dense) { /* one plain FFN per block with the active size of K experts */
+        moe_config_init(m, MOE_LAYER_TOPK);
+        m->num_experts = 1, m->top_k = 1, m->hidden_dim = a->K * a->H, m->expert = kind;
+        c->dense = 1;
+    } else {
+        moe_config_init(m, type);
+        m->num_experts = (int)a->E, m->top_k = (int)a->K, m->hidden_dim = a->H;
+        if (type == MOE_LAYER_TOPK || (type == MOE_LAYER_DENSE)) m->expert = kind;
+        if (type == MOE_LAYER_DENSE) m->output_dim = c->D;
+        if (type == MOE_LAYER_HIERARCHICAL) m->num_experts_inner = (int)a->Ei;
+        if (type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT) {
+            if (have_kind && kind == MOE_EXPERT_SWIGLU) {
+                fprintf(stderr, "moe train: --expert: soft layers take mlp (GELU) or geglu experts\n");
+                return 2;
             }
-            double sse = 0;
-            for (int64_t j = 0; j < V * D; j++) sse += (double)(y[j] - vt[j]) * (y[j] - vt[j]);
-            val = sse / (double)(V * D) / vvar;
+            m->expert = have_kind ? kind : MOE_EXPERT_MLP;
+            m->hidden_dim = a->have_H ? a->H : 0;
+            m->expert_mult = 1.0;
+            m->slots_per_expert = c->group / a->E > 0 ? c->group / a->E : 1;
+        } else if (type != MOE_LAYER_TOPK && have_kind && kind != MOE_EXPERT_MLP) {
+            fprintf(stderr, "moe train: --expert: %s layers have MLP experts only\n", moe_layer_type_name(type));
+            return 2;
         }
-        double el = cli_now() - t0, tps = (double)(s * B) / (el > 0 ? el : 1e-9);
-        double eta = el / (double)s * (double)(steps - s);
-        if (tty)
-            fprintf(stderr, "\rstep %6lld/%lld  loss %.4f  val %.4f  %8.0f tok/s  ETA %5.1fs ", (long long)s,
-                    (long long)steps, train_loss, val, tps, eta);
-        else if (report && !quiet)
-            printf("step %6lld/%lld  loss %.4f  val %.4f  %8.0f tok/s  ETA %5.1fs\n", (long long)s,
-                   (long long)steps, train_loss, val, tps, eta);
     }
-    if (tty) fputc('\n', stderr);
-    double total = 0, mx = 0;
-    for (int64_t e = 0; e < E; e++) {
-        total += load[e];
-        mx = load[e] > mx ? load[e] : mx;
+    m->seed = (uint64_t)t->seed;
+    if (type != MOE_LAYER_TOPK && type != MOE_LAYER_DENSE && !a->dense && t->batch % c->group) {
+        fprintf(stderr, "moe train: --batch %lld is not a multiple of --group %lld (%s layers route groups)\n",
+                (long long)t->batch, (long long)c->group, moe_layer_type_name(type));
+        return 2;
     }
-    double mean = total / (double)E;
-    if (mkdir_for(out)) {
-        fprintf(stderr, "moe train: cannot create the directory of %s: %s\n", out, strerror(errno));
+    return 0;
+}
+
+int cmd_train(int argc, char **argv) {
+    train_args a;
+    int rc = parse(&a, argc, argv);
+    if (rc) return rc < 0 ? 0 : rc;
+    a.threads = moe_set_num_threads((int)a.threads);
+    lm *m = NULL;
+    moe_optim *opt = NULL;
+    int64_t step = 0;
+    lm_config c = a.c;
+    train_opts t = a.t;
+    char msg[1024];
+    if (a.resume) {
+        if (ckpt_load(a.resume, &m, &opt, &step, &t, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "moe train: --resume: %s\n", msg);
+            return 1;
+        }
+        c = *lm_get_config(m);
+    } else {
+        moe_status st = lm_create(&m, &c);
+        if (st != MOE_OK) return cli_fail("train", "model", st);
+        moe_optim_config oc;
+        moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+        oc.weight_decay = (float)t.weight_decay;
+        if ((st = moe_optim_create(&opt, &oc, lm_params(m), lm_num_params(m))) != MOE_OK) {
+            lm_free(m);
+            return cli_fail("train", "optimizer", st);
+        }
+    }
+    lm_data d;
+    history h = {0};
+    uint8_t *ctx = NULL, *tgt = NULL;
+    double *load = NULL, *load_acc = NULL;
+    char ckpt[4200], plot[4200], logp[4200];
+    FILE *logf = NULL;
+    rc = 1;
+    if (lmdata_load(&d, "train", t.data, (uint64_t)t.seed)) goto done;
+    if (mkdirs(a.out)) {
+        fprintf(stderr, "moe train: --out: cannot create directory %s: %s\n", a.out, strerror(errno));
         goto done;
     }
-    if ((st = moe_layer_save(student, out)) != MOE_OK) {
-        cli_fail(cmd, "--out", st);
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoint.safetensors", a.out);
+    snprintf(plot, sizeof plot, "%s/plot.svg", a.out);
+    snprintf(logp, sizeof logp, "%s/log.tsv", a.out);
+    logf = fopen(logp, step ? "a" : "w");
+    if (!logf) {
+        fprintf(stderr, "moe train: cannot write %s: %s\n", logp, strerror(errno));
         goto done;
     }
-    printf("done: %lld steps in %.1fs; train loss %.4f, validation loss %.4f (MSE / target variance; "
-           "0 is perfect, 1 predicts the mean)\n",
-           (long long)steps, cli_now() - t0, train_loss, val);
-    printf("expert load: mean %.0f rows/step, max/mean %.2f\n", mean / (double)steps, mean > 0 ? mx / mean : 0);
-    printf("weights: %s\n", out);
+    if (!step) fprintf(logf, "step\tlr\ttrain_loss\tval_loss\ttokens_per_s\n");
+    int64_t T = t.batch, W = c.W, L = c.L;
+    moe_stats s0;
+    moe_layer_stats(lm_layer(m, 0), &s0);
+    int64_t E = s0.n_experts;
+    ctx = malloc((size_t)(T * W)), tgt = malloc((size_t)T);
+    load = calloc((size_t)(L * E), sizeof *load), load_acc = calloc((size_t)(L * E), sizeof *load_acc);
+    if (!ctx || !tgt || !load || !load_acc) goto done;
+    int tty = cli_isatty_err() && !a.quiet;
+    int64_t end = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
+    if (!a.quiet)
+        printf("moe train: %s%s, E=%lld K=%d D=%lld L=%lld, %lld parameters; %s; %lld steps of %lld tokens, "
+               "%lld threads%s\n", c.dense ? "dense FFN (" : "", moe_layer_type_name(c.moe.type),
+               (long long)E, c.moe.top_k, (long long)c.D, (long long)L, (long long)lm_num_weights(m),
+               *t.data ? t.data : "built-in corpus (copy, reverse, sort, add)", (long long)t.steps, (long long)T,
+               (long long)a.threads, c.dense ? ")" : "");
+    double t_start = cli_now(), t_last = t_start, loss_acc = 0, val = NAN, last_train = NAN;
+    int64_t n_acc = 0, step0 = step;
+    lm_eval ev = {0};
+    for (step = step + 1; step <= end; step++) {
+        /* the step's batch: positions from a counter-based stream of (seed, step) */
+        uint64_t base = mix64((uint64_t)t.seed * 0x51ED27ull ^ (uint64_t)step * 0x9E3779B97F4A7C15ull);
+        for (int64_t j = 0; j < T; j++) {
+            int64_t p = 1 + (int64_t)(mix64(base + (uint64_t)j) % (uint64_t)(d.n_train - 1));
+            lmdata_window(ctx + j * W, d.train, p, W);
+            tgt[j] = d.train[p];
+        }
+        double loss;
+        lm_zero_grad(m);
+        moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, T, 1);
+        if (st == MOE_OK) st = lm_backward(m);
+        moe_optim_set_lr(opt, (float)lr_at(&t, step));
+        if (st == MOE_OK) st = moe_optim_step(opt);
+        if (st != MOE_OK) {
+            fprintf(stderr, "\nmoe train: step %lld failed: %s: %s (parameters are as after step %lld)\n",
+                    (long long)step, moe_status_str(st), moe_last_error(), (long long)step - 1);
+            goto done;
+        }
+        loss_acc += loss, n_acc++;
+        for (int64_t l = 0; l < L; l++) {
+            moe_stats s;
+            moe_layer_stats(lm_layer(m, l), &s);
+            for (int64_t e = 0; e < E; e++) load[l * E + e] += (double)s.expert_counts[e];
+        }
+        double now = cli_now();
+        int eval_now = step % t.eval_every == 0 || step == end;
+        int log_now = eval_now || step % 50 == 0;
+        if (log_now) {
+            last_train = loss_acc / (double)n_acc;
+            double sh[LMDATA_MAX_EXPERTS], tot = 0;
+            for (int64_t e = 0; e < E; e++) tot += load[e];
+            for (int64_t e = 0; e < E && e < LMDATA_MAX_EXPERTS; e++) sh[e] = tot > 0 ? load[e] / tot : 0;
+            for (int64_t i = 0; i < L * E; i++) load_acc[i] += load[i], load[i] = 0;
+            hist_push(&h, (double)step, last_train, sh, E);
+            loss_acc = 0, n_acc = 0;
+        }
+        /* checkpoint before validating: validation draws from the layers' random streams */
+        if (eval_now && ckpt_save(ckpt, m, opt, step, &t) != MOE_OK)
+            fprintf(stderr, "\nmoe train: cannot write checkpoint %s: %s\n", ckpt, moe_last_error());
+        if (eval_now) {
+            free(ev.route);
+            if (lmdata_evaluate(&ev, m, &d, T, 8192) == MOE_OK)
+                val = ev.loss;
+            hist_push_val(&h, (double)step, val);
+            write_plot(plot, &h, &c, E);
+        }
+        double tps = (double)((step - step0) * T) / (now - t_start + 1e-9);
+        double eta = (double)(end - step) * (now - t_start) / (double)(step - step0);
+        if (log_now) {
+            char vs[32] = "";
+            if (eval_now) snprintf(vs, sizeof vs, "%.5f", val);
+            fprintf(logf, "%lld\t%.6g\t%.5f\t%s\t%.0f\n", (long long)step, lr_at(&t, step), last_train, vs, tps);
+            fflush(logf);
+        }
+        if (tty && (now - t_last > 0.1 || eval_now)) {
+            fprintf(stderr, "\rstep %6lld/%lld  loss %.4f  val %.4f  %7.0f tok/s  ETA %5.0fs ", (long long)step,
+                    (long long)t.steps, n_acc ? loss_acc / (double)n_acc : last_train, val, tps, eta);
+            t_last = now;
+        } else if (!tty && !a.quiet && eval_now) {
+            printf("step %lld/%lld  train loss %.4f  validation loss %.4f  %.0f tokens/s\n", (long long)step,
+                   (long long)t.steps, last_train, val, tps);
+            fflush(stdout);
+        }
+    }
+    if (tty) fprintf(stderr, "\n");
+    double secs = cli_now() - t_start;
+    printf("\ntrained steps %lld..%lld in %.1f s; final train loss %.4f\n", (long long)step0 + 1,
+           (long long)end, secs, last_train);
+    if (ev.route) lmdata_print_eval(stdout, &ev, m, &d);
+    printf("\nexpert load over training (rows per expert / mean):\n");
+    for (int64_t l = 0; l < L; l++) {
+        double tot = 0, mx = 0;
+        for (int64_t e = 0; e < E; e++) tot += load_acc[l * E + e], mx = fmax(mx, load_acc[l * E + e]);
+        double mean = tot / (double)E;
+        printf("  block %lld: mean %.0f rows per expert, max/mean %.2f\n", (long long)l, mean,
+               mean > 0 ? mx / mean : 0.0);
+    }
+    printf("\nfiles: %s (checkpoint: weights, optimizer, step %lld)\n       %s (loss and expert load)\n"
+           "       %s (log)\n", ckpt, (long long)end, plot, logp);
+    free(ev.route);
     rc = 0;
 done:
-    free(x), free(tgt), free(y), free(vx), free(vt), free(load);
+    if (logf) fclose(logf);
+    free(ctx), free(tgt), free(load), free(load_acc);
+    free(h.step), free(h.train), free(h.val_step), free(h.val), free(h.load);
+    lmdata_free(&d);
     moe_optim_free(opt);
-    moe_layer_free(teacher);
-    moe_layer_free(student);
+    lm_free(m);
     return rc;
 }

@@ -1,0 +1,292 @@
+/*
+ * Checkpoints of the MoE language model: see ckpt.h for the layout.
+ * JSON through cJSON; tensors through libmoe's safetensors reader/writer.
+ */
+#include "ckpt.h"
+
+#include <cjson/cJSON.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const k_types[] = {"dense", "topk", "gshard", "hierarchical", "soft_dynamic", "soft"};
+static const char *const k_experts[] = {"mlp", "swiglu", "geglu"};
+static const char *const k_acts[] = {"relu", "gelu", "silu", "leaky_relu"};
+static const char *const k_pols[] = {"all", "none", "threshold", "random"};
+
+static int lookup(const char *s, const char *const *names, int n) {
+    for (int i = 0; s && i < n; i++)
+        if (!strcmp(s, names[i])) return i;
+    return -1;
+}
+
+char *ckpt_config_json(const lm_config *c) {
+    cJSON *o = cJSON_CreateObject(), *y = cJSON_CreateObject();
+    if (!o || !y) {
+        cJSON_Delete(o), cJSON_Delete(y);
+        return NULL;
+    }
+    cJSON_AddNumberToObject(o, "window", (double)c->W);
+    cJSON_AddNumberToObject(o, "emb_dim", (double)c->C);
+    cJSON_AddNumberToObject(o, "dim", (double)c->D);
+    cJSON_AddNumberToObject(o, "blocks", (double)c->L);
+    cJSON_AddNumberToObject(o, "group", (double)c->group);
+    cJSON_AddBoolToObject(o, "dense", c->dense);
+    const moe_config *m = &c->moe;
+    cJSON_AddStringToObject(y, "type", k_types[m->type]);
+    cJSON_AddNumberToObject(y, "num_experts", m->num_experts);
+    cJSON_AddNumberToObject(y, "num_experts_inner", m->num_experts_inner);
+    cJSON_AddNumberToObject(y, "top_k", m->top_k);
+    cJSON_AddNumberToObject(y, "hidden_dim", (double)m->hidden_dim);
+    cJSON_AddStringToObject(y, "expert", k_experts[m->expert]);
+    cJSON_AddStringToObject(y, "activation", k_acts[m->activation]);
+    cJSON_AddNumberToObject(y, "leaky_slope", m->leaky_slope);
+    cJSON_AddStringToObject(y, "second_policy_train", k_pols[m->second_policy_train]);
+    cJSON_AddStringToObject(y, "second_policy_eval", k_pols[m->second_policy_eval]);
+    cJSON_AddNumberToObject(y, "second_threshold_train", m->second_threshold_train);
+    cJSON_AddNumberToObject(y, "second_threshold_eval", m->second_threshold_eval);
+    cJSON_AddNumberToObject(y, "capacity_factor_train", m->capacity_factor_train);
+    cJSON_AddNumberToObject(y, "capacity_factor_eval", m->capacity_factor_eval);
+    cJSON_AddNumberToObject(y, "loss_coef", m->loss_coef);
+    cJSON_AddNumberToObject(y, "expert_mult", m->expert_mult);
+    cJSON_AddNumberToObject(y, "dropout", m->dropout);
+    cJSON_AddNumberToObject(y, "slots_per_expert", (double)m->slots_per_expert);
+    char seed[32];
+    snprintf(seed, sizeof seed, "%" PRIu64, m->seed); /* a string: JSON numbers lose 64-bit seeds */
+    cJSON_AddStringToObject(y, "seed", seed);
+    cJSON_AddItemToObject(o, "layer", y);
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+static int num(const cJSON *o, const char *k, double *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return 0;
+    *out = v->valuedouble;
+    return 1;
+}
+static int enm(const cJSON *o, const char *k, const char *const *names, int n, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    int i = cJSON_IsString(v) ? lookup(v->valuestring, names, n) : -1;
+    if (i >= 0) *out = i;
+    return i >= 0;
+}
+
+moe_status ckpt_config_parse(lm_config *c, const char *json) {
+    cJSON *o = cJSON_Parse(json);
+    const cJSON *y = o ? cJSON_GetObjectItemCaseSensitive(o, "layer") : NULL;
+    double W = 0, C = 0, D = 0, L = 0, G = 0, E = 0, Ei = 0, K = 0, H = 0, slope = 0, t1 = 0, t2 = 0, cf1 = 0, cf2 = 0;
+    double coef = 0, mult = 0, drop = 0, S = 0;
+    int type = 0, expert = 0, act = 0, p1 = 0, p2 = 0, ok = o && cJSON_IsObject(y);
+    ok = ok && num(o, "window", &W) && num(o, "emb_dim", &C) && num(o, "dim", &D) && num(o, "blocks", &L) &&
+         num(o, "group", &G) && num(y, "num_experts", &E) && num(y, "num_experts_inner", &Ei) &&
+         num(y, "top_k", &K) && num(y, "hidden_dim", &H) && num(y, "leaky_slope", &slope) &&
+         num(y, "second_threshold_train", &t1) && num(y, "second_threshold_eval", &t2) &&
+         num(y, "capacity_factor_train", &cf1) && num(y, "capacity_factor_eval", &cf2) &&
+         num(y, "loss_coef", &coef) && num(y, "expert_mult", &mult) && num(y, "dropout", &drop) &&
+         num(y, "slots_per_expert", &S) && enm(y, "type", k_types, 6, &type) &&
+         enm(y, "expert", k_experts, 3, &expert) && enm(y, "activation", k_acts, 4, &act) &&
+         enm(y, "second_policy_train", k_pols, 4, &p1) && enm(y, "second_policy_eval", k_pols, 4, &p2);
+    const cJSON *seed = y ? cJSON_GetObjectItemCaseSensitive(y, "seed") : NULL;
+    ok = ok && cJSON_IsString(seed);
+    /* sizes are checked again by lm_create and moe_layer_create */
+    ok = ok && W >= 1 && W <= 4096 && C >= 1 && C <= 4096 && D >= 1 && D <= 65536 && L >= 1 && L <= 256 &&
+         G >= 1 && G <= 1e7 && E >= 1 && E <= 65536 && Ei >= 0 && Ei <= 65536 && K >= 0 && K <= 65536 && H >= 0 &&
+         H <= 1e8 && S >= 0 && S <= 1e8;
+    if (!ok) {
+        cJSON_Delete(o);
+        return MOE_ERR_FORMAT;
+    }
+    memset(c, 0, sizeof *c);
+    c->W = (int64_t)W, c->C = (int64_t)C, c->D = (int64_t)D, c->L = (int64_t)L, c->group = (int64_t)G;
+    c->dense = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "dense"));
+    moe_config *m = &c->moe;
+    moe_config_init(m, (moe_layer_type)type);
+    m->num_experts = (int)E, m->num_experts_inner = (int)Ei, m->top_k = (int)K, m->hidden_dim = (int64_t)H;
+    m->expert = (moe_expert_kind)expert, m->activation = (moe_activation)act, m->leaky_slope = (float)slope;
+    m->second_policy_train = (moe_second_policy)p1, m->second_policy_eval = (moe_second_policy)p2;
+    m->second_threshold_train = t1, m->second_threshold_eval = t2;
+    m->capacity_factor_train = cf1, m->capacity_factor_eval = cf2, m->loss_coef = coef;
+    m->expert_mult = mult, m->dropout = (float)drop, m->slots_per_expert = (int64_t)S;
+    m->seed = strtoull(seed->valuestring, NULL, 10);
+    cJSON_Delete(o);
+    return MOE_OK;
+}
+
+static char *train_json(const train_opts *t) {
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON_AddNumberToObject(o, "steps", (double)t->steps);
+    cJSON_AddNumberToObject(o, "batch", (double)t->batch);
+    cJSON_AddNumberToObject(o, "warmup", (double)t->warmup);
+    cJSON_AddNumberToObject(o, "eval_every", (double)t->eval_every);
+    cJSON_AddNumberToObject(o, "seed", (double)t->seed);
+    cJSON_AddNumberToObject(o, "lr", t->lr);
+    cJSON_AddNumberToObject(o, "min_lr", t->min_lr);
+    cJSON_AddNumberToObject(o, "weight_decay", t->weight_decay);
+    cJSON_AddStringToObject(o, "data", t->data);
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+static int train_parse(train_opts *t, const char *json) {
+    cJSON *o = json ? cJSON_Parse(json) : NULL;
+    double v[8];
+    const char *k[8] = {"steps", "batch", "warmup", "eval_every", "seed", "lr", "min_lr", "weight_decay"};
+    int ok = o != NULL;
+    for (int i = 0; i < 8 && ok; i++) ok = num(o, k[i], &v[i]);
+    const cJSON *d = o ? cJSON_GetObjectItemCaseSensitive(o, "data") : NULL;
+    ok = ok && cJSON_IsString(d) && v[0] >= 1 && v[1] >= 1 && v[2] >= 0 && v[3] >= 1 && v[4] >= 0;
+    if (ok) {
+        t->steps = (int64_t)v[0], t->batch = (int64_t)v[1], t->warmup = (int64_t)v[2];
+        t->eval_every = (int64_t)v[3], t->seed = (int64_t)v[4], t->lr = v[5], t->min_lr = v[6];
+        t->weight_decay = v[7];
+        snprintf(t->data, sizeof t->data, "%s", d->valuestring);
+    }
+    cJSON_Delete(o);
+    return ok;
+}
+
+moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, const train_opts *to) {
+    int np = lm_num_params(m);
+    moe_param *ps = lm_params(m);
+    moe_st_entry *ents = calloc((size_t)(3 * np), sizeof *ents);
+    char **names = calloc((size_t)(2 * np), sizeof *names);
+    char *cfg = ckpt_config_json(lm_get_config(m)), *tr = train_json(to);
+    char steps[32], ostep[32], rng[4096] = "";
+    moe_status st = (ents && names && cfg && tr) ? MOE_OK : MOE_ERR_NOMEM;
+    int n = 0;
+    for (int i = 0; i < np && st == MOE_OK; i++) {
+        moe_st_entry *e = &ents[n++];
+        e->name = ps[i].name, e->dtype = MOE_DT_F32, e->ndim = ps[i].ndim, e->data = ps[i].data;
+        for (int d = 0; d < ps[i].ndim; d++) e->shape[d] = ps[i].shape[d];
+        float *mo = NULL, *vo = NULL;
+        if (!opt || moe_optim_state(opt, i, &mo, &vo) != MOE_OK) continue;
+        for (int j = 0; j < 2 && st == MOE_OK; j++) {
+            const float *src = j ? vo : mo;
+            if (!src) continue;
+            size_t len = strlen(ps[i].name) + 10;
+            char *nm = names[2 * i + j] = malloc(len);
+            if (!nm) {
+                st = MOE_ERR_NOMEM;
+                break;
+            }
+            snprintf(nm, len, "optim.%c.%s", j ? 'v' : 'm', ps[i].name);
+            moe_st_entry *f = &ents[n++];
+            *f = *e;
+            f->name = nm, f->data = src;
+        }
+    }
+    size_t o = 0;
+    for (int64_t l = 0; l < lm_get_config(m)->L && o < sizeof rng - 24; l++)
+        o += (size_t)snprintf(rng + o, sizeof rng - o, "%s%" PRIu64, l ? "," : "",
+                              moe_layer_rng_position(lm_layer(m, l)));
+    snprintf(steps, sizeof steps, "%lld", (long long)step);
+    snprintf(ostep, sizeof ostep, "%lld", (long long)(opt ? moe_optim_steps(opt) : 0));
+    const char *meta[] = {"format", "libmoe-lm", "config", cfg, "train", tr, "step", steps,
+                          "optim.steps", ostep, "rng", rng};
+    if (st == MOE_OK) st = moe_st_write(path, ents, n, meta, 6);
+    for (int i = 0; names && i < 2 * np; i++) free(names[i]);
+    free(names), free(ents), free(cfg), free(tr);
+    return st;
+}
+
+static moe_status fail(char *msg, size_t len, moe_status st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, len, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t *step, train_opts *to,
+                     char *msg, size_t msg_len) {
+    *m_out = NULL;
+    if (opt_out) *opt_out = NULL;
+    moe_st_file *f = NULL;
+    moe_status st = moe_st_open(&f, path);
+    if (st != MOE_OK) return fail(msg, msg_len, st, "%s", moe_last_error());
+    const char *fmt = moe_st_metadata(f, "format"), *cfg = moe_st_metadata(f, "config");
+    const char *tr = moe_st_metadata(f, "train"), *sp = moe_st_metadata(f, "step");
+    const char *os = moe_st_metadata(f, "optim.steps"), *rng = moe_st_metadata(f, "rng");
+    lm_config c;
+    lm *m = NULL;
+    moe_optim *opt = NULL;
+    train_opts t;
+    if (!fmt || strcmp(fmt, "libmoe-lm") || !cfg || !sp || !rng || !os) {
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s is not a moe train checkpoint (its metadata lacks "
+                  "format=libmoe-lm, config, step or rng)", path);
+        goto out;
+    }
+    if (ckpt_config_parse(&c, cfg) != MOE_OK) {
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: the model config in the metadata is malformed", path);
+        goto out;
+    }
+    if (to && !train_parse(&t, tr)) {
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: the training settings in the metadata are malformed", path);
+        goto out;
+    }
+    if ((st = lm_create(&m, &c)) != MOE_OK) {
+        st = fail(msg, msg_len, st, "%s: cannot build the model of its config: %s", path, moe_last_error());
+        goto out;
+    }
+    int np = lm_num_params(m);
+    moe_param *ps = lm_params(m);
+    int expected = np;
+    if (opt_out) {
+        moe_optim_config oc;
+        moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+        if (to) oc.weight_decay = (float)t.weight_decay;
+        if ((st = moe_optim_create(&opt, &oc, ps, np)) != MOE_OK) {
+            st = fail(msg, msg_len, st, "%s", moe_last_error());
+            goto out;
+        }
+        moe_optim_set_steps(opt, strtoll(os, NULL, 10));
+    }
+    for (int i = 0; i < np && st == MOE_OK; i++) {
+        st = moe_st_read_f32(ps[i].data, f, ps[i].name, ps[i].ndim, ps[i].shape);
+        if (st == MOE_OK && opt) {
+            float *mo, *vo;
+            char nm[160];
+            moe_optim_state(opt, i, &mo, &vo);
+            snprintf(nm, sizeof nm, "optim.m.%s", ps[i].name);
+            st = moe_st_read_f32(mo, f, nm, ps[i].ndim, ps[i].shape);
+            snprintf(nm, sizeof nm, "optim.v.%s", ps[i].name);
+            if (st == MOE_OK) st = moe_st_read_f32(vo, f, nm, ps[i].ndim, ps[i].shape);
+        }
+        if (st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
+    }
+    if (st == MOE_OK && opt_out) expected = 3 * np;
+    if (st == MOE_OK && moe_st_count(f) != expected && !(opt_out == NULL && moe_st_count(f) == 3 * np))
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s holds %d tensors; this model has %d parameters", path,
+                  moe_st_count(f), np);
+    /* every layer's random stream position */
+    const char *r = rng;
+    for (int64_t l = 0; l < c.L && st == MOE_OK; l++) {
+        char *end;
+        unsigned long long v = strtoull(r, &end, 10);
+        if (end == r || (*end != ',' && *end != '\0')) {
+            st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: metadata rng is malformed", path);
+            break;
+        }
+        moe_layer_set_rng_position(lm_layer(m, l), v);
+        r = *end ? end + 1 : end;
+    }
+out:
+    moe_st_close(f);
+    if (st != MOE_OK) {
+        moe_optim_free(opt);
+        lm_free(m);
+        return st;
+    }
+    if (step) *step = strtoll(sp, NULL, 10);
+    if (to) *to = t;
+    *m_out = m;
+    if (opt_out) *opt_out = opt;
+    return MOE_OK;
+}
