@@ -278,13 +278,13 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         r = *end ? end + 1 : end;
     }
 out:
+    if (st == MOE_OK && step) *step = strtoll(sp, NULL, 10); /* sp lives in f */
     moe_st_close(f);
     if (st != MOE_OK) {
         moe_optim_free(opt);
         lm_free(m);
         return st;
     }
-    if (step) *step = strtoll(sp, NULL, 10);
     if (to) *to = t;
     *m_out = m;
     if (opt_out) *opt_out = opt;

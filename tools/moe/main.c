@@ -11,7 +11,11 @@ static void usage(FILE *f) {
             "usage: moe <command> [options]     (moe <command> --help for its options)\n"
             "\n"
             "commands:\n"
-            "  train     train an MoE model on a built-in synthetic task (the main job)\n"
+            "  train     train an MoE character language model (the main job; built-in corpus\n"
+            "            or --data FILE)\n"
+            "  sample    generate text from a train checkpoint\n"
+            "  eval      validation figures of a train checkpoint\n"
+            "  inspect   a checkpoint's config and parameter table\n"
             "  forward   run one layer on tensors saved from PyTorch (safetensors), with gradients\n"
             "  bench     time forward+backward against a dense sgemm of the same FLOPs\n"
             "  version   print the version\n",
@@ -35,6 +39,9 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "forward")) return cmd_forward(argc - 1, argv + 1);
     if (!strcmp(c, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(c, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(c, "sample")) return cmd_sample(argc - 1, argv + 1);
+    if (!strcmp(c, "eval")) return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(c, "inspect")) return cmd_inspect(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;
