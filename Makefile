@@ -60,7 +60,7 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
 
-# The main job: train a small MoE model on the built-in synthetic task.
+# The main job: train the MoE character language model on the built-in corpus.
 demo: all
 	./$(BUILD)/moe train
 

@@ -27,7 +27,7 @@ expect 0 "usage: moe <command>" "$moe" --help
 expect 2 "usage: moe <command>" "$moe"
 expect 2 "unknown command 'frobnicate'" "$moe" frobnicate
 expect 0 "moe 0" "$moe" version
-for c in train forward bench; do
+for c in train forward bench sample eval inspect; do
     expect 0 "usage: moe $c" "$moe" $c --help
     expect 2 "unknown option '--bogus'" "$moe" $c --bogus
 done
@@ -49,9 +49,11 @@ printf 'not a safetensors file at all' >"$tmp/junk.safetensors"
 expect 1 "MOE_ERR_FORMAT" "$moe" forward --config "$tmp/t.json" --input "$tmp/junk.safetensors" --out y
 
 # a short real training run: loss reported, weights written, loadable
-expect 0 "validation loss" "$moe" train --steps 30 --batch 64 --quiet --out "$tmp/run/w.safetensors"
-if [ -s "$tmp/run/w.safetensors" ]; then ok; else bad "train did not write its weights"; fi
-expect 0 "step" "$moe" train --steps 20 --batch 32 --layer dense --out "$tmp/d.safetensors"
+expect 0 "validation loss" "$moe" train --steps 30 --batch 64 --dim 32 --hidden 32 --quiet --out "$tmp/run"
+if [ -s "$tmp/run/checkpoint.safetensors" ] && [ -s "$tmp/run/plot.svg" ]; then ok; else
+    bad "train did not write its checkpoint and plot"
+fi
+expect 0 "step" "$moe" train --steps 20 --batch 32 --dim 32 --layer dense --out "$tmp/d"
 # a short benchmark prints the ratio line
 expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
 expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json

@@ -46,6 +46,7 @@ for t in build-asan/tests/test_*; do
 done
 if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "cli" sh tests/cli.sh
+    run "train" sh tests/train.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
 fi
 echo "$pass passed, $fail failed"

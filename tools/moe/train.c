@@ -34,8 +34,8 @@ static const char *usage_text =
     "  --experts E       experts per layer (default 8; hierarchical: outer, see --inner)\n"
     "  --inner EI        hierarchical inner experts (default 2)\n"
     "  --top-k K         experts per token (topk; default 2)\n"
-    "  --dim D           model dim (default 96)\n"
-    "  --hidden H        expert hidden dim (default 96; soft: from expert_mult 1)\n"
+    "  --dim D           model dim (default 128)\n"
+    "  --hidden H        expert hidden dim (default 128; soft: D * expert_mult 1)\n"
     "  --blocks L        MoE blocks (default 2)\n"
     "  --window W        previous bytes the model sees (default 24)\n"
     "  --emb C           byte embedding dim (default 16)\n"
@@ -44,13 +44,13 @@ static const char *usage_text =
     "                    (hidden K*H) per block, for comparison\n"
     "training:\n"
     "  --data FILE       train on a text file (90% train, 10% validation)\n"
-    "  --steps N         total steps (default 3000)\n"
+    "  --steps N         total steps (default 6000)\n"
     "  --batch T         tokens per step (default 256)\n"
     "  --lr X            peak learning rate (default 3e-3), AdamW\n"
     "  --warmup N        linear warmup steps (default 100), then cosine decay\n"
     "  --min-lr F        final learning rate as a fraction of --lr (default 0.1)\n"
     "  --wd X            weight decay (default 0.01)\n"
-    "  --eval-every N    validation and checkpoint every N steps (default 500)\n"
+    "  --eval-every N    validation and checkpoint every N steps (default 1000)\n"
     "  --seed N          seed of init, data order and every random choice (default 1)\n"
     "  --threads N       threads (default: all cores)\n"
     "  --out DIR         run directory (default runs/train): checkpoint.safetensors,\n"
@@ -156,13 +156,13 @@ static int parse(train_args *a, int argc, char **argv) {
     const char *cmd = "train";
     memset(a, 0, sizeof *a);
     lm_config *c = &a->c;
-    c->W = 24, c->C = 16, c->D = 96, c->L = 2, c->group = 64;
+    c->W = 24, c->C = 16, c->D = 128, c->L = 2, c->group = 64;
     moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_SWIGLU;
     int have_kind = 0;
-    a->E = 8, a->K = 2, a->H = 96, a->Ei = 2;
+    a->E = 8, a->K = 2, a->H = 128, a->Ei = 2;
     train_opts *t = &a->t;
-    t->steps = 3000, t->batch = 256, t->warmup = 100, t->eval_every = 500, t->seed = 1;
+    t->steps = 6000, t->batch = 256, t->warmup = 100, t->eval_every = 1000, t->seed = 1;
     t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
     a->out = "runs/train";
     int bad = 0;
@@ -380,13 +380,16 @@ int cmd_train(int argc, char **argv) {
             hist_push(&h, (double)step, last_train, sh, E);
             loss_acc = 0, n_acc = 0;
         }
-        /* checkpoint before validating: validation draws from the layers' random streams */
-        if (eval_now && ckpt_save(ckpt, m, opt, step, &t) != MOE_OK)
-            fprintf(stderr, "\nmoe train: cannot write checkpoint %s: %s\n", ckpt, moe_last_error());
         if (eval_now) {
+            if (ckpt_save(ckpt, m, opt, step, &t) != MOE_OK)
+                fprintf(stderr, "\nmoe train: cannot write checkpoint %s: %s\n", ckpt, moe_last_error());
+            /* validation must not move the layers' random streams: a resumed run
+             * validates at other steps than an uninterrupted one */
+            uint64_t pos[64];
+            for (int64_t l = 0; l < L && l < 64; l++) pos[l] = moe_layer_rng_position(lm_layer(m, l));
             free(ev.route);
-            if (lmdata_evaluate(&ev, m, &d, T, 8192) == MOE_OK)
-                val = ev.loss;
+            if (lmdata_evaluate(&ev, m, &d, T, 8192) == MOE_OK) val = ev.loss;
+            for (int64_t l = 0; l < L && l < 64; l++) moe_layer_set_rng_position(lm_layer(m, l), pos[l]);
             hist_push_val(&h, (double)step, val);
             write_plot(plot, &h, &c, E);
         }
@@ -410,7 +413,10 @@ int cmd_train(int argc, char **argv) {
     }
     if (tty) fprintf(stderr, "\n");
     double secs = cli_now() - t_start;
-    printf("\ntrained steps %lld..%lld in %.1f s; final train loss %.4f\n", (long long)step0 + 1,
+    printf("\nmodel: %s%s, E=%lld K=%d D=%lld L=%lld, %lld parameters\n", c.dense ? "dense FFN (one expert) " : "",
+           moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
+           (long long)lm_num_weights(m));
+    printf("trained steps %lld..%lld in %.1f s; final train loss %.4f\n", (long long)step0 + 1,
            (long long)end, secs, last_train);
     if (ev.route) lmdata_print_eval(stdout, &ev, m, &d);
     printf("\nexpert load over training (rows per expert / mean):\n");

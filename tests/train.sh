@@ -1,0 +1,104 @@
+#!/bin/sh
+# `moe train` and its checkpoints as a user meets them: resume gives the same
+# bits as an uninterrupted run (topk, and gshard whose `random` policy draws
+# from the layers' RNG), a run killed with SIGKILL while writing checkpoints
+# always leaves a loadable one, --help on sample/eval/inspect, and clear
+# errors for missing or empty data, bad flags and bad checkpoints.
+# Prints "train: N passed, N failed".
+set -u
+cd "$(dirname "$0")/.."
+moe=${MOE_BIN:-build/moe}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+expect() { # expect CODE PATTERN CMD...
+    code=$1 pat=$2
+    shift 2
+    "$@" >"$tmp/out" 2>&1
+    rc=$?
+    if [ "$rc" -ne "$code" ]; then bad "$* exited $rc, want $code: $(head -c 400 "$tmp/out")"; return; fi
+    if ! grep -q -e "$pat" "$tmp/out"; then bad "$* output lacks '$pat': $(head -c 400 "$tmp/out")"; return; fi
+    ok
+}
+
+small="--dim 24 --hidden 24 --emb 8 --window 12 --batch 64 --threads 2 --quiet"
+
+# ---- resume: 20 steps + resume + 20 steps == 40 steps, bit for bit
+for layer in topk gshard; do
+    extra=""
+    [ "$layer" = gshard ] && extra="--group 32 --experts 4"
+    expect 0 "files:" "$moe" train $small $extra --layer $layer --steps 40 --eval-every 10 --out "$tmp/a_$layer"
+    expect 0 "files:" "$moe" train $small $extra --layer $layer --steps 40 --eval-every 10 --stop-at 20 \
+        --out "$tmp/b_$layer"
+    expect 0 "^step  *20$" "$moe" inspect "$tmp/b_$layer/checkpoint.safetensors"
+    expect 0 "trained steps 21..40" "$moe" train --resume "$tmp/b_$layer/checkpoint.safetensors" --threads 2 \
+        --quiet --out "$tmp/b_$layer"
+    if cmp -s "$tmp/a_$layer/checkpoint.safetensors" "$tmp/b_$layer/checkpoint.safetensors"; then ok; else
+        bad "$layer: 20 steps + resume + 20 steps differs from 40 steps"
+    fi
+done
+# a different seed gives different bits (the comparison above can fail)
+expect 0 "files:" "$moe" train $small --steps 40 --eval-every 10 --seed 2 --out "$tmp/c"
+if cmp -s "$tmp/a_topk/checkpoint.safetensors" "$tmp/c/checkpoint.safetensors"; then
+    bad "seeds 1 and 2 gave the same checkpoint"
+else ok; fi
+
+# ---- SIGKILL while checkpoints are being written: the last one stays loadable
+i=0
+for delay in 0.5 1 2 3 4; do
+    i=$((i + 1))
+    "$moe" train --dim 128 --hidden 256 --batch 32 --steps 100000 --eval-every 1 --quiet --threads 2 \
+        --out "$tmp/k" >/dev/null 2>&1 &
+    pid=$!
+    sleep $delay
+    kill -9 $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    if [ -f "$tmp/k/checkpoint.safetensors" ]; then
+        expect 0 "format       libmoe-lm" "$moe" inspect "$tmp/k/checkpoint.safetensors"
+        expect 0 "validation loss" "$moe" eval "$tmp/k/checkpoint.safetensors" --threads 2
+    elif [ $i -ge 2 ]; then
+        bad "no checkpoint after ${delay}s of training with a checkpoint every step"
+    fi
+done
+
+# ---- the subcommands' help and errors
+for c in sample eval inspect; do
+    expect 0 "usage: moe $c" "$moe" $c --help
+    expect 2 "which checkpoint" "$moe" $c
+    expect 1 "cannot open\|No such file" "$moe" $c "$tmp/missing.safetensors"
+done
+expect 2 "unknown option '--bogus'" "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --bogus
+expect 2 "expected a number" "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --temperature hot
+expect 0 "C:moe=" "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --length 20 --temperature 0
+expect 0 "emb.weight" "$moe" inspect "$tmp/a_topk/checkpoint.safetensors"
+expect 1 "cannot open" "$moe" train --data "$tmp/nope.txt" --steps 2 --out "$tmp/e"
+: >"$tmp/empty.txt"
+expect 1 "has 0 bytes" "$moe" train --data "$tmp/empty.txt" --steps 2 --out "$tmp/e"
+expect 2 "expected an integer" "$moe" train --batch lots
+expect 2 "not a multiple of --group" "$moe" train --layer gshard --batch 100 --group 64
+expect 2 "expected topk, gshard" "$moe" train --layer nope
+# a layer's weights file is not a checkpoint; a truncated checkpoint is refused
+head -c 100 "$tmp/a_topk/checkpoint.safetensors" >"$tmp/trunc.safetensors"
+expect 1 "MOE_ERR_FORMAT\|truncated\|past the end\|length" "$moe" eval "$tmp/trunc.safetensors"
+# a valid safetensors file without the checkpoint metadata (header: one F32 tensor)
+h='{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+printf "\\$(printf %o ${#h})\\0\\0\\0\\0\\0\\0\\0%s\\0\\0\\0\\0" "$h" >"$tmp/plain.safetensors"
+expect 1 "not a moe train checkpoint" "$moe" train --resume "$tmp/plain.safetensors" --out "$tmp/e"
+cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/mis.safetensors"
+# flip "dim":24 to "dim":25 in the config metadata: the tensors no longer match
+sed -i 's/\\"dim\\":24,/\\"dim\\":25,/' "$tmp/mis.safetensors"
+expect 1 "proj.weight" "$moe" eval "$tmp/mis.safetensors"
+
+# ---- --data FILE trains on a text, and --dense runs
+awk 'BEGIN { for (i = 0; i < 400; i++) print "the quick brown fox jumps over the lazy dog " i }' >"$tmp/t.txt"
+expect 0 "validation loss" "$moe" train $small --data "$tmp/t.txt" --steps 30 --eval-every 30 --out "$tmp/f"
+expect 0 "dense FFN" "$moe" train $small --dense --steps 10 --eval-every 10 --out "$tmp/g" --quiet
+expect 0 "routing, block 0" "$moe" train $small --layer soft_dynamic --group 16 --steps 10 --eval-every 10 \
+    --out "$tmp/s"
+
+echo "train: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
