@@ -48,6 +48,7 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "cli" sh tests/cli.sh
     run "train" sh tests/train.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
+    run "parity soft (PyTorch)" /usr/bin/python3 tests/parity/run_parity_soft.py
 fi
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -48,21 +48,18 @@ if cmp -s "$tmp/a_topk/checkpoint.safetensors" "$tmp/c/checkpoint.safetensors"; 
 else ok; fi
 
 # ---- SIGKILL while checkpoints are being written: the last one stays loadable
-i=0
-for delay in 0.5 1 2 3 4; do
-    i=$((i + 1))
+for delay in 0.05 0.2 0.4 0.7 1.0; do
+    rm -rf "$tmp/k"
     "$moe" train --dim 128 --hidden 256 --batch 32 --steps 100000 --eval-every 1 --quiet --threads 2 \
         --out "$tmp/k" >/dev/null 2>&1 &
     pid=$!
+    n=0 # wait for the first checkpoint, then kill while the next ones are written
+    while [ ! -f "$tmp/k/checkpoint.safetensors" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
     sleep $delay
     kill -9 $pid 2>/dev/null
     wait $pid 2>/dev/null
-    if [ -f "$tmp/k/checkpoint.safetensors" ]; then
-        expect 0 "format       libmoe-lm" "$moe" inspect "$tmp/k/checkpoint.safetensors"
-        expect 0 "validation loss" "$moe" eval "$tmp/k/checkpoint.safetensors" --threads 2
-    elif [ $i -ge 2 ]; then
-        bad "no checkpoint after ${delay}s of training with a checkpoint every step"
-    fi
+    expect 0 "format       libmoe-lm" "$moe" inspect "$tmp/k/checkpoint.safetensors"
+    expect 0 "validation loss" "$moe" eval "$tmp/k/checkpoint.safetensors" --threads 2
 done
 
 # ---- the subcommands' help and errors

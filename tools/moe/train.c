@@ -44,10 +44,10 @@ static const char *usage_text =
     "                    (hidden K*H) per block, for comparison\n"
     "training:\n"
     "  --data FILE       train on a text file (90% train, 10% validation)\n"
-    "  --steps N         total steps (default 6000)\n"
+    "  --steps N         total steps (default 12000)\n"
     "  --batch T         tokens per step (default 256)\n"
     "  --lr X            peak learning rate (default 3e-3), AdamW\n"
-    "  --warmup N        linear warmup steps (default 100), then cosine decay\n"
+    "  --warmup N        linear warmup steps (default 200), then cosine decay\n"
     "  --min-lr F        final learning rate as a fraction of --lr (default 0.1)\n"
     "  --wd X            weight decay (default 0.01)\n"
     "  --eval-every N    validation and checkpoint every N steps (default 1000)\n"
@@ -105,7 +105,7 @@ static void write_plot(const char *path, const history *h, const lm_config *c, i
     plot_series loss[2] = {{"train", h->step, h->train, h->n}, {"validation", h->val_step, h->val, h->n_val}};
     plot_series *load = calloc((size_t)E, sizeof *load);
     double *ys = malloc((size_t)(E * (h->n ? h->n : 1)) * sizeof *ys);
-    char(*labels)[24] = calloc((size_t)E, sizeof *labels);
+    char(*labels)[32] = calloc((size_t)E, sizeof *labels);
     if (load && ys && labels) {
         for (int64_t e = 0; e < E; e++) {
             for (int64_t i = 0; i < h->n; i++) ys[e * h->n + i] = h->load[i * E + e];
@@ -162,7 +162,7 @@ static int parse(train_args *a, int argc, char **argv) {
     int have_kind = 0;
     a->E = 8, a->K = 2, a->H = 128, a->Ei = 2;
     train_opts *t = &a->t;
-    t->steps = 6000, t->batch = 256, t->warmup = 100, t->eval_every = 1000, t->seed = 1;
+    t->steps = 12000, t->batch = 256, t->warmup = 200, t->eval_every = 1000, t->seed = 1;
     t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
     a->out = "runs/train";
     int bad = 0;
