@@ -7,6 +7,8 @@ Times a layer's forward+backward (train mode, fp32) in PyTorch, then runs
   gshard: the seeds' formulation (tests/parity/reference_gshard.py: dense (B,N,E,C)
           dispatch and combine tensors, experts on every capacity slot), with
           the seed's defaults (policy random, capacity factor 1.25)
+  soft_dynamic, soft: tests/parity/reference_soft.py (seed 003's einsum formulation;
+          soft with S = N/E learned slots), E=4 experts of hidden H, GELU
 
   /usr/bin/python3 bench/torch_bench.py [--layer topk|gshard] [--tokens 4096] [--batch 4]
                                         [--dim 512] [--hidden 2048] [--experts 16]
@@ -29,6 +31,7 @@ try:
     import torch
     import reference as ref
     import reference_gshard as gshard_ref
+    import reference_soft as soft_ref
 except ImportError as e:
     sys.exit(f"torch_bench: {e}; install Debian's PyTorch: apt-get install python3-torch python3-numpy")
 
@@ -37,6 +40,12 @@ def torch_time(a):
     torch.manual_seed(0)
     if a.layer == "gshard":
         m = gshard_ref.build(dict(type="gshard", dim=a.dim, num_experts=a.experts, hidden_dim=a.hidden))
+        shape = (a.batch, a.tokens // a.batch, a.dim)
+    elif a.layer.startswith("soft"):
+        cfg = dict(type=a.layer, dim=a.dim, num_experts=a.experts, expert_mult=a.hidden / a.dim)
+        if a.layer == "soft":
+            cfg["seq_len"] = a.tokens // a.batch
+        m = soft_ref.build(cfg)
         shape = (a.batch, a.tokens // a.batch, a.dim)
     else:
         m = ref.TopKMoE(a.experts, a.dim, a.hidden, a.top_k, "relu", a.expert)
@@ -49,7 +58,7 @@ def torch_time(a):
         x.grad = None
         t0 = time.perf_counter()
         y = m(x)
-        if a.layer == "gshard":
+        if isinstance(y, tuple):
             y, aux = y
             (y * dy).sum().add(aux).backward()
         else:
@@ -62,20 +71,22 @@ def torch_time(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", default="topk", choices=["topk", "gshard"])
+    p.add_argument("--layer", default="topk", choices=["topk", "gshard", "soft_dynamic", "soft"])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--batch", type=int, default=4, help="gshard: sequences (N = tokens / batch)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--experts", type=int, default=None, help="default 16 (soft: 4)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert", default="mlp", choices=["mlp", "swiglu", "geglu"])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args()
+    if a.experts is None:
+        a.experts = 4 if a.layer.startswith("soft") else 16
     torch.set_num_threads(a.threads)
     moe = os.environ.get("MOE_BIN", str(ROOT / "build" / "moe"))
-    cmd = [moe, "bench", "--json", "--layer", a.layer, "--batch", str(a.batch if a.layer == "gshard" else 1),
+    cmd = [moe, "bench", "--json", "--layer", a.layer, "--batch", str(a.batch if a.layer != "topk" else 1),
            "--tokens", str(a.tokens), "--dim", str(a.dim), "--hidden", str(a.hidden),
            "--experts", str(a.experts), "--expert", a.expert] + (["--top-k", str(a.top_k)] if a.layer == "topk" else []) + [
            "--iters", str(a.iters), "--threads", str(a.threads)]
@@ -88,8 +99,8 @@ def main():
     # useful FLOPs: the rows the experts run (T*K for topk; libmoe's kept rows for gshard,
     # the same routing rule) through (D -> glu*H) and (H -> D), forward 1x + backward 2x
     rows = c["rows"]
-    flops = 3 * 2.0 * rows * a.dim * a.hidden * (glu + 1)
-    if a.layer == "gshard":
+    flops = 3 * 2.0 * rows * a.dim * a.hidden * (glu + 1)  # soft: rows are FLOP-equivalent rows
+    if a.layer != "topk":
         shape = f"B={a.batch} N={a.tokens // a.batch} D={a.dim} H={a.hidden} E={a.experts}"
     else:
         shape = f"T={a.tokens} D={a.dim} H={a.hidden} E={a.experts} K={a.top_k} {a.expert}"

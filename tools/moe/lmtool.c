@@ -107,15 +107,23 @@ int cmd_sample(int argc, char **argv) {
     int64_t W = c->W, n = (int64_t)np + a.length;
     /* layers with groups see a group of N copies of the window (eval mode) */
     int64_t T = (c->moe.type == MOE_LAYER_TOPK || c->moe.type == MOE_LAYER_DENSE) ? 1 : c->group;
-    uint8_t *text = malloc((size_t)n), *ctx = malloc((size_t)(T * W));
-    if (!text || !ctx) {
-        free(text), free(ctx), lm_free(m);
+    /* before the prompt: for the line-based built-in corpus, the end of a few
+     * corpus lines (the prompt starts a new line, as in training); for --data
+     * models the zero bytes training saw before the start of the text */
+    uint8_t *buf = malloc((size_t)(n + W)), *ctx = malloc((size_t)(T * W));
+    corpus pre = {0};
+    if (!buf || !ctx || (!*to.data && corpus_generate(&pre, (uint64_t)to.seed + 0x5eed, W + 1))) {
+        free(buf), free(ctx), lm_free(m);
         return 1;
     }
+    memset(buf, 0, (size_t)W);
+    if (!*to.data) memcpy(buf, pre.text + pre.len - W, (size_t)W); /* lines are >= 4 bytes: len > W */
+    corpus_free(&pre);
+    uint8_t *text = buf + W;
     memcpy(text, prompt, np);
     fwrite(prompt, 1, np, stdout);
     for (int64_t p = (int64_t)np; p < n; p++) {
-        for (int64_t j = 0; j < T; j++) lmdata_window(ctx + j * W, text, p, W);
+        for (int64_t j = 0; j < T; j++) lmdata_window(ctx + j * W, buf, p + W, W);
         if (lm_forward(m, NULL, NULL, NULL, ctx, NULL, T, 0) != MOE_OK) {
             fprintf(stderr, "\nmoe sample: forward failed: %s\n", moe_last_error());
             rc = 1;
@@ -135,7 +143,7 @@ int cmd_sample(int argc, char **argv) {
         fputc(best, stdout);
     }
     fputc('\n', stdout);
-    free(text), free(ctx), lm_free(m);
+    free(buf), free(ctx), lm_free(m);
     return rc;
 }
 
