@@ -69,6 +69,7 @@ typedef struct {
     float *dxn;         /* (B*Np, D)                                           */
     float *dK;          /* like K                                              */
     float *dgm;         /* (B*S, D)   dynamic                                  */
+    float *Kc, *tJ;     /* (J, D)     one row b's keys, contiguous; slot rows  */
 } soft_ws;
 
 typedef struct {
@@ -129,6 +130,8 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, soft_
     w->dxn = moe__carve(base, &off, B * d.Np, d.D, F);
     w->dK = moe__carve(base, &off, nK, d.D, F);
     w->dgm = moe__carve(base, &off, BS, d.D, F);
+    w->Kc = moe__carve(base, &off, d.J, d.D, F);
+    w->tJ = moe__carve(base, &off, d.J, d.D, F);
     return off;
 }
 
@@ -275,6 +278,30 @@ static void dispatch_combine(float *Dw, float *Cw, const float *L, float *colmax
     }
 }
 
+/* ---------------------------------------------------------------- layouts */
+
+/* Slot rows of batch row b: tJ (J, D) contiguous, row e*S+s  <->  rows
+ * (e*B + b)*S + s of the expert-major buffer (R, D). */
+static void slots_gather(float *tJ, const float *rows, int64_t b, const soft_dims *d) {
+    for (int64_t e = 0; e < d->E; e++)
+        memcpy(tJ + e * d->S * d->D, rows + (e * d->B + b) * d->S * d->D, (size_t)(d->S * d->D) * sizeof(float));
+}
+static void slots_scatter(float *rows, const float *tJ, int64_t b, const soft_dims *d) {
+    for (int64_t e = 0; e < d->E; e++)
+        memcpy(rows + (e * d->B + b) * d->S * d->D, tJ + e * d->S * d->D, (size_t)(d->S * d->D) * sizeof(float));
+}
+/* Keys of row b: dynamic keys live as (S, E*D) per b (the projection's
+ * layout); Kc (J, D) is the same in slot order j = e*S + s. to_kc 0 copies
+ * back (for gradients). */
+static void keys_copy(float *Kc, float *K, int64_t b, const soft_dims *d, int to_kc) {
+    for (int64_t e = 0; e < d->E; e++)
+        for (int64_t s = 0; s < d->S; s++) {
+            float *k = K + ((b * d->S + s) * d->E + e) * d->D, *c = Kc + (e * d->S + s) * d->D;
+            if (to_kc) memcpy(c, k, (size_t)d->D * sizeof(float));
+            else memcpy(k, c, (size_t)d->D * sizeof(float));
+        }
+}
+
 /* ---------------------------------------------------------------- forward */
 
 static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
@@ -325,12 +352,13 @@ static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int
     for (int64_t b = 0; b < B; b++) {
         float *Db = w.Dw + b * Np * J, *Cb = w.Cw + b * Np * J;
         const float *xb = w.xn + b * Np * D;
-        /* logits (Np, J) into Db */
-        if (d.dyn)
-            for (int64_t e = 0; e < E; e++)
-                moe_sgemm(0, 1, Np, S, D, 1.0f, xb, D, w.K + b * S * E * D + e * D, E * D, 0.0f, Db + e * S, J);
-        else
-            moe_sgemm(0, 1, Np, J, D, 1.0f, xb, D, w.K, D, 0.0f, Db, J);
+        /* logits (Np, J) into Db: one GEMM against the row's keys in slot order */
+        const float *Kb = w.K;
+        if (d.dyn) {
+            keys_copy(w.Kc, w.K, b, &d, 1);
+            Kb = w.Kc;
+        }
+        moe_sgemm(0, 1, Np, J, D, 1.0f, xb, D, Kb, D, 0.0f, Db, J);
         const uint8_t *mb = w.m + b * Np, *smb = d.dyn ? w.sm + b * S : NULL;
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < Np; n++) {
@@ -343,9 +371,9 @@ static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int
             }
         }
         dispatch_combine(Db, Cb, Db, w.colmax, Np, J);
-        /* slots of expert e, row b: (S, D) = Dw[:, e*S..]^T xn_b */
-        for (int64_t e = 0; e < E; e++)
-            moe_sgemm(1, 0, S, D, Np, 1.0f, Db + e * S, J, xb, D, 0.0f, w.xs + (e * B + b) * S * D, D);
+        /* slots of row b: (J, D) = Dw^T xn_b, then to the expert-major rows */
+        moe_sgemm(1, 0, J, D, Np, 1.0f, Db, J, xb, D, 0.0f, w.tJ, D);
+        slots_scatter(w.xs, w.tJ, b, &d);
     }
 
     /* experts */
@@ -356,10 +384,10 @@ static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int
     moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, w.ha, w.ye);
 
     /* combine, cropped to the N real positions: y_b = sum_e Cw[:N, e*S..] Y(e, b) */
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t e = 0; e < E; e++)
-            moe_sgemm(0, 0, N, D, S, 1.0f, w.Cw + b * Np * J + e * S, J, w.ye + (e * B + b) * S * D, D,
-                      e ? 1.0f : 0.0f, y + b * N * D, D);
+    for (int64_t b = 0; b < B; b++) {
+        slots_gather(w.tJ, w.ye, b, &d);
+        moe_sgemm(0, 0, N, D, J, 1.0f, w.Cw + b * Np * J, J, w.tJ, D, 0.0f, y + b * N * D, D);
+    }
 
     for (int64_t e = 0; e < E; e++) l->expert_counts[e] = B * S;
     l->assignments = B * J;
@@ -378,10 +406,10 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     soft_params p = params_of(l, l->wmem), g = params_of(l, l->gmem);
 
     /* combine: dY(e, b) = Cw[:N, e*S..]^T dy_b ; dCw is computed per row b below */
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t e = 0; e < E; e++)
-            moe_sgemm(1, 0, S, D, N, 1.0f, w.Cw + b * Np * J + e * S, J, dy + b * N * D, D, 0.0f,
-                      w.dye + (e * B + b) * S * D, D);
+    for (int64_t b = 0; b < B; b++) {
+        moe_sgemm(1, 0, J, D, N, 1.0f, w.Cw + b * Np * J, J, dy + b * N * D, D, 0.0f, w.tJ, D);
+        slots_scatter(w.dye, w.tJ, b, &d);
+    }
     /* backward always follows a train-mode forward: the same dropout mask */
     moe_ffn f = ffn_of(l, p, &g, l->cfg.dropout, *w.stream);
     moe_ffn_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
@@ -393,12 +421,11 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
         /* dCw (Np, J): rows < N from dy, pad rows 0 ; dDw (Np, J) = xn dX(e,b)^T ;
          * dxn = sum_e Dw[:, e*S..] dX(e, b) */
         memset(w.dCw + N * J, 0, (size_t)((Np - N) * J) * sizeof(float));
-        for (int64_t e = 0; e < E; e++) {
-            const float *Ye = w.ye + (e * B + b) * S * D, *dXe = w.dxs + (e * B + b) * S * D;
-            moe_sgemm(0, 1, N, S, D, 1.0f, dy + b * N * D, D, Ye, D, 0.0f, w.dCw + e * S, J);
-            moe_sgemm(0, 1, Np, S, D, 1.0f, xb, D, dXe, D, 0.0f, w.dDw + e * S, J);
-            moe_sgemm(0, 0, Np, D, S, 1.0f, Db + e * S, J, dXe, D, e ? 1.0f : 0.0f, dxb, D);
-        }
+        slots_gather(w.tJ, w.ye, b, &d);
+        moe_sgemm(0, 1, N, J, D, 1.0f, dy + b * N * D, D, w.tJ, D, 0.0f, w.dCw, J);
+        slots_gather(w.tJ, w.dxs, b, &d);
+        moe_sgemm(0, 1, Np, J, D, 1.0f, xb, D, w.tJ, D, 0.0f, w.dDw, J);
+        moe_sgemm(0, 0, Np, D, J, 1.0f, Db, J, w.tJ, D, 0.0f, dxb, D);
         /* dL = Cw * (dCw - rowsum(Cw dCw)) + Dw * (dDw - colsum(Dw dDw)), 0 where masked;
          * written into dCw */
         float *cs = w.colmax;
@@ -427,11 +454,10 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
         }
         /* through L = xn K^T: dxn += dL K ; dK (+)= dL^T xn */
         if (d.dyn) {
-            float *Kb = w.K + b * S * E * D, *dKb = w.dK + b * S * E * D;
-            for (int64_t e = 0; e < E; e++) {
-                moe_sgemm(0, 0, Np, D, S, 1.0f, w.dCw + e * S, J, Kb + e * D, E * D, 1.0f, dxb, D);
-                moe_sgemm(1, 0, S, D, Np, 1.0f, w.dCw + e * S, J, xb, D, 0.0f, dKb + e * D, E * D);
-            }
+            keys_copy(w.Kc, w.K, b, &d, 1);
+            moe_sgemm(0, 0, Np, D, J, 1.0f, w.dCw, J, w.Kc, D, 1.0f, dxb, D);
+            moe_sgemm(1, 0, J, D, Np, 1.0f, w.dCw, J, xb, D, 0.0f, w.Kc, D);
+            keys_copy(w.Kc, w.dK, b, &d, 0);
         } else {
             moe_sgemm(0, 0, Np, D, J, 1.0f, w.dCw, J, w.K, D, 1.0f, dxb, D);
             moe_sgemm(1, 0, J, D, Np, 1.0f, w.dCw, J, xb, D, 1.0f, w.dK, D);
