@@ -83,8 +83,12 @@ bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench --expert swiglu
 	./$(BUILD)/moe bench --layer gshard
 	./$(BUILD)/moe bench --layer hierarchical
+	./$(BUILD)/moe bench --layer soft_dynamic
+	./$(BUILD)/moe bench --layer soft
 	/usr/bin/python3 bench/torch_bench.py
 	/usr/bin/python3 bench/torch_bench.py --layer gshard
+	/usr/bin/python3 bench/torch_bench.py --layer soft_dynamic
+	/usr/bin/python3 bench/torch_bench.py --layer soft
 
 clean:
 	rm -rf build build-asan
