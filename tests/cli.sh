@@ -4,24 +4,7 @@
 # Prints "cli: N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
-moe=${MOE_BIN:-build/moe}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-
-# expect CODE PATTERN CMD...: exit code and a pattern in stdout+stderr
-expect() {
-    code=$1 pat=$2
-    shift 2
-    "$@" >"$tmp/out" 2>&1
-    rc=$?
-    if [ "$rc" -ne "$code" ]; then bad "$* exited $rc, want $code: $(head -c 300 "$tmp/out")"; return; fi
-    if ! grep -q -e "$pat" "$tmp/out"; then bad "$* output lacks '$pat': $(head -c 300 "$tmp/out")"; return; fi
-    ok
-}
+. tests/lib.sh
 
 expect 0 "usage: moe <command>" "$moe" --help
 expect 2 "usage: moe <command>" "$moe"

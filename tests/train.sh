@@ -7,23 +7,7 @@
 # Prints "train: N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
-moe=${MOE_BIN:-build/moe}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-
-expect() { # expect CODE PATTERN CMD...
-    code=$1 pat=$2
-    shift 2
-    "$@" >"$tmp/out" 2>&1
-    rc=$?
-    if [ "$rc" -ne "$code" ]; then bad "$* exited $rc, want $code: $(head -c 400 "$tmp/out")"; return; fi
-    if ! grep -q -e "$pat" "$tmp/out"; then bad "$* output lacks '$pat': $(head -c 400 "$tmp/out")"; return; fi
-    ok
-}
+. tests/lib.sh
 
 small="--dim 24 --hidden 24 --emb 8 --window 12 --batch 64 --threads 2 --quiet"
 
