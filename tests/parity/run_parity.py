@@ -395,15 +395,20 @@ def gs_parity_case(tally, tool, c, seed):
 
 # ------------------------------------------------------------------ CLI errors
 
+def expect_error(tally, moe, what, d, needle, fold_case=False):
+    """`moe forward --eval` on the case in d must fail cleanly (no signal), its output naming
+    needle (None: any message; fold_case: compared in lower case)."""
+    rc, log = run_moe(moe, forward_args(d, train=False))
+    if rc == 0:
+        tally.check(False, what, "moe forward succeeded")
+    elif rc < 0:
+        tally.check(False, what, f"moe forward killed by signal {-rc}: {log.strip()[:300]}")
+    else:
+        text = log.lower() if fold_case else log
+        tally.check(needle is None or needle in text, what, f"output lacks '{needle}': {log.strip()[:300]}")
+
+
 def error_cases(tally, moe):
-    def expect_error(what, d, needle):
-        rc, log = run_moe(moe, forward_args(d, train=False))
-        if rc == 0:
-            tally.check(False, what, "moe forward succeeded")
-        elif rc < 0:
-            tally.check(False, what, f"moe forward killed by signal {-rc}: {log.strip()[:300]}")
-        else:
-            tally.check(needle in log, what, f"stderr lacks '{needle}': {log.strip()[:300]}")
 
     for cfg, T, drop in [(*topk(16, 32, 4, 2, 6), "experts.1.net.2.bias"),
                          (*dense(16, 8, 3, 6), "experts.2.weight")]:
@@ -413,7 +418,7 @@ def error_cases(tally, moe):
             sd = model.state_dict()
             del sd[drop]
             stio.save(d / "W.safetensors", sd)
-            expect_error(f"error: {cfg['type']} weights without {drop} is rejected, naming it", d, drop)
+            expect_error(tally, moe, f"error: {cfg['type']} weights without {drop} is rejected, naming it", d, drop)
 
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
         d = Path(tmp)
@@ -421,7 +426,7 @@ def error_cases(tally, moe):
         cfg = json.loads((d / "LAYER.json").read_text())
         cfg["top_k"] = 5
         (d / "LAYER.json").write_text(json.dumps(cfg))
-        expect_error("error: top_k = 5 > num_experts = 4 is rejected, naming top_k", d, "top_k")
+        expect_error(tally, moe, "error: top_k = 5 > num_experts = 4 is rejected, naming top_k", d, "top_k")
 
 
 # ------------------------------------------------------------------ torch-only checks

@@ -40,7 +40,8 @@ except ImportError as exc:  # the test must fail, not skip, without torch
 sys.path.insert(0, str(HERE))
 import reference_soft as rs  # noqa: E402
 import stio  # noqa: E402
-from run_parity import RTOL, ATOL, Tally, compare, forward_args, report, run_moe, run_tool  # noqa: E402
+from run_parity import (RTOL, ATOL, Tally, compare, expect_error, forward_args, report, run_moe,  # noqa: E402
+                        run_tool)
 
 
 # ------------------------------------------------------------------ cases
@@ -229,22 +230,12 @@ def parity_case(tally, tool, c, seed):
 # ------------------------------------------------------------------ CLI errors
 
 def error_cases(tally, moe):
-    def expect_error(what, d, needle):
-        rc, log = run_moe(moe, forward_args(d, train=False))
-        if rc == 0:
-            tally.check(False, what, "moe forward succeeded")
-        elif rc < 0:
-            tally.check(False, what, f"moe forward killed by signal {-rc}: {log.strip()[:300]}")
-        else:
-            tally.check(needle is None or needle in log.lower(), what,
-                        f"output lacks '{needle}': {log.strip()[:300]}")
-
     def with_case(c, seed, edit, what, needle):
         with tempfile.TemporaryDirectory(prefix="moe-parity-soft-") as tmp:
             d = Path(tmp)
             _, x, mask, _ = make_case(c, seed, d)
             stio.save(d / "X.safetensors", edit(x, mask))
-            expect_error(what, d, needle)
+            expect_error(tally, moe, what, d, needle, fold_case=True)
 
     c = sd(16, 4, (2, 10, 16), mask="rand")
     with_case(c, 71, lambda x, m: {"x": x, "mask": torch.ones(2, 11, dtype=torch.bool)},

@@ -119,6 +119,23 @@ static void put_px(FILE *fp, double v)
     fputs(strcmp(b, "-0") == 0 ? "0" : b, fp);
 }
 
+static void put_stroke(FILE *fp, const line_style *st);
+
+/* A straight line from (x1, y1) to (x2, y2): in style st, or a grid line when st is NULL. */
+static void put_line(FILE *fp, const line_style *st, double x1, double x2, double y1, double y2)
+{
+    fputs("<line ", fp);
+    if (st) put_stroke(fp, st);
+    else fputs("stroke=\"#e4e4e4\"", fp);
+    const double v[4] = {x1, x2, y1, y2};
+    const char *k[4] = {" x1=\"", "\" x2=\"", "\" y1=\"", "\" y2=\""};
+    for (int i = 0; i < 4; i++) {
+        fputs(k[i], fp);
+        put_px(fp, v[i]);
+    }
+    fputs("\"/>\n", fp);
+}
+
 /* A tick value as text: as many decimals as the tick spacing needs, or %.6g
  * where that would be wider than the left margin holds. */
 static void format_tick(char *buf, size_t cap, double v, double step)
@@ -245,15 +262,8 @@ static void draw_y_ticks(FILE *fp, const panel *p)
         double v = p->ylo + i * p->ystep, y = map_y(p, v);
         char label[64];
         format_tick(label, sizeof label, v, p->ystep);
-        fputs("<line stroke=\"#e4e4e4\" x1=\"", fp);
-        put_px(fp, p->px0);
-        fputs("\" x2=\"", fp);
-        put_px(fp, p->px1);
-        fputs("\" y1=\"", fp);
-        put_px(fp, y);
-        fputs("\" y2=\"", fp);
-        put_px(fp, y);
-        fputs("\"/>\n<text text-anchor=\"end\" x=\"", fp);
+        put_line(fp, NULL, p->px0, p->px1, y, y);
+        fputs("<text text-anchor=\"end\" x=\"", fp);
         put_px(fp, p->px0 - 5);
         fputs("\" y=\"", fp);
         put_px(fp, y + 4);
@@ -268,15 +278,8 @@ static void draw_x_ticks(FILE *fp, const panel *p)
         double v = p->xlo + i * p->xstep, x = map_x(p, v);
         char label[64];
         format_tick(label, sizeof label, v, p->xstep);
-        fputs("<line stroke=\"#e4e4e4\" x1=\"", fp);
-        put_px(fp, x);
-        fputs("\" x2=\"", fp);
-        put_px(fp, x);
-        fputs("\" y1=\"", fp);
-        put_px(fp, p->py0);
-        fputs("\" y2=\"", fp);
-        put_px(fp, p->py1);
-        fputs("\"/>\n<text text-anchor=\"middle\" x=\"", fp);
+        put_line(fp, NULL, x, x, p->py0, p->py1);
+        fputs("<text text-anchor=\"middle\" x=\"", fp);
         put_px(fp, x);
         fputs("\" y=\"", fp);
         put_px(fp, p->py1 + 15);
@@ -381,13 +384,7 @@ static void draw_legend_entry(FILE *fp, const panel *p, int row, const line_styl
 {
     double y = p->py0 + 10 + row * LEGEND_ROW;
     if (st) {
-        fputs("<line ", fp);
-        put_stroke(fp, st);
-        fprintf(fp, " x1=\"%d\" x2=\"%d\" y1=\"", LEGEND_X, LEGEND_X + 22);
-        put_px(fp, y);
-        fputs("\" y2=\"", fp);
-        put_px(fp, y);
-        fputs("\"/>\n", fp);
+        put_line(fp, st, LEGEND_X, LEGEND_X + 22, y, y);
         if (st->markers) put_dot(fp, LEGEND_X + 11, y, 2.5, st->colour);
     }
     fprintf(fp, "<text x=\"%d\" y=\"", LEGEND_X + (st ? 28 : 0));
@@ -428,17 +425,7 @@ static void draw_loss_panel(FILE *fp, const plot_series *s, int n)
 static void draw_uniform_line(FILE *fp, const panel *p, double uniform, const line_style *st)
 {
     double y = map_y(p, uniform);
-    fputs("<line ", fp);
-    put_stroke(fp, st);
-    fputs(" x1=\"", fp);
-    put_px(fp, p->px0);
-    fputs("\" x2=\"", fp);
-    put_px(fp, p->px1);
-    fputs("\" y1=\"", fp);
-    put_px(fp, y);
-    fputs("\" y2=\"", fp);
-    put_px(fp, y);
-    fputs("\"/>\n", fp);
+    put_line(fp, st, p->px0, p->px1, y, y);
 }
 
 static void draw_load_panel(FILE *fp, const plot_series *s, int n, double uniform)

@@ -65,16 +65,18 @@ typedef struct {
     int64_t n, n_val, cap, cap_val;
 } history;
 
+/* Resize *p to n doubles; on failure *p stays as it was. */
+static int grow(double **p, int64_t n) {
+    double *q = realloc(*p, (size_t)n * sizeof *q);
+    if (!q) return -1;
+    *p = q;
+    return 0;
+}
+
 static int hist_push(history *h, double s, double loss, const double *load, int64_t E) {
     if (h->n == h->cap) {
         int64_t c = h->cap ? 2 * h->cap : 256;
-        double *a = realloc(h->step, (size_t)c * sizeof *a);
-        if (a) h->step = a;
-        double *b = realloc(h->train, (size_t)c * sizeof *b);
-        if (b) h->train = b;
-        double *l = realloc(h->load, (size_t)(c * E) * sizeof *l);
-        if (l) h->load = l;
-        if (!a || !b || !l) return -1;
+        if (grow(&h->step, c) || grow(&h->train, c) || grow(&h->load, c * E)) return -1;
         h->cap = c;
     }
     h->step[h->n] = s, h->train[h->n] = loss;
@@ -86,11 +88,7 @@ static int hist_push(history *h, double s, double loss, const double *load, int6
 static int hist_push_val(history *h, double s, double v) {
     if (h->n_val == h->cap_val) {
         int64_t c = h->cap_val ? 2 * h->cap_val : 64;
-        double *a = realloc(h->val_step, (size_t)c * sizeof *a);
-        if (a) h->val_step = a;
-        double *b = realloc(h->val, (size_t)c * sizeof *b);
-        if (b) h->val = b;
-        if (!a || !b) return -1;
+        if (grow(&h->val_step, c) || grow(&h->val, c)) return -1;
         h->cap_val = c;
     }
     h->val_step[h->n_val] = s, h->val[h->n_val] = v;
