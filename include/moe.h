@@ -89,6 +89,22 @@ typedef enum {
     MOE_EXPERT_GEGLU     /* Linear(D,2H) -> a*gelu(g) -> Linear(H,D); a first half */
 } moe_expert_kind;
 
+/* Router of the `topk` layer, the token-choice core (see README "Routers"). */
+typedef enum {
+    MOE_ROUTER_TOKEN_CHOICE = 0, /* each token picks K experts                      */
+    MOE_ROUTER_EXPERT_CHOICE     /* each expert picks its top-C tokens (Zhou et al.) */
+} moe_router_kind;
+
+/* How the gate's logits z (T,E) become selection scores and combine weights. */
+typedef enum {
+    MOE_SCORE_TOPK_SOFTMAX = 0, /* seed 004: the K largest logits, softmax over those K    */
+    MOE_SCORE_SOFTMAX,          /* p = softmax(z) over all E, the K largest p, weights p
+                                   (renormalised over the K if cfg.normalize): Switch,
+                                   Mixtral, Qwen                                          */
+    MOE_SCORE_SIGMOID           /* s = sigmoid(z), the K largest s + bias, weights s
+                                   (renormalised if cfg.normalize): DeepSeek-V3           */
+} moe_score_func;
+
 typedef struct {
     moe_layer_type  type;
     int64_t         input_dim;    /* D                                         */
@@ -116,7 +132,50 @@ typedef struct {
     double          expert_mult;            /* default 4                         */
     float           dropout;                /* default 0; in [0, 1), train only  */
     int64_t         slots_per_expert;       /* soft: S >= 1                      */
+    /* topk router options (defaults give seed 004's router). Capacity uses
+     * capacity_factor_train/_eval above, whose topk default is 0: dropless.
+     * Token choice, cf > 0: each expert takes at most C = ceil(cf * N * K / E)
+     * assignments per group of N tokens, first choices of every token before
+     * second choices, in token order; an assignment over capacity is dropped
+     * (contributes nothing). Expert choice: each expert takes its C =
+     * min(N, ceil(cf * N / E)) highest-scoring tokens per group (cf > 0). */
+    moe_router_kind router;                 /* default token choice              */
+    moe_score_func  score;                  /* default MOE_SCORE_TOPK_SOFTMAX    */
+    int             normalize;              /* softmax, sigmoid: weights / their sum over the K */
+    double          route_scale;            /* weights times this, default 1     */
+    double          jitter;                 /* train only: gate input x * U(1-j, 1+j) elementwise
+                                               (Switch's multiplicative jitter), 0 off */
+    double          balance_coef;           /* Switch balance loss E' * sum_e f_e * P_e, per
+                                               group, averaged: f_e the share of the group's
+                                               N*K selections (before capacity) going to e,
+                                               P_e the mean router probability (softmax over
+                                               the enabled experts; sigmoid: s / sum s); E'
+                                               enabled experts. Balanced routing gives 1.  */
+    double          z_loss_coef;            /* ST-MoE z-loss: mean_t logsumexp(z_t)^2 (all E) */
+    int             num_shared;             /* DeepSeekMoE shared experts, on every token (weight 1) */
+    int             shared_gate;            /* 1: shared expert i weighted sigmoid(g_i . x)
+                                               (Qwen-MoE), g = shared_gate.weight (Ns,D) */
+    int             expert_bias;            /* 1: selection bias b (E) added to the scores for
+                                               selection only (DeepSeek-V3), a state buffer
+                                               "gate.e_score_correction_bias", not a gradient
+                                               parameter; see moe_layer_update_bias        */
+    double          bias_update_rate;       /* gamma of the bias update (DeepSeek-V3: 1e-3) */
+    int             num_groups;             /* G: experts in G equal groups; 0 or 1: no groups */
+    int             topk_groups;            /* tokens choose among the experts of the best M
+                                               groups (group score: sum of its top-2 scores + bias) */
 } moe_config;
+
+/* Set the router fields of a topk config c to a named recipe: "topk" (seed
+ * 004), "switch" (K = 1, softmax, no renormalisation, capacity 1.25 / 2.0,
+ * jitter 0.01, balance 0.01), "mixtral" (softmax, renormalised, dropless,
+ * balance 0.01), "st_moe" (softmax, renormalised, capacity 1.25 / 2.0, balance
+ * 0.01, z-loss 1e-3), "deepseek_v3" (sigmoid, renormalised, selection bias
+ * updated with gamma 1e-3, dropless, no balance loss), "expert_choice"
+ * (expert choice, softmax, capacity 2 / 2). Sizes (E, K except Switch's 1,
+ * groups, shared experts) are left as they are. */
+moe_status moe_config_set_router(moe_config *c, const char *recipe);
+const char *moe_score_func_name(moe_score_func f);   /* "topk_softmax", "softmax", "sigmoid" */
+const char *moe_router_kind_name(moe_router_kind k); /* "token_choice", "expert_choice" */
 
 /* Fill c with the defaults of the seed module of this type (SimpleMoE:
  * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64; GShard MoE: E=16,
@@ -135,8 +194,13 @@ void moe_config_init(moe_config *c, moe_layer_type type);
  * "random"), second_threshold_train/_eval, capacity_factor_train/_eval,
  * loss_coef, seed. For "soft_dynamic" and "soft": dim, num_experts,
  * expert_mult, dropout, geglu (bool), seed; "soft" also num_slots (or its
- * synonym slots_per_expert) or seq_len (S = seq_len / num_experts). Unknown
- * keys are an error. */
+ * synonym slots_per_expert) or seq_len (S = seq_len / num_experts). topk
+ * router keys: "router" (a recipe of moe_config_set_router, applied before
+ * the other keys, or "token_choice"), score ("topk_softmax"|"softmax"|
+ * "sigmoid"), normalize (bool), route_scale, capacity_factor (both modes) or
+ * capacity_factor_train/_eval, jitter, balance_coef, z_loss_coef,
+ * num_shared_experts, shared_gate (bool), expert_bias (bool),
+ * bias_update_rate, num_groups, topk_groups. Unknown keys are an error. */
 moe_status moe_config_from_json(moe_config *out, const char *json_text);
 /* Human-readable names, NULL for out-of-range values. */
 const char *moe_layer_type_name(moe_layer_type t);
@@ -216,6 +280,34 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
  * Parameter gradients accumulate (+=). */
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux);
 
+/* Runtime routing control of a topk layer, without rebuilding it; it holds
+ * for every later forward until changed (and a pending backward is
+ * invalidated: run forward again).
+ *   top_k          0: the config's K; else 1..E (token choice only)
+ *   expert_mask    (E) 0: the expert is disabled and gets no tokens (its
+ *                  logit is left out of the softmax and of selection); NULL:
+ *                  all enabled
+ *   force_experts  (E) 1: every token uses this expert (it takes one of the K
+ *                  picks, before the free picks; token choice only); NULL: none
+ * Errors: k out of range, fewer enabled experts than k, more forced experts
+ * than k, a forced expert disabled, expert choice with k or forced experts,
+ * a layer that is not topk (MOE_ERR_UNSUPPORTED). On error nothing changes. */
+moe_status moe_layer_set_routing(moe_layer *l, int top_k, const uint8_t *expert_mask,
+                                 const uint8_t *force_experts);
+
+/* State buffers: tensors saved and loaded with the parameters but not trained
+ * (grad is NULL; give only moe_layer_param's to an optimizer). The topk
+ * layer with expert_bias has one: "gate.e_score_correction_bias" (E). */
+int        moe_layer_num_buffers(const moe_layer *l);
+moe_param *moe_layer_buffer(moe_layer *l, int i);   /* NULL if out of range */
+
+/* Auxiliary-loss-free balancing (DeepSeek-V3): call after each successful
+ * optimizer step. With expert_bias and bias_update_rate g > 0, for every
+ * enabled expert e: b_e += g * sign(mean load - load_e), the loads being the
+ * selections (before capacity) counted over the train-mode forwards since the
+ * last call; the counts then restart. A no-op (MOE_OK) for other layers. */
+moe_status moe_layer_update_bias(moe_layer *l);
+
 /* Routing statistics of the last forward. */
 typedef struct {
     int64_t tokens;          /* T of the last forward                          */
@@ -226,7 +318,13 @@ typedef struct {
     int64_t second_candidates; /* top-2 layers: rows that had a second choice  */
     int64_t second_kept;     /* ... and kept it (policy and capacity)          */
     int     n_experts;       /* length of expert_counts (Eo*Ei hierarchical)   */
-    const int64_t *expert_counts; /* (n_experts) rows each expert processed    */
+    const int64_t *expert_counts; /* (n_experts) rows each expert processed
+                                     (routed experts; shared ones take every token) */
+    int     top_k;           /* topk: K in effect (runtime control), else 0    */
+    int64_t capacity;        /* topk with capacity: C per group, else 0        */
+    double  balance_loss;    /* topk: the balance loss before its coefficient  */
+    double  z_loss;          /* topk: the z-loss before its coefficient        */
+    const float *expert_bias; /* (n_experts) selection bias, or NULL           */
 } moe_stats;
 moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
 

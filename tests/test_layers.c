@@ -49,6 +49,7 @@ static void test_topk_kernel(void) {
             }
         }
         CHECK(ok, "top-k selection/softmax wrong for T=%d E=%d K=%d", T, E, K);
+        memset(pos, 0, (size_t)T * K * sizeof *pos); /* nothing dropped */
         moe_dispatch_plan(cnt, off, pos, slot, idx, T, K, E);
         int64_t total = 0;
         ok = off[0] == 0;

@@ -124,6 +124,60 @@ static moe_status soft_key(moe_config *c, const cJSON *v, int *known, int64_t *s
     return st;
 }
 
+static moe_status get_bool(int *out, const cJSON *v) {
+    if (!cJSON_IsBool(v)) return moe_err(MOE_ERR_ARG, "config key \"%s\" must be true or false", v->string);
+    *out = cJSON_IsTrue(v);
+    return MOE_OK;
+}
+
+/* Router keys of the topk layer ("router" itself is applied before all keys). */
+static moe_status router_key(moe_config *c, const cJSON *v, int *known) {
+    static const char *const scores[] = {"topk_softmax", "softmax", "sigmoid"};
+    const char *k = v->string;
+    int64_t n = 0;
+    double r = 0;
+    moe_status st = MOE_OK;
+    *known = 1;
+    if (strcmp(k, "router") == 0) {
+        /* applied first */
+    } else if (strcmp(k, "score") == 0) {
+        int i = cJSON_IsString(v) ? lookup(v->valuestring, scores, 3) : -1;
+        if (i < 0) st = moe_err(MOE_ERR_ARG, "\"score\" must be one of topk_softmax, softmax, sigmoid");
+        else c->score = (moe_score_func)i;
+    } else if (strcmp(k, "normalize") == 0) {
+        st = get_bool(&c->normalize, v);
+    } else if (strcmp(k, "shared_gate") == 0) {
+        st = get_bool(&c->shared_gate, v);
+    } else if (strcmp(k, "expert_bias") == 0) {
+        st = get_bool(&c->expert_bias, v);
+    } else if (strcmp(k, "route_scale") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->route_scale = r;
+    } else if (strcmp(k, "capacity_factor") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->capacity_factor_train = c->capacity_factor_eval = r;
+    } else if (strcmp(k, "capacity_factor_train") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->capacity_factor_train = r;
+    } else if (strcmp(k, "capacity_factor_eval") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->capacity_factor_eval = r;
+    } else if (strcmp(k, "jitter") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->jitter = r;
+    } else if (strcmp(k, "balance_coef") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->balance_coef = r;
+    } else if (strcmp(k, "z_loss_coef") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->z_loss_coef = r;
+    } else if (strcmp(k, "bias_update_rate") == 0) {
+        if ((st = get_real(&r, v)) == MOE_OK) c->bias_update_rate = r;
+    } else if (strcmp(k, "num_shared_experts") == 0) {
+        if ((st = get_int(&n, v, 0, 1024)) == MOE_OK) c->num_shared = (int)n;
+    } else if (strcmp(k, "num_groups") == 0) {
+        if ((st = get_int(&n, v, 0, 65536)) == MOE_OK) c->num_groups = (int)n;
+    } else if (strcmp(k, "topk_groups") == 0) {
+        if ((st = get_int(&n, v, 0, 65536)) == MOE_OK) c->topk_groups = (int)n;
+    } else {
+        *known = 0;
+    }
+    return st;
+}
+
 moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     moe_err_clear();
     if (!out || !json_text) return moe_err(MOE_ERR_ARG, "moe_config_from_json: NULL argument");
@@ -154,12 +208,28 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
     int is_soft = c.type == MOE_LAYER_SOFT_DYNAMIC || c.type == MOE_LAYER_SOFT;
     int64_t seq_len = 0;
     int have_slots = 0;
-    const cJSON *v;
+    const cJSON *v, *rec = cJSON_GetObjectItemCaseSensitive(root, "router");
+    if (is_topk && rec) { /* a recipe first, so the other keys refine it */
+        if (!cJSON_IsString(rec))
+            st = moe_err(MOE_ERR_ARG, "\"router\" must be a string: topk, switch, mixtral, st_moe, deepseek_v3, "
+                                      "expert_choice");
+        else
+            st = moe_config_set_router(&c, rec->valuestring);
+        if (st != MOE_OK) {
+            cJSON_Delete(root);
+            return st;
+        }
+    }
     cJSON_ArrayForEach(v, root) {
         const char *k = v->string;
         int64_t n = 0;
         int known = 0;
         if (strcmp(k, "type") == 0) continue;
+        if (is_topk) {
+            st = router_key(&c, v, &known);
+            if (st != MOE_OK) break;
+            if (known) continue;
+        }
         if (is_soft) {
             st = soft_key(&c, v, &known, &seq_len, &have_slots);
             if (!known)
@@ -201,7 +271,10 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
             st = moe_err(MOE_ERR_ARG, "unknown config key \"%s\" for a %s layer (known: %s)", k,
                          types[ti],
                          is_topk ? "num_experts, input_dim, hidden_dim, top_k, activation, expert, "
-                                   "leaky_slope, seed"
+                                   "leaky_slope, seed, router, score, normalize, route_scale, capacity_factor, "
+                                   "capacity_factor_train, capacity_factor_eval, jitter, balance_coef, "
+                                   "z_loss_coef, num_shared_experts, shared_gate, expert_bias, "
+                                   "bias_update_rate, num_groups, topk_groups"
                                  : "num_experts, input_dim, output_dim, seed");
         }
         if (st != MOE_OK) break;

@@ -38,7 +38,13 @@ void moe_config_init(moe_config *c, moe_layer_type type) {
     c->expert_mult = 4.0;
     c->dropout = 0.0f;
     c->slots_per_expert = 0;
-    if (type == MOE_LAYER_GSHARD) {
+    c->router = MOE_ROUTER_TOKEN_CHOICE;
+    c->score = MOE_SCORE_TOPK_SOFTMAX;
+    c->route_scale = 1.0;
+    if (type == MOE_LAYER_TOPK) { /* seed 004 routes every token: dropless */
+        c->capacity_factor_train = 0.0;
+        c->capacity_factor_eval = 0.0;
+    } else if (type == MOE_LAYER_GSHARD) {
         c->num_experts = 16;
         c->hidden_dim = 0; /* 4 * input_dim */
     } else if (type == MOE_LAYER_HIERARCHICAL) {
@@ -62,6 +68,58 @@ const char *moe_layer_type_name(moe_layer_type t) {
     case MOE_LAYER_SOFT: return "soft";
     }
     return NULL;
+}
+
+const char *moe_score_func_name(moe_score_func f) {
+    switch (f) {
+    case MOE_SCORE_TOPK_SOFTMAX: return "topk_softmax";
+    case MOE_SCORE_SOFTMAX: return "softmax";
+    case MOE_SCORE_SIGMOID: return "sigmoid";
+    }
+    return NULL;
+}
+
+const char *moe_router_kind_name(moe_router_kind k) {
+    switch (k) {
+    case MOE_ROUTER_TOKEN_CHOICE: return "token_choice";
+    case MOE_ROUTER_EXPERT_CHOICE: return "expert_choice";
+    }
+    return NULL;
+}
+
+moe_status moe_config_set_router(moe_config *c, const char *recipe) {
+    if (!c || !recipe) return moe_err(MOE_ERR_ARG, "moe_config_set_router: NULL argument");
+    static const char *const known = "topk, switch, mixtral, st_moe, deepseek_v3, expert_choice";
+    if (c->type != MOE_LAYER_TOPK)
+        return moe_err(MOE_ERR_UNSUPPORTED, "router recipes are for topk layers, not %s",
+                       moe_layer_type_name(c->type) ? moe_layer_type_name(c->type) : "?");
+    moe_config d;
+    moe_config_init(&d, MOE_LAYER_TOPK);
+    /* start from seed 004's router, keep the sizes */
+    c->router = d.router, c->score = d.score, c->normalize = 0, c->route_scale = 1.0;
+    c->capacity_factor_train = c->capacity_factor_eval = 0.0;
+    c->jitter = c->balance_coef = c->z_loss_coef = c->bias_update_rate = 0.0;
+    c->expert_bias = 0;
+    if (strcmp(recipe, "topk") == 0 || strcmp(recipe, "token_choice") == 0) {
+        /* as initialised */
+    } else if (strcmp(recipe, "switch") == 0) {
+        c->top_k = 1, c->score = MOE_SCORE_SOFTMAX;
+        c->capacity_factor_train = 1.25, c->capacity_factor_eval = 2.0;
+        c->jitter = 0.01, c->balance_coef = 0.01;
+    } else if (strcmp(recipe, "mixtral") == 0) {
+        c->score = MOE_SCORE_SOFTMAX, c->normalize = 1, c->balance_coef = 0.01;
+    } else if (strcmp(recipe, "st_moe") == 0) {
+        c->score = MOE_SCORE_SOFTMAX, c->normalize = 1, c->balance_coef = 0.01, c->z_loss_coef = 1e-3;
+        c->capacity_factor_train = 1.25, c->capacity_factor_eval = 2.0;
+    } else if (strcmp(recipe, "deepseek_v3") == 0) {
+        c->score = MOE_SCORE_SIGMOID, c->normalize = 1, c->expert_bias = 1, c->bias_update_rate = 1e-3;
+    } else if (strcmp(recipe, "expert_choice") == 0) {
+        c->router = MOE_ROUTER_EXPERT_CHOICE, c->score = MOE_SCORE_SOFTMAX;
+        c->capacity_factor_train = c->capacity_factor_eval = 2.0;
+    } else {
+        return moe_err(MOE_ERR_ARG, "unknown router \"%s\" (known: %s)", recipe, known);
+    }
+    return MOE_OK;
 }
 
 const char *moe_second_policy_name(moe_second_policy p) {
@@ -176,7 +234,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     if (!l) return moe_err(MOE_ERR_NOMEM, "cannot allocate the layer");
     l->cfg = *cfg;
     int E = cfg->num_experts;
-    l->cap_params = 4 * E + 3;
+    int ns = cfg->type == MOE_LAYER_TOPK && cfg->num_shared > 0 && cfg->num_shared <= 1024 ? cfg->num_shared : 0;
+    l->cap_params = 4 * E + 3 + 4 * ns + 1;
     l->params = moe_calloc((size_t)l->cap_params * sizeof *l->params);
     l->param_off = moe_calloc((size_t)l->cap_params * sizeof *l->param_off);
     l->fan_in = moe_calloc((size_t)l->cap_params * sizeof *l->fan_in);
@@ -224,6 +283,10 @@ void moe_layer_free(moe_layer *l) {
     moe_free(l->wmem);
     moe_free(l->gmem);
     moe_free(l->expert_counts);
+    moe_free(l->rt_enabled);
+    moe_free(l->rt_forced);
+    moe_free(l->bias_load);
+    moe_free(l->bmem);
     moe_free(l->ws);
     moe_free(l->img);
     moe_free(l);
@@ -234,6 +297,10 @@ int64_t moe_layer_input_dim(const moe_layer *l) { return l ? l->in_dim : 0; }
 int64_t moe_layer_output_dim(const moe_layer *l) { return l ? l->out_dim : 0; }
 int moe_layer_has_aux_loss(const moe_layer *l) { return l ? l->has_aux : 0; }
 int moe_layer_num_params(const moe_layer *l) { return l ? l->n_params : 0; }
+int moe_layer_num_buffers(const moe_layer *l) { return l ? l->n_buffers : 0; }
+moe_param *moe_layer_buffer(moe_layer *l, int i) {
+    return (l && i >= 0 && i < l->n_buffers) ? &l->buffers[i] : NULL;
+}
 int64_t moe_layer_num_weights(const moe_layer *l) { return l ? l->n_weights : 0; }
 
 moe_param *moe_layer_param(moe_layer *l, int i) {
@@ -281,7 +348,7 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
         return moe_err(MOE_ERR_UNSUPPORTED, "a token mask is only taken by the soft layers (soft_dynamic, soft), "
                                             "not by a %s layer", moe_layer_type_name(l->cfg.type));
     /* rows per token in the widest routed buffer: K (topk), 2 (gshard), 4 (hierarchical) */
-    int K = l->cfg.type == MOE_LAYER_TOPK ? l->cfg.top_k
+    int K = l->cfg.type == MOE_LAYER_TOPK ? moe__topk_slots(l)
           : l->cfg.type == MOE_LAYER_GSHARD ? 2 : l->cfg.type == MOE_LAYER_HIERARCHICAL ? 4 : 1;
     if (B > INT32_MAX / K / N || B * N > INT64_MAX / l->in_dim / l->out_dim)
         return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large (max %d)", (long long)B,
@@ -412,6 +479,12 @@ moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {
     out->second_kept = l->second_kept;
     out->n_experts = l->n_expert_counts;
     out->expert_counts = l->expert_counts;
+    int topk = l->cfg.type == MOE_LAYER_TOPK;
+    out->top_k = topk ? (l->rt_k ? l->rt_k : l->cfg.top_k) : 0;
+    out->capacity = topk ? l->capacity : 0;
+    out->balance_loss = topk ? l->balance_loss : 0.0;
+    out->z_loss = topk ? l->z_loss : 0.0;
+    out->expert_bias = l->n_buffers ? l->bmem : NULL;
     return MOE_OK;
 }
 
@@ -422,6 +495,11 @@ void moe_layer_set_rng_position(moe_layer *l, uint64_t pos) {
 
 /* ---------------------------------------------------------------- load/save */
 
+/* Parameter or buffer i of the saved tensors: params first, then buffers. */
+static moe_param *saved_tensor(moe_layer *l, int i) {
+    return i < l->n_params ? &l->params[i] : &l->buffers[i - l->n_params];
+}
+
 moe_status moe_layer_load(moe_layer *l, const char *path) {
     moe_err_clear();
     if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
@@ -429,38 +507,52 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
     moe_status st = moe_st_open(&f, path);
     if (st != MOE_OK) return st;
     /* Every tensor is read into a staging copy and checked before any
-     * parameter changes, so a bad file leaves the layer as it was. */
-    float *stage = moe_alloc((size_t)l->n_weights * sizeof(float));
+     * parameter changes, so a bad file leaves the layer as it was. Buffers
+     * are staged after the parameters. */
+    int n = l->n_params + l->n_buffers;
+    int64_t nb = 0;
+    for (int i = 0; i < l->n_buffers; i++) nb += l->buffers[i].numel;
+    float *stage = moe_alloc((size_t)(l->n_weights + nb) * sizeof(float));
     if (!stage) {
         moe_st_close(f);
         return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of the weights");
     }
-    for (int i = 0; i < l->n_params && st == MOE_OK; i++) {
-        const moe_param *p = &l->params[i];
+    for (int i = 0, boff = 0; i < n && st == MOE_OK; i++) {
+        const moe_param *p = saved_tensor(l, i);
+        float *dst = i < l->n_params ? stage + l->param_off[i] : stage + l->n_weights + boff;
+        if (i >= l->n_params) boff += (int)p->numel;
         if (!moe_st_find(f, p->name)) {
             st = moe_err(MOE_ERR_NOTFOUND, "%s: tensor '%s' is missing (a %s layer needs it)", path,
                          p->name, moe_layer_type_name(l->cfg.type));
             break;
         }
-        st = moe_st_read_f32(stage + l->param_off[i], f, p->name, p->ndim, p->shape);
+        st = moe_st_read_f32(dst, f, p->name, p->ndim, p->shape);
         if (st != MOE_OK) {
             char msg[1024];
             snprintf(msg, sizeof msg, "%s", moe_last_error());
             st = moe_err(st, "%s: %s (check the layer config against the weights)", path, msg);
             break;
         }
-        int64_t bad = moe_find_nonfinite(stage + l->param_off[i], p->numel);
+        int64_t bad = moe_find_nonfinite(dst, p->numel);
         if (bad >= 0)
             st = moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path,
                          p->name, (long long)bad);
     }
     for (int i = 0; i < moe_st_count(f) && st == MOE_OK; i++) {
         const char *name = moe_st_tensor_at(f, i)->name;
-        if (!moe_layer_find_param(l, name))
+        int found = moe_layer_find_param(l, name) != NULL;
+        for (int b = 0; b < l->n_buffers; b++) found |= strcmp(l->buffers[b].name, name) == 0;
+        if (!found)
             st = moe_err(MOE_ERR_FORMAT, "%s: unexpected tensor '%s' (not a parameter of this %s layer)",
                          path, name, moe_layer_type_name(l->cfg.type));
     }
-    if (st == MOE_OK) memcpy(l->wmem, stage, (size_t)l->n_weights * sizeof(float));
+    if (st == MOE_OK) {
+        memcpy(l->wmem, stage, (size_t)l->n_weights * sizeof(float));
+        for (int b = 0, boff = 0; b < l->n_buffers; b++) {
+            memcpy(l->buffers[b].data, stage + l->n_weights + boff, (size_t)l->buffers[b].numel * sizeof(float));
+            boff += (int)l->buffers[b].numel;
+        }
+    }
     moe_free(stage);
     moe_st_close(f);
     return st;
@@ -469,10 +561,11 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
 moe_status moe_layer_save(moe_layer *l, const char *path) {
     moe_err_clear();
     if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_save: NULL argument");
-    moe_st_entry *ents = moe_calloc((size_t)l->n_params * sizeof *ents);
+    int n = l->n_params + l->n_buffers;
+    moe_st_entry *ents = moe_calloc((size_t)n * sizeof *ents);
     if (!ents) return moe_err(MOE_ERR_NOMEM, "cannot allocate the tensor list");
-    for (int i = 0; i < l->n_params; i++) {
-        const moe_param *p = &l->params[i];
+    for (int i = 0; i < n; i++) {
+        const moe_param *p = saved_tensor(l, i);
         ents[i].name = p->name;
         ents[i].dtype = MOE_DT_F32;
         ents[i].ndim = p->ndim;
@@ -480,7 +573,7 @@ moe_status moe_layer_save(moe_layer *l, const char *path) {
         ents[i].data = p->data;
     }
     const char *meta[] = {"format", "pt", "libmoe.type", moe_layer_type_name(l->cfg.type)};
-    moe_status st = moe_st_write(path, ents, l->n_params, meta, 2);
+    moe_status st = moe_st_write(path, ents, n, meta, 2);
     moe_free(ents);
     return st;
 }

@@ -40,6 +40,18 @@ struct moe_layer {
     uint64_t forward_calls;    /* forwards run: the RNG stream of the next one */
     int64_t  B, N;             /* groups and tokens per group, last forward   */
 
+    /* topk router state (topk.c) */
+    int      rt_k;             /* K set at run time, 0: cfg.top_k             */
+    uint8_t *rt_enabled;       /* (E) runtime expert mask, 1 enabled          */
+    uint8_t *rt_forced;        /* (E) experts forced on every token           */
+    int      rt_n_forced;
+    int64_t *bias_load;        /* (E) selections since the last bias update   */
+    int64_t  capacity;         /* C of the last forward, 0 dropless           */
+    double   balance_loss, z_loss; /* of the last forward, before coefficients */
+    int      n_buffers;        /* state buffers (saved, not trained)          */
+    moe_param buffers[1];
+    float   *bmem;
+
     int64_t T;                 /* tokens of the last forward                  */
     const uint8_t *mask;       /* (B,N) token mask of the running forward, or NULL */
     int     image;             /* last forward was moe_layer_forward_image    */
@@ -84,6 +96,8 @@ moe_status moe__soft_create(moe_layer *l);   /* soft_dynamic and soft     */
  * returns how many there are (0 for layers without routing). */
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
+/* Slots per token of the topk layer's assignment arrays (K or E, plus shared). */
+int     moe__topk_slots(const moe_layer *l);
 int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 
 #endif

@@ -1,63 +1,110 @@
 /*
- * Layer `topk` (seed 004 SimpleMoE): gate Linear(D,E) with bias, the K largest
- * logits per token, softmax over those K only, and K of E expert MLPs per
- * token: Linear(D,H) -> act -> Linear(H,D), or a GLU expert Linear(D,2H) ->
- * a*f(g) -> Linear(H,D). Sparse, index-based dispatch: each expert's GEMMs see
- * only its routed rows.
- * Dimension key: T tokens, D model dim, H expert hidden dim, H2 = H (MLP) or
- * 2H (GLU), E experts, K top-k, A = T*K routed rows.
+ * Layer `topk`: the token-choice MoE layer and its router options (router.c).
+ * Seed 004 SimpleMoE by default: gate Linear(D,E) with bias, the K largest
+ * logits per token, softmax over those K, and K of E expert MLPs per token:
+ * Linear(D,H) -> act -> Linear(H,D), or a GLU expert Linear(D,2H) -> a*f(g)
+ * -> Linear(H,D). Options: softmax or sigmoid scoring, renormalisation, route
+ * scale, capacity, jitter, balance loss, z-loss, shared experts (optionally
+ * gated), selection bias with aux-loss-free updates, group-limited routing,
+ * expert choice, and runtime K / expert mask / forced experts.
+ * Sparse, index-based dispatch: each expert's GEMMs see only its routed rows.
+ * Shared experts are experts E..E+Ns-1 of the same bank, assigned to every
+ * token in slots K..K+Ns-1, so dispatch, combine and backward are shared.
+ * Dimension key: T = B*N tokens, D model dim, H expert hidden dim, H2 = H
+ * (MLP) or 2H (GLU), E routed experts, Ns shared experts, Et = E + Ns,
+ * K picks per token, Kr routed slots (K, or E for expert choice),
+ * Ks = Kr + Ns slots per token, A expert rows, G expert groups.
  *
  * Parameters live in one block, grouped for one GEMM per expert:
- *   W1 (E,H2,D)  b1 (E,H2)  W2 (E,D,H)  b2 (E,D)  Wg (E,D)  bg (E)
+ *   W1 (Et,H2,D)  b1 (Et,H2)  W2 (Et,D,H)  b2 (Et,D)  Wg (E,D)  bg (E)  Gs (Ns,D)
  * and the table names them as the state_dict does:
  *   experts.{e}.net.0.weight (H2,D), .net.0.bias (H2), .net.2.weight (D,H),
- *   .net.2.bias (D), gate.weight (E,D), gate.bias (E).
+ *   .net.2.bias (D), gate.weight (E,D), gate.bias (E),
+ *   shared_experts.{i}.net.0.weight ... (as experts), shared_gate.weight (Ns,D);
+ * buffer gate.e_score_correction_bias (E) with expert_bias.
  */
 #include "ffn.h"
 #include "layer_internal.h"
 #include "ops.h"
+#include "router.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
 typedef struct {
-    float *x;       /* (T,D)   copy of the input (gate backward)         */
-    float *logits;  /* (T,E)                                             */
-    float *w;       /* (T,K)   softmax over the selected logits          */
-    float *dw;      /* (T,K)                                             */
-    float *dlogits; /* (T,E)                                             */
-    int32_t *idx;   /* (T,K)   selected experts, largest logit first     */
-    int32_t *pos;   /* (T,K)   row of each assignment in the expert bufs */
+    float *x;       /* (T,D)   copy of the input                          */
+    float *xg;      /* (T,D)   gate input: x, or x * noise with jitter     */
+    float *noise;   /* (T,D)   jitter multipliers (jitter > 0)            */
+    float *z, *p, *dp, *dz; /* (T,E) logits, probabilities, their grads  */
+    float *lse;     /* (T)                                               */
+    float *gscore;  /* (T,G)                                             */
+    uint8_t *gkeep; /* (T,G)                                             */
+    uint8_t *taken; /* (T,E)                                             */
+    moe_ec_pair *pairs; /* (E,N)                                         */
+    int64_t *fill, *load, *counts; /* (E), (B,E), (Et)                   */
+    double *psum;   /* (E)                                               */
+    float *sg, *dsg; /* (T,Ns) sigmoid of the shared gate logits; grad  */
+    float *w, *dw;  /* (T,Ks)                                            */
+    int32_t *idx, *pos; /* (T,Ks)                                        */
     int32_t *slot;  /* (A)     token of each row                         */
-    int64_t *offsets; /* (E+1)                                           */
-    float *xe;      /* (A,D)   gathered expert inputs                    */
-    float *hpre;    /* (A,H2)  first GEMM output (pre-activation)        */
-    float *ha;      /* (A,H)   activation                                */
-    float *ye;      /* (A,D)   expert outputs                            */
-    float *dye;     /* (A,D)                                             */
-    float *dha;     /* (A,H)                                             */
-    float *dhpre;   /* (A,H2)                                            */
-    float *dxe;     /* (A,D)                                             */
+    int64_t *offsets; /* (Et+1)                                          */
+    float *xe, *hpre, *ha, *ye, *dye, *dha, *dhpre, *dxe; /* (A, D|H|H2) */
 } topk_ws;
 
 static int is_glu(const moe_config *c) { return c->expert != MOE_EXPERT_MLP; }
+static int is_ec(const moe_config *c) { return c->router == MOE_ROUTER_EXPERT_CHOICE; }
+static int eff_k(const moe_layer *l) { return l->rt_k ? l->rt_k : l->cfg.top_k; }
+static int groups(const moe_config *c) { return c->num_groups > 1 ? c->num_groups : 1; }
 
-/* Measure (base NULL) or carve the workspace for T tokens. */
-static size_t layout(const moe_layer *l, int64_t T, char *base, topk_ws *w) {
+int moe__topk_slots(const moe_layer *l) {
+    return (is_ec(&l->cfg) ? l->cfg.num_experts : eff_k(l)) + l->cfg.num_shared;
+}
+
+/* Most expert rows a forward of B groups of N tokens can have. */
+static int64_t max_rows(const moe_layer *l, int64_t B, int64_t N) {
+    const moe_config *c = &l->cfg;
+    int64_t T = B * N, routed = T * (is_ec(c) ? c->num_experts : eff_k(l));
+    if (is_ec(c)) {
+        double cf = fmax(c->capacity_factor_train, c->capacity_factor_eval);
+        int64_t C = moe_router_capacity(cf, N, 1, c->num_experts, 1), bound = B * C * c->num_experts;
+        routed = bound < routed ? bound : routed;
+    }
+    return routed + T * c->num_shared;
+}
+
+/* Measure (base NULL) or carve the workspace for B groups of N tokens. */
+static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, topk_ws *w) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H, E = c->num_experts;
-    int64_t K = c->top_k, A = T * K;
-    size_t off = 0, F = sizeof(float), I = sizeof(int32_t);
+    int64_t T = B * N, Ns = c->num_shared, Et = E + Ns, Ks = moe__topk_slots(l), A = max_rows(l, B, N);
+    int64_t G = groups(c), J = c->jitter > 0 ? T : 0;
+    size_t off = 0, F = sizeof(float), I = sizeof(int32_t), L = sizeof(int64_t);
     w->x = moe__carve(base, &off, T, D, F);
-    w->logits = moe__carve(base, &off, T, E, F);
-    w->w = moe__carve(base, &off, T, K, F);
-    w->dw = moe__carve(base, &off, T, K, F);
-    w->dlogits = moe__carve(base, &off, T, E, F);
-    w->idx = moe__carve(base, &off, T, K, I);
-    w->pos = moe__carve(base, &off, T, K, I);
+    w->xg = c->jitter > 0 ? moe__carve(base, &off, J, D, F) : w->x;
+    w->noise = moe__carve(base, &off, J, D, F);
+    w->z = moe__carve(base, &off, T, E, F);
+    w->p = moe__carve(base, &off, T, E, F);
+    w->dp = moe__carve(base, &off, T, E, F);
+    w->dz = moe__carve(base, &off, T, E, F);
+    w->lse = moe__carve(base, &off, T, 1, F);
+    w->gscore = moe__carve(base, &off, T, G, F);
+    w->gkeep = moe__carve(base, &off, T, G, 1);
+    w->taken = moe__carve(base, &off, T, E, 1);
+    w->pairs = moe__carve(base, &off, is_ec(c) ? E : 0, N, sizeof(moe_ec_pair));
+    w->fill = moe__carve(base, &off, E, 1, L);
+    w->load = moe__carve(base, &off, B, E, L);
+    w->counts = moe__carve(base, &off, Et, 1, L);
+    w->psum = moe__carve(base, &off, E, 1, sizeof(double));
+    w->sg = moe__carve(base, &off, T, Ns, F);
+    w->dsg = moe__carve(base, &off, T, Ns, F);
+    w->w = moe__carve(base, &off, T, Ks, F);
+    w->dw = moe__carve(base, &off, T, Ks, F);
+    w->idx = moe__carve(base, &off, T, Ks, I);
+    w->pos = moe__carve(base, &off, T, Ks, I);
     w->slot = moe__carve(base, &off, A, 1, I);
-    w->offsets = moe__carve(base, &off, E + 1, 1, sizeof(int64_t));
+    w->offsets = moe__carve(base, &off, Et + 1, 1, L);
     w->xe = moe__carve(base, &off, A, D, F);
     w->hpre = moe__carve(base, &off, A, H2, F);
     w->ha = moe__carve(base, &off, A, H, F);
@@ -70,110 +117,210 @@ static size_t layout(const moe_layer *l, int64_t T, char *base, topk_ws *w) {
 }
 
 static size_t topk_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
-    int64_t T = B * N;
     topk_ws w;
-    return layout(l, T, NULL, &w);
+    return layout(l, B, N, NULL, &w);
 }
 
-/* Parameter block: offsets (in floats) of W1, b1, W2, b2, Wg, bg, and the end. */
-enum { P_W1, P_B1, P_W2, P_B2, P_WG, P_BG, P_END };
+/* Parameter block: offsets (in floats) of W1, b1, W2, b2, Wg, bg, Gs, and the end. */
+enum { P_W1, P_B1, P_W2, P_B2, P_WG, P_BG, P_GS, P_END };
 static void param_offsets(const moe_config *c, int64_t o[P_END + 1]) {
     int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H, E = c->num_experts;
+    int64_t Et = E + c->num_shared;
     o[P_W1] = 0;
-    o[P_B1] = o[P_W1] + E * H2 * D;
-    o[P_W2] = o[P_B1] + E * H2;
-    o[P_B2] = o[P_W2] + E * D * H;
-    o[P_WG] = o[P_B2] + E * D;
+    o[P_B1] = o[P_W1] + Et * H2 * D;
+    o[P_W2] = o[P_B1] + Et * H2;
+    o[P_B2] = o[P_W2] + Et * D * H;
+    o[P_WG] = o[P_B2] + Et * D;
     o[P_BG] = o[P_WG] + E * D;
-    o[P_END] = o[P_BG] + E;
+    o[P_GS] = o[P_BG] + E;
+    o[P_END] = o[P_GS] + (c->shared_gate ? c->num_shared * D : 0);
 }
 
 typedef struct {
-    float *W1, *b1, *W2, *b2, *Wg, *bg;
+    float *W1, *b1, *W2, *b2, *Wg, *bg, *Gs;
 } topk_params;
 
 static topk_params params_of(const moe_layer *l, float *mem) {
     int64_t o[P_END + 1];
     param_offsets(&l->cfg, o);
-    topk_params p = {mem + o[P_W1], mem + o[P_B1], mem + o[P_W2], mem + o[P_B2], mem + o[P_WG], mem + o[P_BG]};
+    topk_params p = {mem + o[P_W1], mem + o[P_B1], mem + o[P_W2], mem + o[P_B2],
+                     mem + o[P_WG], mem + o[P_BG], mem + o[P_GS]};
     return p;
 }
 
-/* The expert bank over parameters p and gradients g (g may be all NULL). */
+/* The expert bank (routed and shared) over parameters p and gradients g. */
 static moe_ffn ffn_of(const moe_config *c, topk_params p, topk_params g) {
     moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
-                 c->num_experts, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
+                 c->num_experts + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
     return f;
+}
+
+/* The router over this layer's settings and workspace, for T = B*N tokens. */
+static moe_router router_of(const moe_layer *l, const topk_ws *w, int train) {
+    const moe_config *c = &l->cfg;
+    moe_router r;
+    memset(&r, 0, sizeof r);
+    r.E = c->num_experts, r.K = is_ec(c) ? 0 : eff_k(l), r.Ks = moe__topk_slots(l);
+    r.expert_choice = is_ec(c), r.score = c->score, r.normalize = c->normalize;
+    r.scale = (float)c->route_scale;
+    r.cf = train ? c->capacity_factor_train : c->capacity_factor_eval;
+    r.G = groups(c), r.M = c->topk_groups > 0 ? c->topk_groups : r.G;
+    r.enabled = l->rt_enabled, r.forced = l->rt_n_forced ? l->rt_forced : NULL;
+    r.bias = c->expert_bias ? l->bmem : NULL;
+    r.B = l->B, r.N = l->N;
+    r.z = w->z, r.p = w->p, r.lse = w->lse, r.gscore = w->gscore, r.gkeep = w->gkeep, r.taken = w->taken;
+    r.pairs = w->pairs, r.fill = w->fill, r.psum = w->psum;
+    r.idx = w->idx, r.w = w->w, r.pos = w->pos, r.load = w->load;
+    return r;
 }
 
 static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim;
-    int E = c->num_experts, K = c->top_k;
-    int64_t A = T * K;
+    int E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l), Kr = Ks - Ns;
     topk_ws w;
-    layout(l, T, l->ws, &w);
+    layout(l, l->B, l->N, l->ws, &w);
     topk_params p = params_of(l, l->wmem);
 
     memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
-    /* gate: logits (T,E) = x Wg^T + bg, then top-k and softmax over the k */
-    moe_sgemm(0, 1, T, E, D, 1.0f, x, D, p.Wg, D, 0.0f, w.logits, E);
-    moe_add_bias_rows(w.logits, p.bg, T, E);
-    moe_topk_softmax(w.idx, w.w, w.logits, T, E, K);
-    moe_dispatch_plan(l->expert_counts, w.offsets, w.pos, w.slot, w.idx, T, K, E);
-    moe_gather_rows(w.xe, x, w.slot, A, D);
+    const float *xg = x;
+    if (train && c->jitter > 0) { /* Switch: gate input times U(1 - j, 1 + j) */
+        uint64_t stream = moe_rng_u64(c->seed ^ 0x7a11e5c0de5ull, l->forward_calls);
+        float j = (float)c->jitter;
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < T * D; i++) {
+            w.noise[i] = 1.0f + j * (2.0f * moe_rng_uniform(stream, (uint64_t)i) - 1.0f);
+            w.xg[i] = x[i] * w.noise[i];
+        }
+        xg = w.xg;
+    }
+    moe_sgemm(0, 1, T, E, D, 1.0f, xg, D, p.Wg, D, 0.0f, w.z, E);
+    moe_add_bias_rows(w.z, p.bg, T, E);
+    moe_router r = router_of(l, &w, train);
+    moe_router_forward(&r);
 
-    /* experts: one GEMM per expert over its contiguous rows */
+    /* shared experts: slots Kr.., weight 1 or sigmoid(Gs x) */
+    if (Ns && c->shared_gate) {
+        moe_sgemm(0, 1, T, Ns, D, 1.0f, x, D, p.Gs, D, 0.0f, w.sg, Ns);
+        for (int64_t i = 0; i < T * Ns; i++) w.sg[i] = 1.0f / (1.0f + expf(-w.sg[i]));
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int i = 0; i < Ns; i++) {
+            w.idx[t * Ks + Kr + i] = E + i;
+            w.w[t * Ks + Kr + i] = c->shared_gate ? w.sg[t * Ns + i] : 1.0f;
+            w.pos[t * Ks + Kr + i] = 0;
+        }
+    moe_dispatch_plan(w.counts, w.offsets, w.pos, w.slot, w.idx, T, Ks, E + Ns);
+    memcpy(l->expert_counts, w.counts, (size_t)E * sizeof *w.counts);
+    moe_gather_rows(w.xe, x, w.slot, w.offsets[E + Ns], D);
+
     topk_params none = {0};
     moe_ffn f = ffn_of(c, p, none);
     moe_ffn_forward(&f, w.offsets, w.xe, w.hpre, w.ha, w.ye);
-    moe_combine(y, w.ye, w.w, w.pos, T, K, D);
-    l->assignments = A;
-    l->dropped = 0;
-    (void)aux;
-    (void)train;
+    moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
+
+    l->assignments = w.offsets[E];
+    l->dropped = r.dropped;
+    l->capacity = r.capacity;
+    l->balance_loss = r.balance;
+    l->z_loss = r.zloss;
+    if (aux && l->has_aux) *aux = (float)(c->balance_coef * r.balance + c->z_loss_coef * r.zloss);
+    if (train && c->expert_bias)
+        for (int64_t b = 0; b < l->B; b++)
+            for (int e = 0; e < E; e++) l->bias_load[e] += w.load[b * E + e];
 }
 
 static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim;
-    int E = c->num_experts, K = c->top_k;
-    int64_t T = l->T;
+    int64_t D = c->input_dim, T = l->T;
+    int E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l), Kr = Ks - Ns;
     topk_ws w;
-    layout(l, T, l->ws, &w);
+    layout(l, l->B, l->N, l->ws, &w);
     topk_params p = params_of(l, l->wmem), g = params_of(l, l->gmem);
 
     /* combine: dye = w * dy per routed row, dw = <dy, ye> */
-    moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, K, D);
+    moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, Ks, D);
     moe_ffn f = ffn_of(c, p, g);
     moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
 
-    /* gate: softmax over the selected logits, scattered back to (T,E) */
-    memset(w.dlogits, 0, (size_t)(T * E) * sizeof(float));
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *wt = w.w + t * K, *dwt = w.dw + t * K;
-        float s = 0.0f;
-        for (int j = 0; j < K; j++) s += wt[j] * dwt[j];
-        for (int j = 0; j < K; j++) w.dlogits[t * E + w.idx[t * K + j]] = wt[j] * (dwt[j] - s);
+    moe_router r = router_of(l, &w, 1);
+    r.capacity = l->capacity;
+    moe_router_backward(&r, w.dz, w.dp, w.dw, daux * (float)c->balance_coef, daux * (float)c->z_loss_coef);
+    const float *xg = c->jitter > 0 ? w.xg : w.x;
+    moe_sgemm(1, 0, E, D, T, 1.0f, w.dz, E, xg, D, 1.0f, g.Wg, D);
+    moe_colsum_acc(g.bg, w.dz, T, E);
+    if (Ns && c->shared_gate) { /* dsg = dw * s (1 - s) */
+        for (int64_t t = 0; t < T; t++)
+            for (int i = 0; i < Ns; i++) {
+                float s = w.sg[t * Ns + i];
+                w.dsg[t * Ns + i] = w.dw[t * Ks + Kr + i] * s * (1.0f - s);
+            }
+        moe_sgemm(1, 0, Ns, D, T, 1.0f, w.dsg, Ns, w.x, D, 1.0f, g.Gs, D);
     }
-    moe_sgemm(1, 0, E, D, T, 1.0f, w.dlogits, E, w.x, D, 1.0f, g.Wg, D);
-    moe_colsum_acc(g.bg, w.dlogits, T, E);
     if (dx) {
-        moe_sgemm(0, 0, T, D, E, 1.0f, w.dlogits, E, p.Wg, D, 0.0f, dx, D);
-        moe_scatter_add(dx, w.dxe, w.pos, T, K, D);
+        moe_sgemm(0, 0, T, D, E, 1.0f, w.dz, E, p.Wg, D, 0.0f, dx, D);
+        if (c->jitter > 0) /* backward follows a train forward: noise is set */
+            for (int64_t i = 0; i < T * D; i++) dx[i] *= w.noise[i];
+        if (Ns && c->shared_gate) moe_sgemm(0, 0, T, D, Ns, 1.0f, w.dsg, Ns, p.Gs, D, 1.0f, dx, D);
+        moe_scatter_add(dx, w.dxe, w.pos, T, Ks, D);
     }
-    (void)daux;
 }
 
 static const moe_layer_ops topk_ops = {topk_workspace_bytes, topk_forward, topk_backward};
 
-moe_status moe__topk_create(moe_layer *l) {
-    const moe_config *c = &l->cfg;
-    int E = c->num_experts;
-    if (c->top_k < 1 || c->top_k > E)
+/* Router settings of a topk config that no other check covers. */
+static moe_status check_router(const moe_config *c) {
+    int E = c->num_experts, ec = is_ec(c);
+    if (c->router != MOE_ROUTER_TOKEN_CHOICE && !ec)
+        return moe_err(MOE_ERR_ARG, "unknown router kind %d", (int)c->router);
+    if (!moe_score_func_name(c->score)) return moe_err(MOE_ERR_ARG, "unknown score function %d", (int)c->score);
+    if (!ec && (c->top_k < 1 || c->top_k > E))
         return moe_err(MOE_ERR_ARG, "top_k = %d is out of range: it must be between 1 and num_experts = %d",
                        c->top_k, E);
+    if (!(c->route_scale > 0) || !isfinite(c->route_scale))
+        return moe_err(MOE_ERR_ARG, "route_scale must be a finite number > 0, got %g", c->route_scale);
+    if (!(c->capacity_factor_train >= 0) || !(c->capacity_factor_eval >= 0) ||
+        !isfinite(c->capacity_factor_train) || !isfinite(c->capacity_factor_eval))
+        return moe_err(MOE_ERR_ARG, "capacity_factor must be >= 0 (0: dropless), got %g (train) and %g (eval)",
+                       c->capacity_factor_train, c->capacity_factor_eval);
+    if (!(c->jitter >= 0 && c->jitter < 1))
+        return moe_err(MOE_ERR_ARG, "jitter must be in [0, 1), got %g", c->jitter);
+    if (!(c->balance_coef >= 0) || !(c->z_loss_coef >= 0) || !isfinite(c->balance_coef) || !isfinite(c->z_loss_coef))
+        return moe_err(MOE_ERR_ARG, "balance_coef and z_loss_coef must be finite and >= 0, got %g and %g",
+                       c->balance_coef, c->z_loss_coef);
+    if (c->num_shared < 0 || c->num_shared > 1024)
+        return moe_err(MOE_ERR_ARG, "num_shared_experts must be in [0, 1024], got %d", c->num_shared);
+    if (c->shared_gate && c->num_shared == 0)
+        return moe_err(MOE_ERR_ARG, "shared_gate needs num_shared_experts >= 1");
+    if (!(c->bias_update_rate >= 0) || !isfinite(c->bias_update_rate))
+        return moe_err(MOE_ERR_ARG, "bias_update_rate must be finite and >= 0, got %g", c->bias_update_rate);
+    if (c->bias_update_rate > 0 && !c->expert_bias)
+        return moe_err(MOE_ERR_ARG, "bias_update_rate needs expert_bias (the bias it updates)");
+    if (c->num_groups < 0 || (c->num_groups > 1 && E % c->num_groups != 0))
+        return moe_err(MOE_ERR_ARG, "num_groups = %d must divide num_experts = %d", c->num_groups, E);
+    if (c->topk_groups < 0 || (c->topk_groups > 0 && c->topk_groups > groups(c)))
+        return moe_err(MOE_ERR_ARG, "topk_groups = %d must be between 1 and num_groups = %d", c->topk_groups,
+                       groups(c));
+    if (ec) {
+        if (c->score != MOE_SCORE_SOFTMAX)
+            return moe_err(MOE_ERR_ARG, "expert choice scores tokens with a softmax: set \"score\": \"softmax\"");
+        if (!(c->capacity_factor_train > 0) || !(c->capacity_factor_eval > 0))
+            return moe_err(MOE_ERR_ARG, "expert choice needs capacity_factor > 0 (tokens per expert = "
+                                        "capacity_factor * N / E); got %g (train) and %g (eval)",
+                           c->capacity_factor_train, c->capacity_factor_eval);
+        if (c->balance_coef > 0)
+            return moe_err(MOE_ERR_ARG, "expert choice is balanced by construction: set balance_coef to 0");
+        if (c->expert_bias || c->num_groups > 1)
+            return moe_err(MOE_ERR_ARG, "expert choice takes no expert_bias and no num_groups");
+    }
+    return MOE_OK;
+}
+
+moe_status moe__topk_create(moe_layer *l) {
+    const moe_config *c = &l->cfg;
+    int E = c->num_experts, Ns = c->num_shared;
+    moe_status st = check_router(c);
+    if (st != MOE_OK) return st;
     if (c->hidden_dim < 1 || c->hidden_dim > INT_MAX / 4)
         return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4,
                        (long long)c->hidden_dim);
@@ -181,46 +328,128 @@ moe_status moe__topk_create(moe_layer *l) {
         return moe_err(MOE_ERR_ARG, "unknown activation %d", (int)c->activation);
     if (!moe_expert_kind_name(c->expert))
         return moe_err(MOE_ERR_ARG, "unknown expert kind %d", (int)c->expert);
-    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
-    /* parameter count, overflow-checked: E*(H2*D + H2 + D*H + D) + E*D + E */
+    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H, Et = E + Ns;
+    /* parameter count, overflow-checked: Et*(H2*D + H2 + D*H + D) + E*(D+1) + Ns*D */
     size_t per, a, b, total;
     if (!moe_mul_size(&a, (size_t)H2, (size_t)D) || !moe_mul_size(&b, (size_t)D, (size_t)H) ||
         !moe_add_size(&per, a, b) || !moe_add_size(&per, per, (size_t)(H2 + D)) ||
-        !moe_mul_size(&total, per, (size_t)E) || !moe_add_size(&total, total, (size_t)E * (size_t)(D + 1)) ||
+        !moe_mul_size(&total, per, (size_t)Et) || !moe_add_size(&total, total, (size_t)(E + Ns) * (size_t)(D + 1)) ||
         total > (size_t)INT64_MAX / sizeof(float))
         return moe_err(MOE_ERR_ARG, "layer too large: D=%lld H=%lld E=%d", (long long)D, (long long)H, E);
 
     l->ops = &topk_ops;
     l->in_dim = D;
     l->out_dim = D;
-    l->has_aux = 0;
+    l->has_aux = c->balance_coef > 0 || c->z_loss_coef > 0;
+    l->rt_enabled = moe_alloc((size_t)E);
+    l->rt_forced = moe_calloc((size_t)E);
+    l->bias_load = moe_calloc((size_t)E * sizeof *l->bias_load);
+    if (!l->rt_enabled || !l->rt_forced || !l->bias_load)
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate the router state");
+    memset(l->rt_enabled, 1, (size_t)E);
     int64_t o[P_END + 1];
     param_offsets(c, o);
     char name[MOE_NAME_MAX];
-    moe_status st = MOE_OK;
-    for (int e = 0; e < E && st == MOE_OK; e++) {
+    for (int e = 0; e < Et && st == MOE_OK; e++) {
         int64_t s_w1[2] = {H2, D}, s_b1[1] = {H2}, s_w2[2] = {D, H}, s_b2[1] = {D};
-        snprintf(name, sizeof name, "experts.%d.net.0.weight", e);
-        st = moe__layer_add_param(l, name, 2, s_w1, o[P_W1] + e * H2 * D, D);
-        snprintf(name, sizeof name, "experts.%d.net.0.bias", e);
+        const char *kind = e < E ? "experts" : "shared_experts";
+        int i = e < E ? e : e - E;
+        if (e == E) { /* the gate sits between routed and shared experts, as a module lists it */
+            int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
+            st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
+            if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
+        }
+        snprintf(name, sizeof name, "%s.%d.net.0.weight", kind, i);
+        if (st == MOE_OK) st = moe__layer_add_param(l, name, 2, s_w1, o[P_W1] + e * H2 * D, D);
+        snprintf(name, sizeof name, "%s.%d.net.0.bias", kind, i);
         if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b1, o[P_B1] + e * H2, D);
-        snprintf(name, sizeof name, "experts.%d.net.2.weight", e);
+        snprintf(name, sizeof name, "%s.%d.net.2.weight", kind, i);
         if (st == MOE_OK) st = moe__layer_add_param(l, name, 2, s_w2, o[P_W2] + e * D * H, H);
-        snprintf(name, sizeof name, "experts.%d.net.2.bias", e);
+        snprintf(name, sizeof name, "%s.%d.net.2.bias", kind, i);
         if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b2, o[P_B2] + e * D, H);
     }
-    int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
-    if (st == MOE_OK) st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
-    if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
+    if (Ns == 0) {
+        int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
+        if (st == MOE_OK) st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
+        if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
+    }
+    int64_t s_gs[2] = {Ns, D};
+    if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
+    if (st == MOE_OK && c->expert_bias) { /* state buffer, zeros as DeepSeek-V3 starts it */
+        l->bmem = moe_calloc((size_t)E * sizeof(float));
+        if (!l->bmem) return moe_err(MOE_ERR_NOMEM, "cannot allocate the expert bias");
+        moe_param *bp = &l->buffers[0];
+        bp->name = "gate.e_score_correction_bias";
+        bp->ndim = 1, bp->shape[0] = E, bp->numel = E, bp->data = l->bmem, bp->grad = NULL;
+        l->n_buffers = 1;
+    }
     (void)total;
     return st;
 }
 
 int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     topk_ws w;
-    int64_t n = l->T * l->cfg.top_k;
-    layout(l, l->T, l->ws, &w);
-    if (dst) memcpy(dst, w.idx, (size_t)(n < cap ? n : cap) * sizeof *dst);
+    int64_t n = l->T * moe__topk_slots(l);
+    layout(l, l->B, l->N, l->ws, &w);
+    for (int64_t i = 0; i < n && i < cap; i++) dst[i] = w.pos[i] < 0 ? -1 : w.idx[i];
     return n;
+}
+
+moe_status moe_layer_set_routing(moe_layer *l, int top_k, const uint8_t *expert_mask,
+                                 const uint8_t *force_experts) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_set_routing: NULL layer");
+    const moe_config *c = &l->cfg;
+    if (c->type != MOE_LAYER_TOPK)
+        return moe_err(MOE_ERR_UNSUPPORTED, "runtime routing control is for topk layers, not %s",
+                       moe_layer_type_name(c->type));
+    int E = c->num_experts, k = top_k ? top_k : c->top_k, en = 0, nf = 0;
+    if (is_ec(c) && (top_k || force_experts))
+        return moe_err(MOE_ERR_ARG, "expert choice has no top_k and no forced experts (experts pick tokens); "
+                                    "only expert_mask applies");
+    if (top_k < 0 || top_k > E)
+        return moe_err(MOE_ERR_ARG, "top_k = %d is out of range: it must be between 1 and num_experts = %d "
+                                    "(0: the config's %d)", top_k, E, c->top_k);
+    for (int e = 0; e < E; e++) {
+        int on = !expert_mask || expert_mask[e];
+        en += on;
+        if (force_experts && force_experts[e]) {
+            nf++;
+            if (!on) return moe_err(MOE_ERR_ARG, "expert %d is both forced and masked off", e);
+        }
+    }
+    if (en == 0) return moe_err(MOE_ERR_ARG, "expert_mask disables every expert; at least one must stay enabled");
+    if (!is_ec(c) && en < k)
+        return moe_err(MOE_ERR_ARG, "only %d experts are enabled, fewer than top_k = %d", en, k);
+    if (nf > k) return moe_err(MOE_ERR_ARG, "%d experts are forced, more than top_k = %d", nf, k);
+    l->rt_k = top_k;
+    for (int e = 0; e < E; e++) {
+        l->rt_enabled[e] = !expert_mask || expert_mask[e];
+        l->rt_forced[e] = force_experts && force_experts[e];
+    }
+    l->rt_n_forced = nf;
+    l->cached = 0; /* the workspace layout may have changed */
+    return MOE_OK;
+}
+
+moe_status moe_layer_update_bias(moe_layer *l) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_update_bias: NULL layer");
+    const moe_config *c = &l->cfg;
+    if (c->type != MOE_LAYER_TOPK || !c->expert_bias) return MOE_OK;
+    int E = c->num_experts, en = 0;
+    double total = 0.0;
+    for (int e = 0; e < E; e++)
+        if (l->rt_enabled[e]) en++, total += (double)l->bias_load[e];
+    double mean = total / en;
+    float g = (float)c->bias_update_rate;
+    /* DeepSeek-V3: raise the bias of underloaded experts, lower it for overloaded ones */
+    for (int e = 0; e < E; e++) {
+        if (!l->rt_enabled[e] || total == 0.0) continue;
+        double d = mean - (double)l->bias_load[e];
+        l->bmem[e] += d > 0 ? g : d < 0 ? -g : 0.0f;
+    }
+    memset(l->bias_load, 0, (size_t)E * sizeof *l->bias_load);
+    return MOE_OK;
 }

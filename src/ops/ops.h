@@ -50,7 +50,9 @@ void moe_topk_softmax(int32_t *idx, float *w, const float *logits, int64_t T, in
 /* Index-based dispatch plan (a counting sort in token order, deterministic):
  *   counts  (E)    rows routed to each expert
  *   offsets (E+1)  prefix sums of counts; expert e owns rows [offsets[e], offsets[e+1])
- *   pos     (T*K)  row of assignment (t, j) in the expert-sorted buffers
+ *   pos     (T*K)  in: < 0 for an assignment that is dropped (capacity) or
+ *                  unused, else anything; out: its row in the expert-sorted
+ *                  buffers, -1 kept for the dropped ones
  *   slot_tok (A)   token of each row
  * from idx (T,K). */
 void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t *slot_tok,

@@ -66,7 +66,8 @@ void moe_topk_softmax(int32_t *idx, float *w, const float *logits, int64_t T, in
 void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t *slot_tok,
                        const int32_t *idx, int64_t T, int K, int E) {
     memset(counts, 0, (size_t)E * sizeof *counts);
-    for (int64_t a = 0; a < T * K; a++) counts[idx[a]]++;
+    for (int64_t a = 0; a < T * K; a++)
+        if (pos[a] >= 0) counts[idx[a]]++;
     offsets[0] = 0;
     for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
     /* Fill in token order so each expert's rows are sorted by token; counts
@@ -74,6 +75,7 @@ void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t 
     for (int e = 0; e < E; e++) counts[e] = 0;
     for (int64_t t = 0; t < T; t++)
         for (int j = 0; j < K; j++) {
+            if (pos[t * K + j] < 0) continue; /* dropped: stays -1 */
             int32_t e = idx[t * K + j];
             int64_t r = offsets[e] + counts[e]++;
             pos[t * K + j] = (int32_t)r;
