@@ -1,7 +1,8 @@
 /*
  * Finite-difference gradient checks for every parameter and the input of the
  * topk, dense, gshard, hierarchical, soft_dynamic and soft layers, on small
- * random shapes (soft: with token masks, padding, image input and dropout).
+ * random shapes (soft: with token masks, padding, image input and dropout;
+ * topk: every router option, runtime control, jitter replayed like dropout).
  *
  * Loss L = sum(y * r) + daux * aux_loss for a fixed random r, so dL/dy = r
  * (daux = 0.7 for the layers with a balance loss). For each tensor
@@ -46,6 +47,11 @@ typedef struct {
     int64_t h, w;         /* image input (B,D,h,w) when h > 0                 */
     uint64_t calls;       /* forward_calls of the first forward (RNG replay)  */
 } ctx;
+
+/* Runtime routing control and a random selection bias for the next layer
+ * gradcheck_full creates (router cases). */
+static int g_k;
+static const uint8_t *g_mask, *g_force;
 
 static moe_status forward(ctx *c, float *aux) {
     c->l->forward_calls = c->calls;
@@ -119,6 +125,11 @@ static void gradcheck_full(const moe_config *cfg, int64_t B, int64_t N, const ui
     CHECK_STATUS(moe_layer_create(&c.l, cfg), MOE_OK);
     if (!c.l) return;
     c.T = T, c.B = B, c.N = N, c.mask = mask, c.h = h, c.w = w;
+    if (g_k || g_mask || g_force) CHECK_STATUS(moe_layer_set_routing(c.l, g_k, g_mask, g_force), MOE_OK);
+    for (int i = 0; i < moe_layer_num_buffers(c.l); i++) { /* a selection bias away from zero */
+        moe_param *bp = moe_layer_buffer(c.l, i);
+        for (int64_t j = 0; j < bp->numel; j++) bp->data[j] = 0.1f * nrand();
+    }
     /* norm gains start at 1: move them so their gradients are not at a special point */
     for (int i = 0; i < moe_layer_num_params(c.l); i++) {
         moe_param *p = moe_layer_param(c.l, i);
@@ -205,6 +216,60 @@ static void soft_cases(void) {
     gradcheck_full(&c, 1, 4, NULL, 2, 2, "soft image dropout 0.25 D=3 E=2 S=1 h=w=2");
 }
 
+/* The router options of the topk layer; large loss coefficients so the
+ * balance and z-loss gradients are tested. */
+/* The router options of the topk layer; large loss coefficients so the
+ * balance and z-loss gradients are tested; smooth (gelu) experts, since a
+ * ReLU kink within h of a probe is not a valid finite difference. */
+static void router_cases(void) {
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK); /* Switch: top-1, capacity drops, jitter replayed */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 4, c.activation = MOE_ACT_GELU, c.seed = 301;
+    moe_config_set_router(&c, "switch");
+    c.capacity_factor_train = 0.6, c.jitter = 0.1, c.balance_coef = 3.0;
+    gradcheck_seq(&c, 2, 8, "router switch cf=0.6 jitter B=2 N=8 E=4");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* Mixtral: softmax, renormalised, swiglu */
+    c.input_dim = 6, c.hidden_dim = 3, c.num_experts = 5, c.top_k = 2, c.expert = MOE_EXPERT_SWIGLU, c.activation = MOE_ACT_GELU, c.seed = 311;
+    moe_config_set_router(&c, "mixtral");
+    c.balance_coef = 3.0, c.z_loss_coef = 0.5;
+    gradcheck(&c, 9, "router mixtral swiglu bal+z T=9 E=5 K=2");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* ST-MoE with drops */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 3, c.top_k = 2, c.activation = MOE_ACT_GELU, c.seed = 321;
+    moe_config_set_router(&c, "st_moe");
+    c.capacity_factor_train = 1.0, c.z_loss_coef = 0.5, c.balance_coef = 2.0;
+    gradcheck_seq(&c, 2, 6, "router st_moe cf=1 B=2 N=6 E=3 K=2");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* DeepSeek-V3: sigmoid, bias, groups, scale */
+    c.input_dim = 6, c.hidden_dim = 3, c.num_experts = 8, c.top_k = 3, c.activation = MOE_ACT_GELU, c.seed = 331;
+    moe_config_set_router(&c, "deepseek_v3");
+    c.num_groups = 4, c.topk_groups = 2, c.route_scale = 2.5, c.balance_coef = 2.0;
+    gradcheck(&c, 10, "router deepseek_v3 G=4 M=2 scale 2.5 E=8 K=3");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* sigmoid without renormalisation, z-loss */
+    c.input_dim = 4, c.hidden_dim = 5, c.num_experts = 4, c.top_k = 2, c.activation = MOE_ACT_GELU, c.seed = 341;
+    c.score = MOE_SCORE_SIGMOID, c.z_loss_coef = 0.5;
+    gradcheck(&c, 7, "router sigmoid raw z-loss E=4 K=2");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* expert choice + a gated shared expert */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 4, c.activation = MOE_ACT_GELU, c.seed = 351;
+    moe_config_set_router(&c, "expert_choice");
+    c.capacity_factor_train = 1.0, c.z_loss_coef = 0.5, c.num_shared = 1, c.shared_gate = 1;
+    gradcheck_seq(&c, 2, 8, "router expert_choice cf=1 shared gated B=2 N=8");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* expert choice, one token per group */
+    c.input_dim = 4, c.hidden_dim = 3, c.num_experts = 3, c.activation = MOE_ACT_GELU, c.seed = 361;
+    moe_config_set_router(&c, "expert_choice");
+    gradcheck_seq(&c, 3, 1, "router expert_choice N=1 B=3 E=3");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* two ungated shared experts, seed 004 scoring */
+    c.input_dim = 5, c.hidden_dim = 3, c.num_experts = 3, c.top_k = 2, c.activation = MOE_ACT_GELU, c.seed = 371;
+    c.num_shared = 2, c.route_scale = 1.5, c.balance_coef = 3.0, c.capacity_factor_train = 0.5;
+    gradcheck_seq(&c, 2, 6, "router topk_softmax shared=2 cf=0.5 bal");
+    /* runtime control: expert 1 masked, expert 3 forced, K 3 instead of 2 */
+    static const uint8_t mask[6] = {1, 0, 1, 1, 1, 1}, force[6] = {0, 0, 0, 1, 0, 0};
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 6, c.top_k = 2, c.activation = MOE_ACT_GELU, c.seed = 381;
+    c.score = MOE_SCORE_SOFTMAX, c.normalize = 1, c.balance_coef = 3.0;
+    g_k = 3, g_mask = mask, g_force = force;
+    gradcheck(&c, 8, "router runtime k=3 mask 1 force 3 E=6");
+    g_k = 0, g_mask = g_force = NULL;
+}
+
 int main(void) {
     moe_set_num_threads(2);
     moe_config c;
@@ -270,6 +335,7 @@ int main(void) {
     gradcheck_seq(&c, 2, 16, "hierarchical threshold gelu (3,2) cf=0.6 B=2 N=16");
 
     soft_cases();
+    router_cases();
 
     printf("probes %d, skipped for a routing change %d\n", probes, skipped);
     CHECK(skipped * 10 <= probes, "too many probes changed the routing: %d of %d", skipped, probes);

@@ -480,7 +480,7 @@ moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {
     out->n_experts = l->n_expert_counts;
     out->expert_counts = l->expert_counts;
     int topk = l->cfg.type == MOE_LAYER_TOPK;
-    out->top_k = topk ? (l->rt_k ? l->rt_k : l->cfg.top_k) : 0;
+    out->top_k = topk && l->cfg.router == MOE_ROUTER_TOKEN_CHOICE ? (l->rt_k ? l->rt_k : l->cfg.top_k) : 0;
     out->capacity = topk ? l->capacity : 0;
     out->balance_loss = topk ? l->balance_loss : 0.0;
     out->z_loss = topk ? l->z_loss : 0.0;

@@ -15,7 +15,8 @@
 static const char *usage_text =
     "usage: moe forward --config LAYER.json --weights W.safetensors --input X.safetensors\n"
     "                   --out OUT.safetensors [--grad-output DY.safetensors] [--eval]\n"
-    "                   [--seed N] [--threads N]\n"
+    "                   [--seed N] [--threads N] [--top-k K] [--mask-experts LIST]\n"
+    "                   [--force-experts LIST] [--stats]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
     "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\"|\n"
@@ -28,7 +29,12 @@ static const char *usage_text =
     "                      (all|none|threshold|random), second_threshold_train/_eval,\n"
     "                      capacity_factor_train/_eval, loss_coef; soft_dynamic and soft: dim,\n"
     "                      num_experts, expert_mult, dropout, geglu (true|false); soft also\n"
-    "                      num_slots (slots per expert) or seq_len}\n"
+    "                      num_slots (slots per expert) or seq_len; topk routers: router\n"
+    "                      (topk|switch|mixtral|st_moe|deepseek_v3|expert_choice), score\n"
+    "                      (topk_softmax|softmax|sigmoid), normalize, route_scale,\n"
+    "                      capacity_factor (0: dropless), jitter, balance_coef, z_loss_coef,\n"
+    "                      num_shared_experts, shared_gate, expert_bias, bias_update_rate,\n"
+    "                      num_groups, topk_groups (README: Routers)}\n"
     "  --weights FILE      the module's state_dict as safetensors (names as PyTorch's); without\n"
     "                      it the parameters are initialised from the seed\n"
     "  --input FILE        tensor 'x' (..., D) float32 (F64/F16/BF16 are converted); for\n"
@@ -38,14 +44,53 @@ static const char *usage_text =
     "                      integer, nonzero for a real token\n"
     "  --out FILE          written: 'y' (..., O; an image's y is (B, D, h, w)),\n"
     "                      'aux_loss' (layers with one),\n"
-    "                      'stats.expert_counts' (E; Eo*Ei for hierarchical), 'stats.dropped'\n"
+    "                      'stats.expert_counts' (E; Eo*Ei for hierarchical), 'stats.dropped',\n"
+    "                      for topk also 'stats.balance_loss', 'stats.z_loss', 'stats.capacity'\n"
+    "                      and 'stats.expert_bias' (with expert_bias),\n"
     "                      and, with --grad-output, 'dx' and 'grad.<parameter name>' for\n"
     "                      every parameter\n"
     "  --grad-output FILE  tensor 'dy' (the shape of y) and optional scalar 'daux'\n"
     "                      (default 1)\n"
     "  --eval              eval mode (default: train mode)\n"
     "  --seed N            overrides the config's seed (init and random choices)\n"
-    "  --threads N         threads (default: all cores)\n";
+    "  --threads N         threads (default: all cores)\n"
+    "  --top-k K           topk: route each token to K experts instead of the config's top_k\n"
+    "  --mask-experts LIST topk: comma-separated experts to disable (they get no tokens)\n"
+    "  --force-experts LIST topk: comma-separated experts every token uses (within its K)\n"
+    "  --stats             print routing statistics (tokens per expert, dropped, bias)\n";
+
+/* Parse a comma-separated list of expert indices in [0, E) into set (E). */
+static int expert_list(uint8_t *set, const char *flag, const char *s, int E) {
+    memset(set, 0, (size_t)E);
+    const char *p = s;
+    while (*p) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v >= E || (*end && *end != ',')) {
+            fprintf(stderr, "moe forward: %s: '%s' must be a comma-separated list of experts in [0, %d), "
+                            "e.g. 0,3\n", flag, s, E);
+            return 0;
+        }
+        set[v] = 1;
+        p = *end ? end + 1 : end;
+    }
+    return 1;
+}
+
+/* --stats: one line per expert, then the totals. */
+static void print_stats(const moe_stats *s) {
+    printf("expert  tokens%s\n", s->expert_bias ? "      bias" : "");
+    for (int e = 0; e < s->n_experts; e++) {
+        printf("%6d  %6lld", e, (long long)s->expert_counts[e]);
+        if (s->expert_bias) printf("  %+.6f", s->expert_bias[e]);
+        printf("\n");
+    }
+    printf("tokens %lld, assignments %lld, dropped %lld", (long long)s->tokens, (long long)s->assignments,
+           (long long)s->dropped);
+    if (s->top_k) printf(", k %d, capacity %lld, balance loss %.6f, z-loss %.6f", s->top_k, (long long)s->capacity,
+                         s->balance_loss, s->z_loss);
+    printf("\n");
+}
 
 typedef struct {
     moe_st_file *f;
@@ -133,8 +178,9 @@ static void free_rows(tensor_in *t) {
 
 int cmd_forward(int argc, char **argv) {
     const char *cfg_path = NULL, *w_path = NULL, *x_path = NULL, *out_path = NULL, *dy_path = NULL;
-    int eval = 0, bad = 0, have_seed = 0;
-    int64_t seed = 0, threads = 0;
+    const char *mask_list = NULL, *force_list = NULL;
+    int eval = 0, bad = 0, have_seed = 0, show_stats = 0;
+    int64_t seed = 0, threads = 0, top_k = 0;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
@@ -150,7 +196,12 @@ int cmd_forward(int argc, char **argv) {
             have_seed = 1;
         } else if ((v = cli_flag(argc, argv, &i, "--threads", &bad))) {
             if (!cli_int("forward", "--threads", v, 1, 1024, &threads)) return 2;
-        } else if (!strcmp(argv[i], "--eval")) eval = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
+            if (!cli_int("forward", "--top-k", v, 1, 65536, &top_k)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--mask-experts", &bad))) mask_list = v;
+        else if ((v = cli_flag(argc, argv, &i, "--force-experts", &bad))) force_list = v;
+        else if (!strcmp(argv[i], "--stats")) show_stats = 1;
+        else if (!strcmp(argv[i], "--eval")) eval = 1;
         else if (!bad) {
             fprintf(stderr, "moe forward: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
@@ -188,6 +239,18 @@ int cmd_forward(int argc, char **argv) {
         cli_fail("forward", "--weights", st);
         goto done;
     }
+    if (top_k || mask_list || force_list) {
+        uint8_t *sets = calloc(2, (size_t)cfg.num_experts);
+        int ok = sets && (!mask_list || expert_list(sets, "--mask-experts", mask_list, cfg.num_experts)) &&
+                 (!force_list || expert_list(sets + cfg.num_experts, "--force-experts", force_list, cfg.num_experts));
+        if (ok && mask_list) /* the list names the disabled experts; the API takes the enabled ones */
+            for (int e = 0; e < cfg.num_experts; e++) sets[e] = !sets[e];
+        if (ok && (st = moe_layer_set_routing(l, (int)top_k, mask_list ? sets : NULL,
+                                              force_list ? sets + cfg.num_experts : NULL)) != MOE_OK)
+            ok = !cli_fail("forward", "routing control", st);
+        free(sets);
+        if (!ok) goto done;
+    }
     int64_t D = moe_layer_input_dim(l), O = moe_layer_output_dim(l);
     int soft = cfg.type == MOE_LAYER_SOFT_DYNAMIC || cfg.type == MOE_LAYER_SOFT;
     if (load_rows(&x, x_path, "x", soft ? 0 : D, "--input")) goto done;
@@ -218,7 +281,7 @@ int cmd_forward(int argc, char **argv) {
         goto done;
     }
     np = moe_layer_num_params(l);
-    ents = calloc((size_t)np + 5, sizeof *ents);
+    ents = calloc((size_t)np + 10, sizeof *ents);
     names = calloc((size_t)np, sizeof *names);
     if (!ents || !names) goto done;
     moe_st_entry *e = &ents[n_ent++];
@@ -248,6 +311,27 @@ int cmd_forward(int argc, char **argv) {
     e->dtype = MOE_DT_I64;
     e->ndim = 0;
     e->data = &stats.dropped;
+    float bal = (float)stats.balance_loss, zl = (float)stats.z_loss;
+    if (cfg.type == MOE_LAYER_TOPK) {
+        const char *nm[3] = {"stats.balance_loss", "stats.z_loss", "stats.capacity"};
+        const void *src[3] = {&bal, &zl, &stats.capacity};
+        for (int i = 0; i < 3; i++) {
+            e = &ents[n_ent++];
+            e->name = nm[i];
+            e->dtype = i < 2 ? MOE_DT_F32 : MOE_DT_I64;
+            e->ndim = 0;
+            e->data = src[i];
+        }
+    }
+    if (stats.expert_bias) {
+        e = &ents[n_ent++];
+        e->name = "stats.expert_bias";
+        e->dtype = MOE_DT_F32;
+        e->ndim = 1;
+        e->shape[0] = stats.n_experts;
+        e->data = stats.expert_bias;
+    }
+    if (show_stats) print_stats(&stats);
 
     if (dy_path) {
         if (load_rows(&dy, dy_path, "dy", 0, "--grad-output")) goto done;
