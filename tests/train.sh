@@ -12,11 +12,16 @@ cd "$(dirname "$0")/.."
 small="--dim 24 --hidden 24 --emb 8 --window 12 --batch 64 --threads 2 --quiet"
 
 # ---- resume: 20 steps + resume + 20 steps == 40 steps, bit for bit
-for layer in topk gshard; do
-    extra=""
-    [ "$layer" = gshard ] && extra="--group 32 --experts 4"
-    expect 0 "files:" "$moe" train $small $extra --layer $layer --steps 40 --eval-every 10 --out "$tmp/a_$layer"
-    expect 0 "files:" "$moe" train $small $extra --layer $layer --steps 40 --eval-every 10 --stop-at 20 \
+# (and the routers: Switch's jitter draws from the RNG, DeepSeek-V3's selection
+# bias is state saved in the checkpoint, expert choice with a gated shared expert)
+for layer in topk gshard switch deepseek ec; do
+    extra="--layer $layer"
+    [ "$layer" = gshard ] && extra="--layer gshard --group 32 --experts 4"
+    [ "$layer" = switch ] && extra="--router switch --capacity 1.0"
+    [ "$layer" = deepseek ] && extra="--router deepseek_v3 --groups 4 --topk-groups 2 --shared 1 --bias-rate 0.01"
+    [ "$layer" = ec ] && extra="--router expert_choice --shared 1 --shared-gate"
+    expect 0 "files:" "$moe" train $small $extra --steps 40 --eval-every 10 --out "$tmp/a_$layer"
+    expect 0 "files:" "$moe" train $small $extra --steps 40 --eval-every 10 --stop-at 20 \
         --out "$tmp/b_$layer"
     expect 0 "^step  *20$" "$moe" inspect "$tmp/b_$layer/checkpoint.safetensors"
     expect 0 "trained steps 21..40" "$moe" train --resume "$tmp/b_$layer/checkpoint.safetensors" --threads 2 \
@@ -30,6 +35,16 @@ expect 0 "files:" "$moe" train $small --steps 40 --eval-every 10 --seed 2 --out 
 if cmp -s "$tmp/a_topk/checkpoint.safetensors" "$tmp/c/checkpoint.safetensors"; then
     bad "seeds 1 and 2 gave the same checkpoint"
 else ok; fi
+
+expect 0 "blocks.1.moe.gate.e_score_correction_bias" "$moe" inspect "$tmp/a_deepseek/checkpoint.safetensors"
+expect 0 "validation loss" "$moe" eval "$tmp/a_deepseek/checkpoint.safetensors" --threads 2
+expect 0 "C:moe=" "$moe" sample "$tmp/a_ec/checkpoint.safetensors" --length 10 --temperature 0
+# router flags: clear errors
+expect 2 "unknown router \"bogus\"" "$moe" train --router bogus --steps 2 --out "$tmp/e"
+expect 2 "are for --layer topk" "$moe" train --layer gshard --router switch --steps 2 --out "$tmp/e"
+expect 2 "expected topk_softmax, softmax or sigmoid" "$moe" train --score max --steps 2 --out "$tmp/e"
+expect 1 "num_groups = 3 must divide num_experts = 8" "$moe" train --groups 3 --steps 2 --out "$tmp/e"
+expect 1 "expert choice is balanced" "$moe" train --router expert_choice --balance 0.1 --steps 2 --out "$tmp/e"
 
 # ---- SIGKILL while checkpoints are being written: the last one stays loadable
 for delay in 0.05 0.2 0.4 0.7 1.0; do

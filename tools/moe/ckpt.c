@@ -54,6 +54,22 @@ char *ckpt_config_json(const lm_config *c) {
     cJSON_AddNumberToObject(y, "expert_mult", m->expert_mult);
     cJSON_AddNumberToObject(y, "dropout", m->dropout);
     cJSON_AddNumberToObject(y, "slots_per_expert", (double)m->slots_per_expert);
+    cJSON *r = cJSON_AddObjectToObject(y, "router");
+    if (r) { /* the topk router options (absent in checkpoints older than them) */
+        cJSON_AddStringToObject(r, "kind", moe_router_kind_name(m->router));
+        cJSON_AddStringToObject(r, "score", moe_score_func_name(m->score));
+        cJSON_AddBoolToObject(r, "normalize", m->normalize);
+        cJSON_AddNumberToObject(r, "route_scale", m->route_scale);
+        cJSON_AddNumberToObject(r, "jitter", m->jitter);
+        cJSON_AddNumberToObject(r, "balance_coef", m->balance_coef);
+        cJSON_AddNumberToObject(r, "z_loss_coef", m->z_loss_coef);
+        cJSON_AddNumberToObject(r, "num_shared", m->num_shared);
+        cJSON_AddBoolToObject(r, "shared_gate", m->shared_gate);
+        cJSON_AddBoolToObject(r, "expert_bias", m->expert_bias);
+        cJSON_AddNumberToObject(r, "bias_update_rate", m->bias_update_rate);
+        cJSON_AddNumberToObject(r, "num_groups", m->num_groups);
+        cJSON_AddNumberToObject(r, "topk_groups", m->topk_groups);
+    }
     char seed[32];
     snprintf(seed, sizeof seed, "%" PRIu64, m->seed); /* a string: JSON numbers lose 64-bit seeds */
     cJSON_AddStringToObject(y, "seed", seed);
@@ -74,6 +90,32 @@ static int enm(const cJSON *o, const char *k, const char *const *names, int n, i
     int i = cJSON_IsString(v) ? lookup(v->valuestring, names, n) : -1;
     if (i >= 0) *out = i;
     return i >= 0;
+}
+
+/* The router object of the layer config; without one (an older checkpoint)
+ * a topk layer routes as it did then: seed 004, dropless. */
+static int router_parse(moe_config *m, const cJSON *r) {
+    static const char *const kinds[] = {"token_choice", "expert_choice"};
+    static const char *const scores[] = {"topk_softmax", "softmax", "sigmoid"};
+    if (!r) {
+        if (m->type == MOE_LAYER_TOPK) m->capacity_factor_train = m->capacity_factor_eval = 0.0;
+        return 1;
+    }
+    double scale = 0, jit = 0, bal = 0, zl = 0, ns = 0, rate = 0, g = 0, mg = 0;
+    int kind = 0, score = 0;
+    int ok = cJSON_IsObject(r) && enm(r, "kind", kinds, 2, &kind) && enm(r, "score", scores, 3, &score) &&
+             num(r, "route_scale", &scale) && num(r, "jitter", &jit) && num(r, "balance_coef", &bal) &&
+             num(r, "z_loss_coef", &zl) && num(r, "num_shared", &ns) && num(r, "bias_update_rate", &rate) &&
+             num(r, "num_groups", &g) && num(r, "topk_groups", &mg) && ns >= 0 && ns <= 1024 && g >= 0 &&
+             g <= 65536 && mg >= 0 && mg <= 65536;
+    if (!ok) return 0;
+    m->router = (moe_router_kind)kind, m->score = (moe_score_func)score;
+    m->normalize = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "normalize"));
+    m->shared_gate = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "shared_gate"));
+    m->expert_bias = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "expert_bias"));
+    m->route_scale = scale, m->jitter = jit, m->balance_coef = bal, m->z_loss_coef = zl;
+    m->num_shared = (int)ns, m->bias_update_rate = rate, m->num_groups = (int)g, m->topk_groups = (int)mg;
+    return 1; /* values are checked again by moe_layer_create */
 }
 
 moe_status ckpt_config_parse(lm_config *c, const char *json) {
@@ -113,8 +155,9 @@ moe_status ckpt_config_parse(lm_config *c, const char *json) {
     m->capacity_factor_train = cf1, m->capacity_factor_eval = cf2, m->loss_coef = coef;
     m->expert_mult = mult, m->dropout = (float)drop, m->slots_per_expert = (int64_t)S;
     m->seed = strtoull(seed->valuestring, NULL, 10);
+    ok = router_parse(m, cJSON_GetObjectItemCaseSensitive(y, "router"));
     cJSON_Delete(o);
-    return MOE_OK;
+    return ok ? MOE_OK : MOE_ERR_FORMAT;
 }
 
 static char *train_json(const train_opts *t) {
@@ -152,10 +195,35 @@ static int train_parse(train_opts *t, const char *json) {
     return ok;
 }
 
+#define MAX_BUFS 256 /* state buffers in a checkpoint: one per block at most */
+
+/* "blocks.{l}.moe.<name>", malloc'd: a layer's state buffer in the checkpoint. */
+static char *buffer_name(int64_t l, const char *name) {
+    size_t len = strlen(name) + 40;
+    char *nm = malloc(len);
+    if (nm) snprintf(nm, len, "blocks.%lld.moe.%s", (long long)l, name);
+    return nm;
+}
+
+/* Buffers of every layer: count, or load them from f (load != 0). */
+static int buffers_io(lm *m, const moe_st_file *f, int load, moe_status *st) {
+    int n = 0;
+    for (int64_t l = 0; l < lm_get_config(m)->L; l++)
+        for (int i = 0; i < moe_layer_num_buffers(lm_layer(m, l)); i++, n++) {
+            moe_param *b = moe_layer_buffer(lm_layer(m, l), i);
+            char *nm = load && *st == MOE_OK ? buffer_name(l, b->name) : NULL;
+            if (nm) *st = moe_st_read_f32(b->data, f, nm, b->ndim, b->shape);
+            free(nm);
+        }
+    return n;
+}
+
 moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, const train_opts *to) {
     int np = lm_num_params(m);
     moe_param *ps = lm_params(m);
-    moe_st_entry *ents = calloc((size_t)(3 * np), sizeof *ents);
+    moe_st_entry *ents = calloc((size_t)(3 * np + MAX_BUFS), sizeof *ents);
+    char *bufnames[MAX_BUFS];
+    int n_bufnames = 0;
     char **names = calloc((size_t)(2 * np), sizeof *names);
     char *cfg = ckpt_config_json(lm_get_config(m)), *tr = train_json(to);
     char steps[32], ostep[32], rng[4096] = "";
@@ -182,6 +250,20 @@ moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, cons
             f->name = nm, f->data = src;
         }
     }
+    for (int64_t l = 0; l < lm_get_config(m)->L && st == MOE_OK; l++) /* state buffers */
+        for (int i = 0; i < moe_layer_num_buffers(lm_layer(m, l)); i++) {
+            moe_param *b = moe_layer_buffer(lm_layer(m, l), i);
+            char *nm = buffer_name(l, b->name);
+            if (!nm || n_bufnames == MAX_BUFS) {
+                free(nm);
+                st = MOE_ERR_NOMEM;
+                break;
+            }
+            bufnames[n_bufnames++] = nm;
+            moe_st_entry *e = &ents[n++];
+            e->name = nm, e->dtype = MOE_DT_F32, e->ndim = b->ndim, e->data = b->data;
+            for (int d = 0; d < b->ndim; d++) e->shape[d] = b->shape[d];
+        }
     size_t o = 0;
     for (int64_t l = 0; l < lm_get_config(m)->L && o < sizeof rng - 24; l++)
         o += (size_t)snprintf(rng + o, sizeof rng - o, "%s%" PRIu64, l ? "," : "",
@@ -192,6 +274,7 @@ moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, cons
                           "optim.steps", ostep, "rng", rng};
     if (st == MOE_OK) st = moe_st_write(path, ents, n, meta, 6);
     for (int i = 0; names && i < 2 * np; i++) free(names[i]);
+    for (int i = 0; i < n_bufnames; i++) free(bufnames[i]);
     free(names), free(ents), free(cfg), free(tr);
     return st;
 }
@@ -261,8 +344,11 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         }
         if (st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
     }
+    moe_status before = st;
+    int nb = buffers_io(m, f, st == MOE_OK, &st);
+    if (before == MOE_OK && st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
     if (st == MOE_OK && opt_out) expected = 3 * np;
-    if (st == MOE_OK && moe_st_count(f) != expected && !(opt_out == NULL && moe_st_count(f) == 3 * np))
+    if (st == MOE_OK && moe_st_count(f) - nb != expected && !(opt_out == NULL && moe_st_count(f) - nb == 3 * np))
         st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s holds %d tensors; this model has %d parameters", path,
                   moe_st_count(f), np);
     /* every layer's random stream position */

@@ -40,6 +40,19 @@ static const char *usage_text =
     "  --window W        previous bytes the model sees (default 24)\n"
     "  --emb C           byte embedding dim (default 16)\n"
     "  --group N         tokens per group for gshard/hierarchical/soft (default 64)\n"
+    "  --router NAME     topk layers' router: topk (seed 004, default), switch, mixtral,\n"
+    "                    st_moe, deepseek_v3, expert_choice (README: Routers); the flags\n"
+    "                    below refine it\n"
+    "  --score F         topk_softmax|softmax|sigmoid\n"
+    "  --capacity F      capacity factor, train and eval (0: dropless)\n"
+    "  --balance F       Switch balance loss coefficient\n"
+    "  --z-loss F        router z-loss coefficient\n"
+    "  --jitter F        multiplicative jitter on the gate input in training\n"
+    "  --shared N        shared experts on every token (DeepSeekMoE)\n"
+    "  --shared-gate     weight each shared expert by a sigmoid gate (Qwen-MoE)\n"
+    "  --groups G        experts in G groups; with --topk-groups M tokens choose\n"
+    "  --topk-groups M   among the experts of their M best groups (DeepSeek-V3)\n"
+    "  --bias-rate F     selection bias update rate (aux-loss-free balancing)\n"
     "  --dense           the same model with one plain FFN of the same active size\n"
     "                    (hidden K*H) per block, for comparison\n"
     "training:\n"
@@ -146,9 +159,42 @@ typedef struct {
     lm_config c;
     train_opts t;
     int64_t stop_at, threads, E, K, H, Ei;
-    int quiet, dense, have_H;
+    int quiet, dense, have_H, have_K;
+    const char *router, *score;          /* router recipe and score function, or NULL */
+    double cf, bal, zl, jit, rate;       /* router flags, NAN when not given           */
+    int64_t shared, groups, topk_groups; /* -1 when not given                          */
+    int shared_gate, router_flags;
     const char *out, *resume;
 } train_args;
+
+/* The router of a topk layer from --router and the flags that refine it. */
+static int set_router(const train_args *a, moe_config *m) {
+    if (a->router && moe_config_set_router(m, a->router) != MOE_OK) {
+        fprintf(stderr, "moe train: --router: %s\n", moe_last_error());
+        return 1;
+    }
+    if (a->have_K) m->top_k = (int)a->K; /* an explicit --top-k wins over a recipe's */
+    if (a->score) {
+        int k = -1;
+        for (int j = 0; j <= MOE_SCORE_SIGMOID; j++)
+            if (!strcmp(a->score, moe_score_func_name((moe_score_func)j))) k = j;
+        if (k < 0) {
+            fprintf(stderr, "moe train: --score: expected topk_softmax, softmax or sigmoid, got '%s'\n", a->score);
+            return 1;
+        }
+        m->score = (moe_score_func)k;
+    }
+    if (!isnan(a->cf)) m->capacity_factor_train = m->capacity_factor_eval = a->cf;
+    if (!isnan(a->bal)) m->balance_coef = a->bal;
+    if (!isnan(a->zl)) m->z_loss_coef = a->zl;
+    if (!isnan(a->jit)) m->jitter = a->jit;
+    if (!isnan(a->rate)) m->bias_update_rate = a->rate, m->expert_bias = m->expert_bias || a->rate > 0;
+    if (a->shared >= 0) m->num_shared = (int)a->shared;
+    if (a->groups >= 0) m->num_groups = (int)a->groups;
+    if (a->topk_groups >= 0) m->topk_groups = (int)a->topk_groups;
+    if (a->shared_gate) m->shared_gate = 1;
+    return 0;
+}
 
 static int parse(train_args *a, int argc, char **argv) {
     const char *cmd = "train";
@@ -163,6 +209,8 @@ static int parse(train_args *a, int argc, char **argv) {
     t->steps = 12000, t->batch = 256, t->warmup = 200, t->eval_every = 1000, t->seed = 1;
     t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
     a->out = "runs/train";
+    a->cf = a->bal = a->zl = a->jit = a->rate = NAN;
+    a->shared = a->groups = a->topk_groups = -1;
     int bad = 0;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
@@ -177,7 +225,9 @@ static int parse(train_args *a, int argc, char **argv) {
     }
         INT_FLAG("--experts", 1, 4096, a->E)
         INT_FLAG("--inner", 1, 4096, a->Ei)
-        INT_FLAG("--top-k", 1, 4096, a->K)
+        INT_FLAG("--shared", 0, 1024, a->shared)
+        INT_FLAG("--groups", 1, 65536, a->groups)
+        INT_FLAG("--topk-groups", 1, 65536, a->topk_groups)
         INT_FLAG("--dim", 1, 8192, c->D)
         INT_FLAG("--blocks", 1, 64, c->L)
         INT_FLAG("--window", 1, 1024, c->W)
@@ -191,7 +241,26 @@ static int parse(train_args *a, int argc, char **argv) {
         INT_FLAG("--threads", 1, 1024, a->threads)
         INT_FLAG("--stop-at", 1, 100000000, a->stop_at)
 #undef INT_FLAG
-        else if ((v = cli_flag(argc, argv, &i, "--hidden", &bad))) {
+        else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
+            if (!cli_int(cmd, "--top-k", v, 1, 4096, &a->K)) return 2;
+            a->have_K = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--router", &bad))) {
+            a->router = v;
+        } else if ((v = cli_flag(argc, argv, &i, "--score", &bad))) {
+            a->score = v;
+        } else if ((v = cli_flag(argc, argv, &i, "--capacity", &bad))) {
+            if (!cli_float(cmd, "--capacity", v, 0, 1e6, &a->cf)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--balance", &bad))) {
+            if (!cli_float(cmd, "--balance", v, 0, 1e6, &a->bal)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--z-loss", &bad))) {
+            if (!cli_float(cmd, "--z-loss", v, 0, 1e6, &a->zl)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--jitter", &bad))) {
+            if (!cli_float(cmd, "--jitter", v, 0, 0.999, &a->jit)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--bias-rate", &bad))) {
+            if (!cli_float(cmd, "--bias-rate", v, 0, 1e6, &a->rate)) return 2;
+        } else if (!strcmp(argv[i], "--shared-gate")) {
+            a->shared_gate = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--hidden", &bad))) {
             if (!cli_int(cmd, "--hidden", v, 1, 1 << 16, &a->H)) return 2;
             a->have_H = 1;
         } else if ((v = cli_flag(argc, argv, &i, "--lr", &bad))) {
@@ -234,6 +303,14 @@ static int parse(train_args *a, int argc, char **argv) {
         }
     }
     if (bad) return 2;
+    a->router_flags = a->router || a->score || !isnan(a->cf) || !isnan(a->bal) || !isnan(a->zl) ||
+                      !isnan(a->jit) || !isnan(a->rate) || a->shared >= 0 || a->groups >= 0 ||
+                      a->topk_groups >= 0 || a->shared_gate;
+    if (a->router_flags && (type != MOE_LAYER_TOPK || a->dense)) {
+        fprintf(stderr, "moe train: the router flags (--router, --capacity, ...) are for --layer topk; "
+                        "gshard and hierarchical route with the seed's top-2 gate\n");
+        return 2;
+    }
     if (type == MOE_LAYER_TOPK && a->K > a->E) {
         fprintf(stderr, "moe train: --top-k %lld is more than --experts %lld; use --top-k <= --experts\n",
                 (long long)a->K, (long long)a->E);
@@ -251,6 +328,7 @@ static int parse(train_args *a, int argc, char **argv) {
         if (type == MOE_LAYER_TOPK || (type == MOE_LAYER_DENSE)) m->expert = kind;
         if (type == MOE_LAYER_DENSE) m->output_dim = c->D;
         if (type == MOE_LAYER_HIERARCHICAL) m->num_experts_inner = (int)a->Ei;
+        if (type == MOE_LAYER_TOPK && set_router(a, m)) return 2;
         if (type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT) {
             if (have_kind && kind == MOE_EXPERT_SWIGLU) {
                 fprintf(stderr, "moe train: --expert: soft layers take mlp (GELU) or geglu experts\n");
@@ -338,6 +416,16 @@ int cmd_train(int argc, char **argv) {
                (long long)E, c.moe.top_k, (long long)c.D, (long long)L, (long long)lm_num_weights(m),
                *t.data ? t.data : "built-in corpus (copy, reverse, sort, add)", (long long)t.steps, (long long)T,
                (long long)a.threads, c.dense ? ")" : "");
+    if (!a.quiet && c.moe.type == MOE_LAYER_TOPK && !c.dense) {
+        const moe_config *r = &c.moe;
+        printf("router: %s, score %s%s, capacity %g/%g%s, balance %g, z-loss %g, jitter %g, shared %d%s, "
+               "groups %d/%d, selection bias %s (rate %g)\n", moe_router_kind_name(r->router),
+               moe_score_func_name(r->score), r->normalize ? " renormalised" : "", r->capacity_factor_train,
+               r->capacity_factor_eval, r->capacity_factor_train > 0 ? "" : " (dropless)", r->balance_coef,
+               r->z_loss_coef, r->jitter, r->num_shared, r->shared_gate ? " gated" : "",
+               r->topk_groups ? r->topk_groups : (r->num_groups > 1 ? r->num_groups : 1),
+               r->num_groups > 1 ? r->num_groups : 1, r->expert_bias ? "on" : "off", r->bias_update_rate);
+    }
     double t_start = cli_now(), t_last = t_start, loss_acc = 0, val = NAN, last_train = NAN;
     int64_t n_acc = 0, step0 = step;
     lm_eval ev = {0};
@@ -355,6 +443,7 @@ int cmd_train(int argc, char **argv) {
         if (st == MOE_OK) st = lm_backward(m);
         moe_optim_set_lr(opt, (float)lr_at(&t, step));
         if (st == MOE_OK) st = moe_optim_step(opt);
+        for (int64_t l = 0; l < L && st == MOE_OK; l++) st = moe_layer_update_bias(lm_layer(m, l));
         if (st != MOE_OK) {
             fprintf(stderr, "\nmoe train: step %lld failed: %s: %s (parameters are as after step %lld)\n",
                     (long long)step, moe_status_str(st), moe_last_error(), (long long)step - 1);
