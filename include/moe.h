@@ -159,7 +159,8 @@ typedef struct {
                                                selection only (DeepSeek-V3), a state buffer
                                                "gate.e_score_correction_bias", not a gradient
                                                parameter; see moe_layer_update_bias        */
-    double          bias_update_rate;       /* gamma of the bias update (DeepSeek-V3: 1e-3) */
+    double          bias_update_rate;       /* gamma of the bias update (DeepSeek-V3: 1e-3);
+                                               used only with expert_bias           */
     int             num_groups;             /* G: experts in G equal groups; 0 or 1: no groups */
     int             topk_groups;            /* tokens choose among the experts of the best M
                                                groups (group score: sum of its top-2 scores + bias) */

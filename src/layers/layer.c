@@ -89,7 +89,7 @@ const char *moe_router_kind_name(moe_router_kind k) {
 
 moe_status moe_config_set_router(moe_config *c, const char *recipe) {
     if (!c || !recipe) return moe_err(MOE_ERR_ARG, "moe_config_set_router: NULL argument");
-    static const char *const known = "topk, switch, mixtral, st_moe, deepseek_v3, expert_choice";
+    static const char *const known = "topk, token_choice, switch, mixtral, st_moe, deepseek_v3, expert_choice";
     if (c->type != MOE_LAYER_TOPK)
         return moe_err(MOE_ERR_UNSUPPORTED, "router recipes are for topk layers, not %s",
                        moe_layer_type_name(c->type) ? moe_layer_type_name(c->type) : "?");

@@ -294,8 +294,6 @@ static moe_status check_router(const moe_config *c) {
         return moe_err(MOE_ERR_ARG, "shared_gate needs num_shared_experts >= 1");
     if (!(c->bias_update_rate >= 0) || !isfinite(c->bias_update_rate))
         return moe_err(MOE_ERR_ARG, "bias_update_rate must be finite and >= 0, got %g", c->bias_update_rate);
-    if (c->bias_update_rate > 0 && !c->expert_bias)
-        return moe_err(MOE_ERR_ARG, "bias_update_rate needs expert_bias (the bias it updates)");
     if (c->num_groups < 0 || (c->num_groups > 1 && E % c->num_groups != 0))
         return moe_err(MOE_ERR_ARG, "num_groups = %d must divide num_experts = %d", c->num_groups, E);
     if (c->topk_groups < 0 || (c->topk_groups > 0 && c->topk_groups > groups(c)))
@@ -421,7 +419,8 @@ moe_status moe_layer_set_routing(moe_layer *l, int top_k, const uint8_t *expert_
     }
     if (en == 0) return moe_err(MOE_ERR_ARG, "expert_mask disables every expert; at least one must stay enabled");
     if (!is_ec(c) && en < k)
-        return moe_err(MOE_ERR_ARG, "only %d experts are enabled, fewer than top_k = %d", en, k);
+        return moe_err(MOE_ERR_ARG, "%d enabled expert%s, fewer than top_k = %d: enable more experts or "
+                                    "lower top_k", en, en == 1 ? "" : "s", k);
     if (nf > k) return moe_err(MOE_ERR_ARG, "%d experts are forced, more than top_k = %d", nf, k);
     l->rt_k = top_k;
     for (int e = 0; e < E; e++) {
