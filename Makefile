@@ -85,6 +85,8 @@ bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench --layer hierarchical
 	./$(BUILD)/moe bench --layer soft_dynamic
 	./$(BUILD)/moe bench --layer soft
+	for r in switch mixtral st_moe deepseek_v3 expert_choice; do ./$(BUILD)/moe bench --router $$r; done
+	./$(BUILD)/moe bench --router deepseek_v3 --shared 1 --expert swiglu
 	/usr/bin/python3 bench/torch_bench.py
 	/usr/bin/python3 bench/torch_bench.py --layer gshard
 	/usr/bin/python3 bench/torch_bench.py --layer soft_dynamic

@@ -21,7 +21,7 @@
 static const char *usage_text =
     "usage: moe bench [--layer topk|gshard|hierarchical|soft_dynamic|soft] [--tokens T]\n"
     "                 [--batch B] [--dim D] [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
-    "                 [--slots S]\n"
+    "                 [--slots S] [--router NAME] [--shared N]\n"
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
@@ -31,7 +31,9 @@ static const char *usage_text =
     "tokens with the seed's defaults (policy random, capacity factor 1.25); hierarchical\n"
     "has E=4 outer and EI=4 inner experts unless given. soft_dynamic and soft run B=4\n"
     "sequences with E=4 experts and GELU experts of H=4*D (the seed's expert_mult 4; geglu:\n"
-    "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n";
+    "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n"
+    "topk takes a router recipe (--router topk|switch|mixtral|st_moe|deepseek_v3|\n"
+    "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -49,6 +51,9 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
 int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
     int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4, S = 0;
+    int64_t shared = 0;
+    int have_k = 0;
+    const char *router = NULL;
     int json = 0, bad = 0;
     moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_MLP;
@@ -82,6 +87,11 @@ int cmd_bench(int argc, char **argv) {
             }
         } else if ((v = cli_flag(argc, argv, &i, "--top-k", &bad))) {
             if (!cli_int(cmd, "--top-k", v, 1, 4096, &K)) return 2;
+            have_k = 1;
+        } else if ((v = cli_flag(argc, argv, &i, "--router", &bad))) {
+            router = v;
+        } else if ((v = cli_flag(argc, argv, &i, "--shared", &bad))) {
+            if (!cli_int(cmd, "--shared", v, 0, 1024, &shared)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--slots", &bad))) {
             if (!cli_int(cmd, "--slots", v, 1, 1 << 20, &S)) return 2;
         } else if ((v = cli_flag(argc, argv, &i, "--iters", &bad))) {
@@ -131,6 +141,13 @@ int cmd_bench(int argc, char **argv) {
     moe_config_init(&c, type);
     c.input_dim = D, c.hidden_dim = H, c.num_experts = (int)E, c.top_k = (int)K, c.expert = kind, c.seed = 7;
     if (type == MOE_LAYER_HIERARCHICAL) c.num_experts_inner = (int)Ei;
+    if ((router || shared) && !topk) {
+        fprintf(stderr, "moe bench: --router and --shared are for --layer topk\n");
+        return 2;
+    }
+    if (router && moe_config_set_router(&c, router) != MOE_OK) return cli_fail(cmd, "--router", MOE_ERR_ARG);
+    if (!router || have_k) c.top_k = (int)K; /* a recipe's K (Switch: 1) unless --top-k */
+    K = c.top_k, c.num_shared = (int)shared;
     if (soft) {
         c.activation = MOE_ACT_GELU;
         if (S == 0) S = N / E > 0 ? N / E : 1;
@@ -160,7 +177,7 @@ int cmd_bench(int argc, char **argv) {
     }
     moe_stats stats;
     moe_layer_stats(l, &stats);
-    int64_t A = stats.assignments > 0 ? stats.assignments : 1;
+    int64_t A = stats.assignments + T * shared > 0 ? stats.assignments + T * shared : 1;
     double per_row = 3.0 * 2.0 * (double)(D * H2 + H * D), soft_flops = 0, soft_route = 0;
     if (soft) { /* every product of the method, forward; backward is twice that */
         int64_t Np = type == MOE_LAYER_SOFT_DYNAMIC ? (N + E - 1) / E * E : N;
@@ -193,7 +210,7 @@ int cmd_bench(int argc, char **argv) {
         }
         double t1 = cli_now();
         moe_layer_stats(l, &stats);
-        rows += (soft ? (double)A : (double)stats.assignments) / (double)iters;
+        rows += (soft ? (double)A : (double)(stats.assignments + T * shared)) / (double)iters;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, D, H, 1, Ha, H, W2, H, 0, Y, D);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
@@ -237,7 +254,11 @@ int cmd_bench(int argc, char **argv) {
             snprintf(shape, sizeof shape, "B=%lld N=%lld D=%lld H=%lld E=%lldx%lld", (long long)B, (long long)N,
                      (long long)D, (long long)H, (long long)E, (long long)Ei);
         char name[40];
-        snprintf(name, sizeof name, "%s (%s)", moe_layer_type_name(type), kn);
+        if (router || shared)
+            snprintf(name, sizeof name, "%s%s%s", router ? router : "topk", shared ? "+shared" : "",
+                     glu ? " glu" : "");
+        else
+            snprintf(name, sizeof name, "%s (%s)", moe_layer_type_name(type), kn);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
                gf_moe / gf_dense);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
