@@ -221,6 +221,17 @@ def compare(ours, want, model=None, x=None):
     return problems
 
 
+def locate_moe(label):
+    """The moe binary (MOE_BIN or build/moe), or None after printing the failing summary."""
+    moe = os.path.abspath(os.environ["MOE_BIN"]) if os.environ.get("MOE_BIN") else str(ROOT / "build" / "moe")
+    if not os.access(moe, os.X_OK):
+        print(f"moe binary not found at {moe}, run make first")
+        print(f"{label}: 0 passed, 1 failed")
+        return None
+    print(f"{label}: {moe} against PyTorch {torch.__version__} (rtol {RTOL}, atol {ATOL})")
+    return moe
+
+
 def run_moe(moe, args):
     """Run the moe binary; return (returncode, stderr)."""
     try:
@@ -612,12 +623,9 @@ def main():
         print("-- parity cases with a float32 PyTorch stand-in for the binary:")
         tool = torch_f32_tool
     else:
-        moe = os.path.abspath(os.environ["MOE_BIN"]) if os.environ.get("MOE_BIN") else str(ROOT / "build" / "moe")
-        if not os.access(moe, os.X_OK):
-            print(f"moe binary not found at {moe}, run make first")
-            print("parity: 0 passed, 1 failed")
+        moe = locate_moe("parity")
+        if moe is None:
             return 1
-        print(f"parity: {moe} against PyTorch {torch.__version__} (rtol {RTOL}, atol {ATOL})")
 
         def tool(d, train):
             return run_moe(moe, forward_args(d, train))

@@ -40,8 +40,8 @@ except ImportError as exc:  # the test must fail, not skip, without torch
 sys.path.insert(0, str(HERE))
 import reference_soft as rs  # noqa: E402
 import stio  # noqa: E402
-from run_parity import (RTOL, ATOL, Tally, compare, expect_error, forward_args, report, run_moe,  # noqa: E402
-                        run_tool)
+from run_parity import (RTOL, ATOL, Tally, compare, expect_error, forward_args, locate_moe, report,  # noqa: E402
+                        run_moe, run_tool)
 
 
 # ------------------------------------------------------------------ cases
@@ -286,12 +286,9 @@ def main():
         print("-- parity cases with a float32 PyTorch stand-in for the binary:")
         tool = torch_f32_tool
     else:
-        moe = os.path.abspath(os.environ["MOE_BIN"]) if os.environ.get("MOE_BIN") else str(ROOT / "build" / "moe")
-        if not os.access(moe, os.X_OK):
-            print(f"moe binary not found at {moe}, run make first")
-            print("parity-soft: 0 passed, 1 failed")
+        moe = locate_moe("parity-soft")
+        if moe is None:
             return 1
-        print(f"parity-soft: {moe} against PyTorch {torch.__version__} (rtol {RTOL}, atol {ATOL})")
 
         def tool(d, train):
             return run_moe(moe, forward_args(d, train))
