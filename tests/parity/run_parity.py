@@ -221,6 +221,15 @@ def compare(ours, want, model=None, x=None):
     return problems
 
 
+def write_case(d, cfg, model, x, dy, daux):
+    """LAYER.json, W, X and DY (with 'daux' unless None) in d; returns daux (default 1)."""
+    (d / "LAYER.json").write_text(json.dumps(cfg))
+    stio.save(d / "W.safetensors", model.state_dict())
+    stio.save(d / "X.safetensors", {"x": x})
+    stio.save(d / "DY.safetensors", {"dy": dy, **({} if daux is None else {"daux": torch.tensor(daux)})})
+    return 1.0 if daux is None else daux
+
+
 def locate_moe(label):
     """The moe binary (MOE_BIN or build/moe), or None after printing the failing summary."""
     moe = os.path.abspath(os.environ["MOE_BIN"]) if os.environ.get("MOE_BIN") else str(ROOT / "build" / "moe")
@@ -372,12 +381,7 @@ def make_gs_case(c, seed, d):
     gen = torch.Generator().manual_seed(seed + 1)
     x = refg.draw_input(model, B, N, c["skew"], c["train"], gen)
     dy = torch.randn(B, N, D, generator=gen)
-    daux = 1.0 if c["daux"] is None else c["daux"]
-    (d / "LAYER.json").write_text(json.dumps(cfg))
-    stio.save(d / "W.safetensors", model.state_dict())
-    stio.save(d / "X.safetensors", {"x": x})
-    stio.save(d / "DY.safetensors", {"dy": dy, **({} if c["daux"] is None else {"daux": torch.tensor(daux)})})
-    return model, x, dy, daux
+    return model, x, dy, write_case(d, cfg, model, x, dy, c["daux"])
 
 
 def gs_parity_case(tally, tool, c, seed):

@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 import reference_router as rr  # noqa: E402
 import stio  # noqa: E402
 from run_parity import (RTOL, ATOL, Tally, compare, expect_error, forward_args, locate_moe, report,  # noqa: E402
-                        run_moe, run_tool)
+                        run_moe, run_tool, write_case)
 
 
 # ------------------------------------------------------------------ cases
@@ -183,12 +183,7 @@ def make_case(c, seed, d):
     else:
         raise RuntimeError(f"no knife-edge-free input found for {describe(c)}")
     dy = torch.randn(c["x"], generator=gen)
-    daux = 1.0 if c["daux"] is None else c["daux"]
-    (d / "LAYER.json").write_text(json.dumps(cfg))
-    stio.save(d / "W.safetensors", model.state_dict())
-    stio.save(d / "X.safetensors", {"x": x})
-    stio.save(d / "DY.safetensors", {"dy": dy, **({} if c["daux"] is None else {"daux": torch.tensor(daux)})})
-    return model, x, dy, daux
+    return model, x, dy, write_case(d, cfg, model, x, dy, c["daux"])
 
 
 def torch_f32_tool(d, train, flags):
