@@ -63,6 +63,21 @@ expect 1 'unknown config key "top_k" for a soft_dynamic layer' "$moe" forward --
 expect 0 "slot logits/dispatch/combine" "$moe" bench --layer soft_dynamic --tokens 256 --dim 16 --hidden 32 --iters 2
 expect 0 '"layer": "soft"' "$moe" bench --layer soft --tokens 96 --dim 8 --hidden 16 --slots 5 --iters 1 --json
 expect 2 "GELU (mlp) or geglu" "$moe" bench --layer soft --expert swiglu
+# routers: runtime flags and recipes
+expect 0 "--mask-experts LIST" "$moe" forward --help
+echo '{"type": "topk", "num_experts": 4, "input_dim": 8, "hidden_dim": 8, "top_k": 2}' >"$tmp/r.json"
+expect 1 "experts in \[0, 4)" "$moe" forward --config "$tmp/r.json" --input x --out y --mask-experts 1,9
+expect 1 "1 enabled expert, fewer than top_k = 2" "$moe" forward --config "$tmp/r.json" --input x --out y \
+    --mask-experts 0,1,2
+expect 1 "forced and masked" "$moe" forward --config "$tmp/r.json" --input x --out y --mask-experts 1 \
+    --force-experts 1
+echo '{"type": "topk", "router": "gshard"}' >"$tmp/rb.json"
+expect 1 'unknown router "gshard"' "$moe" forward --config "$tmp/rb.json" --input x --out y
+expect 1 'unknown router "bogus"' "$moe" bench --router bogus
+expect 0 "expert_choice" "$moe" bench --router expert_choice --tokens 64 --dim 8 --hidden 8 --experts 4 --iters 1
+expect 0 "deepseek_v3+shared" "$moe" bench --router deepseek_v3 --shared 1 --tokens 64 --dim 8 --hidden 8 \
+    --experts 4 --iters 1
+expect 2 "for --layer topk" "$moe" bench --layer gshard --router switch
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

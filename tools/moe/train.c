@@ -514,6 +514,14 @@ int cmd_train(int argc, char **argv) {
         printf("  block %lld: mean %.0f rows per expert, max/mean %.2f\n", (long long)l, mean,
                mean > 0 ? mx / mean : 0.0);
     }
+    for (int64_t l = 0; l < L; l++) { /* DeepSeek-V3 selection bias, where there is one */
+        moe_stats s;
+        moe_layer_stats(lm_layer(m, l), &s);
+        if (!s.expert_bias) continue;
+        printf("%s  block %lld:", l ? "" : "\nselection bias per expert (aux-loss-free balancing):\n", (long long)l);
+        for (int64_t e = 0; e < E; e++) printf(" %+.3f", s.expert_bias[e]);
+        printf("\n");
+    }
     printf("\nfiles: %s (checkpoint: weights, optimizer, step %lld)\n       %s (loss and expert load)\n"
            "       %s (log)\n", ckpt, (long long)end, plot, logp);
     free(ev.route);
