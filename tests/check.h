@@ -30,6 +30,15 @@ static int check_pass_, check_fail_;
               moe_status_str(expected), moe_last_error());                    \
     } while (0)
 
+/* N(0,1) test data from a 64-bit LCG state (Box-Muller on two draws). */
+static inline float check_nrand(unsigned long long *state) {
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    double u1 = ((double)(*state >> 11) + 1.0) / 9007199254740993.0;
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    double u2 = (double)(*state >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
 static inline int check_summary(const char *name) {
     printf("%s: %d passed, %d failed\n", name, check_pass_, check_fail_);
     return check_fail_ ? 1 : 0;

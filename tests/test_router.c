@@ -14,14 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t g_rng = 99;
-static float nrand(void) {
-    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
-    double u1 = ((double)(g_rng >> 11) + 1.0) / 9007199254740993.0;
-    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
-    double u2 = (double)(g_rng >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
+static unsigned long long g_rng = 99;
+static float nrand(void) { return check_nrand(&g_rng); }
 
 static float *randv(int64_t n) {
     float *v = malloc((size_t)n * sizeof *v);
