@@ -1,70 +1,111 @@
 /*
- * Expert FFN bank (see ffn.h): one GEMM per expert and per matrix over the
- * expert's contiguous rows, elementwise activation and dropout between.
+ * Expert FFN bank (see ffn.h): per expert, one GEMM per matrix over the
+ * expert's contiguous rows, with bias, activation and dropout on those rows
+ * in between.
+ *
+ * Threading: experts run in parallel, one OpenMP thread per expert at a time
+ * (schedule dynamic), each GEMM single-threaded (OpenBLAS's OpenMP build runs
+ * a call made inside a parallel region on the calling thread). Many small
+ * GEMMs side by side keep both cores busy without a BLAS fork/join per GEMM,
+ * and each expert's numbers come out the same whatever the thread count. An
+ * expert holding more than 1/threads of all rows would leave the others idle,
+ * so such "heavy" experts run first, alone, with the BLAS's own threads.
  * Dimension key: D model dim, H hidden width, H2 = H or 2H (GLU), E experts,
- * R rows.
+ * R rows, n rows of one expert.
  */
 #include "ffn.h"
 #include "ops.h"
 
-/* Inverted dropout on ha (R,H) in place; returns nothing when p == 0. */
-static void dropout_apply(float *ha, int64_t R, int64_t H, float p, uint64_t stream) {
+#include <string.h>
+
+/* Inverted dropout on rows [r0, r0+n) of ha (R,H), in place; nothing when p == 0. */
+static void dropout_rows(float *ha, int64_t r0, int64_t n, int64_t H, float p, uint64_t stream) {
     if (p <= 0.0f) return;
     float scale = 1.0f / (1.0f - p);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < R; r++)
+    for (int64_t r = r0; r < r0 + n; r++)
         for (int64_t j = 0; j < H; j++) {
             uint64_t i = (uint64_t)(r * H + j);
             ha[r * H + j] = moe_rng_uniform(stream, i) < p ? 0.0f : ha[r * H + j] * scale;
         }
 }
 
+/* rows (n,N) = b (N) broadcast: the bias as the GEMM's C with beta = 1, which
+ * saves the BLAS's zeroing pass and a separate bias pass. (The bias now
+ * enters before the K-blocks' partial sums instead of after them: the same
+ * value up to float rounding.) */
+static void bias_rows(float *rows, const float *b, int64_t n, int64_t N) {
+    for (int64_t i = 0; i < n; i++) memcpy(rows + i * N, b, (size_t)N * sizeof(float));
+}
+
+typedef struct {
+    const moe_ffn *f;
+    const float *xe, *hpre, *ha, *dye;
+    float *hpre_w, *ha_w, *ye, *dha, *dhpre, *dxe;
+} ffn_args;
+
+static void expert_forward(const ffn_args *a, int e, int64_t r0, int64_t n) {
+    const moe_ffn *f = a->f;
+    int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
+    float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
+    bias_rows(hp, f->b1 + e * H2, n, H2);
+    moe_sgemm(0, 1, n, H2, D, 1.0f, a->xe + r0 * D, D, f->W1 + e * H2 * D, D, 1.0f, hp, H2);
+    if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
+    else moe_act_forward(h, hp, n * H, f->act, f->slope);
+    dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
+    bias_rows(y, f->b2 + e * D, n, D);
+    moe_sgemm(0, 1, n, D, H, 1.0f, h, H, f->W2 + e * D * H, H, 1.0f, y, D);
+}
+
+static void expert_backward(const ffn_args *a, int e, int64_t r0, int64_t n) {
+    const moe_ffn *f = a->f;
+    int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
+    const float *dy = a->dye + r0 * D, *h = a->ha + r0 * H, *hp = a->hpre + r0 * H2, *x = a->xe + r0 * D;
+    float *dh = a->dha + r0 * H, *dhp = a->dhpre + r0 * H2;
+    moe_colsum_acc(f->db2 + e * D, dy, n, D);
+    /* dW2 (D,H) += dye^T ha ; dha (n,H) = dye W2 */
+    moe_sgemm(1, 0, D, H, n, 1.0f, dy, D, h, H, 1.0f, f->dW2 + e * D * H, H);
+    moe_sgemm(0, 0, n, H, D, 1.0f, dy, D, f->W2 + e * D * H, H, 0.0f, dh, H);
+    /* through dropout: the same mask, the same scale (regenerated from the stream) */
+    dropout_rows(a->dha, r0, n, H, f->dropout, f->stream);
+    if (f->kind != MOE_EXPERT_MLP) moe_glu_backward(dhp, dh, hp, n, H, f->kind);
+    else moe_act_backward(dhp, dh, hp, n * H, f->act, f->slope);
+    /* dW1 (H2,D) += dhpre^T xe ; db1 += colsum ; dxe (n,D) = dhpre W1 */
+    moe_sgemm(1, 0, H2, D, n, 1.0f, dhp, H2, x, D, 1.0f, f->dW1 + e * H2 * D, D);
+    moe_colsum_acc(f->db1 + e * H2, dhp, n, H2);
+    if (a->dxe) moe_sgemm(0, 0, n, D, H2, 1.0f, dhp, H2, f->W1 + e * H2 * D, D, 0.0f, a->dxe + r0 * D, D);
+}
+
+/* Run fn for every expert with rows: heavy ones alone with threaded BLAS,
+ * then the rest in parallel. */
+static void each_expert(const ffn_args *a, const int64_t *offsets,
+                        void (*fn)(const ffn_args *, int, int64_t, int64_t)) {
+    int E = a->f->E, nt = 1;
+#ifdef _OPENMP
+    nt = omp_get_max_threads();
+#endif
+    int64_t R = offsets[E], heavy = nt > 1 ? R / nt : 0;
+    int light = 0;
+    for (int e = 0; e < E; e++) {
+        int64_t n = offsets[e + 1] - offsets[e];
+        if (n > heavy) fn(a, e, offsets[e], n);
+        else light += n > 0;
+    }
+    if (light == 0) return;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++) {
+        int64_t n = offsets[e + 1] - offsets[e];
+        if (n > 0 && n <= heavy) fn(a, e, offsets[e], n);
+    }
+}
+
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
                      float *ye) {
-    int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f), R = offsets[f->E];
-    for (int e = 0; e < f->E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 1, n, H2, D, 1.0f, xe + r0 * D, D, f->W1 + e * H2 * D, D, 0.0f, hpre + r0 * H2, H2);
-        moe_add_bias_rows(hpre + r0 * H2, f->b1 + e * H2, n, H2);
-    }
-    if (f->kind != MOE_EXPERT_MLP)
-        moe_glu_forward(ha, hpre, R, H, f->kind);
-    else
-        moe_act_forward(ha, hpre, R * H, f->act, f->slope);
-    dropout_apply(ha, R, H, f->dropout, f->stream);
-    for (int e = 0; e < f->E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 1, n, D, H, 1.0f, ha + r0 * H, H, f->W2 + e * D * H, H, 0.0f, ye + r0 * D, D);
-        moe_add_bias_rows(ye + r0 * D, f->b2 + e * D, n, D);
-    }
+    ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL};
+    each_expert(&a, offsets, expert_forward);
 }
 
 void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,
                       const float *ha, const float *dye, float *dha, float *dhpre, float *dxe) {
-    int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f), R = offsets[f->E];
-    for (int e = 0; e < f->E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        moe_colsum_acc(f->db2 + e * D, dye + r0 * D, n, D);
-        /* dW2 (D,H) += dye^T ha ; dha (n,H) = dye W2 */
-        moe_sgemm(1, 0, D, H, n, 1.0f, dye + r0 * D, D, ha + r0 * H, H, 1.0f, f->dW2 + e * D * H, H);
-        moe_sgemm(0, 0, n, H, D, 1.0f, dye + r0 * D, D, f->W2 + e * D * H, H, 0.0f, dha + r0 * H, H);
-    }
-    /* through dropout: the same mask, the same scale (regenerated from the stream) */
-    dropout_apply(dha, R, H, f->dropout, f->stream);
-    if (f->kind != MOE_EXPERT_MLP)
-        moe_glu_backward(dhpre, dha, hpre, R, H, f->kind);
-    else
-        moe_act_backward(dhpre, dha, hpre, R * H, f->act, f->slope);
-    for (int e = 0; e < f->E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        /* dW1 (H2,D) += dhpre^T xe ; db1 += colsum ; dxe (n,D) = dhpre W1 */
-        moe_sgemm(1, 0, H2, D, n, 1.0f, dhpre + r0 * H2, H2, xe + r0 * D, D, 1.0f, f->dW1 + e * H2 * D, D);
-        moe_colsum_acc(f->db1 + e * H2, dhpre + r0 * H2, n, H2);
-        if (dxe)
-            moe_sgemm(0, 0, n, D, H2, 1.0f, dhpre + r0 * H2, H2, f->W1 + e * H2 * D, D, 0.0f, dxe + r0 * D, D);
-    }
+    ffn_args a = {f, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe};
+    each_expert(&a, offsets, expert_backward);
 }
