@@ -3,13 +3,7 @@
  * expert's contiguous rows, with bias, activation and dropout on those rows
  * in between.
  *
- * Threading: experts run in parallel, one OpenMP thread per expert at a time
- * (schedule dynamic), each GEMM single-threaded (OpenBLAS's OpenMP build runs
- * a call made inside a parallel region on the calling thread). Many small
- * GEMMs side by side keep both cores busy without a BLAS fork/join per GEMM,
- * and each expert's numbers come out the same whatever the thread count. An
- * expert holding more than 1/threads of all rows would leave the others idle,
- * so such "heavy" experts run first, alone, with the BLAS's own threads.
+ * Experts run in parallel through moe_each_expert (ffn.h).
  * Dimension key: D model dim, H hidden width, H2 = H or 2H (GLU), E experts,
  * R rows, n rows of one expert.
  */
@@ -43,7 +37,8 @@ typedef struct {
     float *hpre_w, *ha_w, *ye, *dha, *dhpre, *dxe;
 } ffn_args;
 
-static void expert_forward(const ffn_args *a, int e, int64_t r0, int64_t n) {
+static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
+    const ffn_args *a = ctx;
     const moe_ffn *f = a->f;
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
@@ -56,7 +51,8 @@ static void expert_forward(const ffn_args *a, int e, int64_t r0, int64_t n) {
     moe_sgemm(0, 1, n, D, H, 1.0f, h, H, f->W2 + e * D * H, H, 1.0f, y, D);
 }
 
-static void expert_backward(const ffn_args *a, int e, int64_t r0, int64_t n) {
+static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {
+    const ffn_args *a = ctx;
     const moe_ffn *f = a->f;
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     const float *dy = a->dye + r0 * D, *h = a->ha + r0 * H, *hp = a->hpre + r0 * H2, *x = a->xe + r0 * D;
@@ -75,11 +71,9 @@ static void expert_backward(const ffn_args *a, int e, int64_t r0, int64_t n) {
     if (a->dxe) moe_sgemm(0, 0, n, D, H2, 1.0f, dhp, H2, f->W1 + e * H2 * D, D, 0.0f, a->dxe + r0 * D, D);
 }
 
-/* Run fn for every expert with rows: heavy ones alone with threaded BLAS,
- * then the rest in parallel. */
-static void each_expert(const ffn_args *a, const int64_t *offsets,
-                        void (*fn)(const ffn_args *, int, int64_t, int64_t)) {
-    int E = a->f->E, nt = 1;
+void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
+                     void *ctx) {
+    int nt = 1;
 #ifdef _OPENMP
     nt = omp_get_max_threads();
 #endif
@@ -87,25 +81,25 @@ static void each_expert(const ffn_args *a, const int64_t *offsets,
     int light = 0;
     for (int e = 0; e < E; e++) {
         int64_t n = offsets[e + 1] - offsets[e];
-        if (n > heavy) fn(a, e, offsets[e], n);
+        if (n > heavy) fn(ctx, e, offsets[e], n);
         else light += n > 0;
     }
     if (light == 0) return;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
         int64_t n = offsets[e + 1] - offsets[e];
-        if (n > 0 && n <= heavy) fn(a, e, offsets[e], n);
+        if (n > 0 && n <= heavy) fn(ctx, e, offsets[e], n);
     }
 }
 
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
                      float *ye) {
     ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL};
-    each_expert(&a, offsets, expert_forward);
+    moe_each_expert(offsets, f->E, expert_forward, &a);
 }
 
 void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,
                       const float *ha, const float *dye, float *dha, float *dhpre, float *dxe) {
     ffn_args a = {f, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe};
-    each_expert(&a, offsets, expert_backward);
+    moe_each_expert(offsets, f->E, expert_backward, &a);
 }

@@ -44,4 +44,17 @@ void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
                       const float *hpre, const float *ha, const float *dye,
                       float *dha, float *dhpre, float *dxe);
 
+/* Run fn(ctx, e, r0, n) for every expert e with n > 0 rows [r0, r0+n) of
+ * offsets (E+1). Experts run in parallel, one OpenMP thread per expert at a
+ * time (schedule dynamic), so each GEMM fn makes is single-threaded
+ * (OpenBLAS's OpenMP build runs a call made inside a parallel region on the
+ * calling thread): many small GEMMs side by side keep every core busy with no
+ * BLAS fork/join per GEMM, and each expert's numbers are the same whatever
+ * the thread count. An expert holding more than 1/threads of all rows would
+ * leave the others idle, so such "heavy" experts run first, one at a time,
+ * with the BLAS's own threads (and their bits may then depend on the thread
+ * count). fn must only write its own expert's rows and gradients. */
+void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
+                     void *ctx);
+
 #endif

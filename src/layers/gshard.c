@@ -24,6 +24,7 @@
  *                 experts.w1 (Eo,Ei,D,H), experts.w2 (Eo,Ei,H,D)
  * Init as the seed: w_gating N(0,1); w1, w2 uniform(+-1/sqrt(last dim)).
  */
+#include "ffn.h"
 #include "layer_internal.h"
 #include "ops.h"
 #include "top2.h"
@@ -143,43 +144,46 @@ static gs_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
-/* Per-expert FFN over contiguous rows: ye = act(xe W1[k]) W2[k]. */
-static void experts_forward(const moe_layer *l, const gs_ws *w, const gs_params *p, const int64_t *off, int nk) {
-    const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = hidden(c);
-    for (int k = 0; k < nk; k++) {
-        int64_t r0 = off[k], n = off[k + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
-    }
-    moe_act_forward(w->ha, w->hpre, off[nk] * H, c->activation, c->leaky_slope);
-    for (int k = 0; k < nk; k++) {
-        int64_t r0 = off[k], n = off[k + 1] - r0;
-        if (n == 0) continue;
-        moe_sgemm(0, 0, n, D, H, 1.0f, w->ha + r0 * H, H, p->w2 + k * H * D, D, 0.0f, w->ye + r0 * D, D);
-    }
+typedef struct {
+    const moe_config *c;
+    const gs_ws *w;
+    const gs_params *p, *g;
+} gs_experts;
+
+/* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k]. */
+static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
+    const gs_experts *a = ctx;
+    const gs_ws *w = a->w;
+    int64_t D = a->c->input_dim, H = hidden(a->c);
+    moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, a->p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
+    moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
+    moe_sgemm(0, 0, n, D, H, 1.0f, w->ha + r0 * H, H, a->p->w2 + k * H * D, D, 0.0f, w->ye + r0 * D, D);
 }
 
-/* Backward of experts_forward from dye: dW1, dW2 accumulate; dxe written. */
+/* Its backward from dye: dW1, dW2 accumulate; dxe written. */
+static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
+    const gs_experts *a = ctx;
+    const gs_ws *w = a->w;
+    int64_t D = a->c->input_dim, H = hidden(a->c);
+    /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
+    moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
+    moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, a->p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
+    moe_act_backward(w->dha + r0 * H, w->dha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation,
+                     a->c->leaky_slope);
+    /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
+    moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, a->g->w1 + k * D * H, H);
+    moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
+}
+
+static void experts_forward(const moe_layer *l, const gs_ws *w, const gs_params *p, const int64_t *off, int nk) {
+    gs_experts a = {&l->cfg, w, p, NULL};
+    moe_each_expert(off, nk, expert_forward, &a);
+}
+
 static void experts_backward(const moe_layer *l, const gs_ws *w, const gs_params *p, const gs_params *g,
                              const int64_t *off, int nk) {
-    const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = hidden(c);
-    for (int k = 0; k < nk; k++) {
-        int64_t r0 = off[k], n = off[k + 1] - r0;
-        if (n == 0) continue;
-        /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
-        moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, g->w2 + k * H * D, D);
-        moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
-    }
-    moe_act_backward(w->dha, w->dha, w->hpre, off[nk] * H, c->activation, c->leaky_slope);
-    for (int k = 0; k < nk; k++) {
-        int64_t r0 = off[k], n = off[k + 1] - r0;
-        if (n == 0) continue;
-        /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
-        moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, g->w1 + k * D * H, H);
-        moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
-    }
+    gs_experts a = {&l->cfg, w, p, g};
+    moe_each_expert(off, nk, expert_backward, &a);
 }
 
 /* Gate settings of this mode into a level. */
