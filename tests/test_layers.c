@@ -357,6 +357,37 @@ static void test_learns(void) {
     moe_layer_free(l);
 }
 
+/* The decode kernel against its reference (a BLAS GEMM) on awkward shapes:
+ * 1..MOE_SMALL_ROWS rows, K below, at and off the 16-lane width, odd N,
+ * strided A and C, accumulation into C. */
+static void test_small_gemm(void) {
+    static const int64_t Ks[] = {1, 7, 16, 17, 33, 512}, Ns[] = {1, 5, 64, 129};
+    unsigned long long st = 4242;
+    int ok = 1;
+    double worst = 0;
+    for (int64_t n = 1; n <= MOE_SMALL_ROWS; n++)
+        for (int ki = 0; ki < 6; ki++)
+            for (int ni = 0; ni < 4; ni++) {
+                int64_t K = Ks[ki], N = Ns[ni], lda = K + 3, ldc = N + 2;
+                float *A = malloc((size_t)(n * lda) * sizeof *A), *W = malloc((size_t)(N * K) * sizeof *W);
+                float *C = malloc((size_t)(n * ldc) * sizeof *C), *R = malloc((size_t)(n * ldc) * sizeof *R);
+                for (int64_t i = 0; i < n * lda; i++) A[i] = check_nrand(&st);
+                for (int64_t i = 0; i < N * K; i++) W[i] = check_nrand(&st);
+                for (int64_t i = 0; i < n * ldc; i++) C[i] = R[i] = check_nrand(&st);
+                moe_sgemm_nt_small(C, ldc, A, lda, W, n, N, K);
+                moe_sgemm(0, 1, n, N, K, 1.0f, A, lda, W, K, 1.0f, R, ldc);
+                for (int64_t r = 0; r < n; r++)
+                    for (int64_t j = 0; j < ldc; j++) {
+                        double d = fabs((double)C[r * ldc + j] - R[r * ldc + j]);
+                        double tol = j < N ? 1e-5 * (1.0 + sqrt((double)K)) : 0.0; /* padding untouched */
+                        ok &= d <= tol;
+                        if (d > worst) worst = d;
+                    }
+                free(A), free(W), free(C), free(R);
+            }
+    CHECK(ok, "moe_sgemm_nt_small differs from the BLAS reference (worst %g)", worst);
+}
+
 int main(void) {
     moe_set_num_threads(2);
     test_topk_kernel();
@@ -366,5 +397,6 @@ int main(void) {
     test_threads();
     test_optim();
     test_learns();
+    test_small_gemm();
     return check_summary("test_layers");
 }

@@ -43,12 +43,14 @@ static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
     bias_rows(hp, f->b1 + e * H2, n, H2);
-    moe_sgemm(0, 1, n, H2, D, 1.0f, a->xe + r0 * D, D, f->W1 + e * H2 * D, D, 1.0f, hp, H2);
+    if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(hp, H2, a->xe + r0 * D, D, f->W1 + e * H2 * D, n, H2, D);
+    else moe_sgemm(0, 1, n, H2, D, 1.0f, a->xe + r0 * D, D, f->W1 + e * H2 * D, D, 1.0f, hp, H2);
     if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
     else moe_act_forward(h, hp, n * H, f->act, f->slope);
     dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
     bias_rows(y, f->b2 + e * D, n, D);
-    moe_sgemm(0, 1, n, D, H, 1.0f, h, H, f->W2 + e * D * H, H, 1.0f, y, D);
+    if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(y, D, h, H, f->W2 + e * D * H, n, D, H);
+    else moe_sgemm(0, 1, n, D, H, 1.0f, h, H, f->W2 + e * D * H, H, 1.0f, y, D);
 }
 
 static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {

@@ -44,3 +44,44 @@ void moe_colsum_acc(float *db, const float *g, int64_t M, int64_t N) {
         }
     }
 }
+
+void moe_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
+                        int64_t N, int64_t K) {
+    /* Hand-written because for a few rows a BLAS GEMM first packs all of W,
+     * reading it twice: in decode (eval forwards of 1-16 tokens) the experts'
+     * weights are the whole cost. Each row of W is read once and dotted with
+     * the n rows of A, which stay in L1. 16 lane-wise partial sums vectorise
+     * without reassociating (no -ffast-math), and the lanes are added in a
+     * fixed order, so the result does not depend on the thread count. */
+    enum { L = 16, R4 = 4 };
+    for (int64_t j = 0; j < N; j++) {
+        const float *w = W + j * K;
+        int64_t r = 0;
+        for (; r + R4 <= n; r += R4) { /* four rows share each load of w */
+            const float *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+            float c0[L] = {0}, c1[L] = {0}, c2[L] = {0}, c3[L] = {0};
+            int64_t k = 0;
+            for (; k + L <= K; k += L)
+                for (int i = 0; i < L; i++) {
+                    float wv = w[k + i];
+                    c0[i] += a0[k + i] * wv, c1[i] += a1[k + i] * wv;
+                    c2[i] += a2[k + i] * wv, c3[i] += a3[k + i] * wv;
+                }
+            float s[R4] = {0};
+            for (int i = 0; i < L; i++) s[0] += c0[i], s[1] += c1[i], s[2] += c2[i], s[3] += c3[i];
+            for (; k < K; k++) s[0] += a0[k] * w[k], s[1] += a1[k] * w[k], s[2] += a2[k] * w[k], s[3] += a3[k] * w[k];
+            for (int q = 0; q < R4; q++) C[(r + q) * ldc + j] += s[q];
+        }
+        for (; r < n; r++) {
+            const float *a = A + r * lda;
+            float acc[L] = {0};
+            int64_t k = 0;
+            for (; k + L <= K; k += L)
+                for (int i = 0; i < L; i++) acc[i] += a[k + i] * w[k + i];
+            float s = 0.0f;
+            for (int i = 0; i < L; i++) s += acc[i];
+            for (; k < K; k++) s += a[k] * w[k];
+            C[r * ldc + j] += s;
+        }
+    }
+}

@@ -19,6 +19,14 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float *A, int64_t lda, const float *B, int64_t ldb,
                float beta, float *C, int64_t ldc);
 
+/* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
+ * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM
+ * packs it first. The same product as moe_sgemm(0, 1, n, N, K, 1, A, lda,
+ * W, K, 1, C, ldc) up to float rounding. */
+#define MOE_SMALL_ROWS 8
+void moe_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
+                        int64_t N, int64_t K);
+
 /* rows (M,N): each row r += b (N). */
 void moe_add_bias_rows(float *rows, const float *b, int64_t M, int64_t N);
 /* db (N) += column sums of g (M,N), summed in row order (deterministic). */

@@ -14,6 +14,9 @@
 #include "cli.h"
 
 #include <cblas.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +24,7 @@
 static const char *usage_text =
     "usage: moe bench [--layer topk|gshard|hierarchical|soft_dynamic|soft] [--tokens T]\n"
     "                 [--batch B] [--dim D] [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
-    "                 [--slots S] [--router NAME] [--shared N]\n"
+    "                 [--slots S] [--router NAME] [--shared N] [--decode]\n"
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
@@ -33,7 +36,10 @@ static const char *usage_text =
     "sequences with E=4 experts and GELU experts of H=4*D (the seed's expert_mult 4; geglu:\n"
     "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n"
     "topk takes a router recipe (--router topk|switch|mixtral|st_moe|deepseek_v3|\n"
-    "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n";
+    "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n"
+    "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
+    "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
+    "bandwidth (bytes read + written, every thread copying a part) measured in the same run.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -48,11 +54,88 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
     }
 }
 
+/* Decode: eval forwards of a few tokens are bound by reading the selected
+ * experts' weights. Each call gets new random tokens, so the experts it reads
+ * are mostly not in cache (E experts of 2*D*H floats each). */
+static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t iters, int json) {
+    const moe_config *c = moe_layer_config(l);
+    int E = c->num_experts;
+    int64_t pool = 64, tmax = 16, reps = iters * 20;
+    size_t nb = (size_t)256 << 20;
+    float *x = malloc((size_t)(pool * tmax * D) * sizeof(float)), *y = malloc((size_t)(tmax * D) * sizeof(float));
+    char *src = malloc(nb), *dst = malloc(nb);
+    double *t = malloc((size_t)reps * sizeof(double));
+    if (!x || !y || !src || !dst || !t) {
+        fprintf(stderr, "moe bench: out of memory\n");
+        free(x), free(y), free(src), free(dst), free(t);
+        return 1;
+    }
+    fill(x, (size_t)(pool * tmax * D), 11, 4.0f);
+    memset(src, 1, nb), memset(dst, 2, nb);
+    double tc[5];
+    for (int i = 0; i < 5; i++) { /* memcpy bandwidth on every thread: 2 * nb bytes moved */
+        double t0 = cli_now();
+#pragma omp parallel
+        {
+            size_t nt = 1, id = 0;
+#ifdef _OPENMP
+            nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+#endif
+            size_t a = nb * id / nt, b = nb * (id + 1) / nt;
+            memcpy(dst + a, src + a, b - a);
+        }
+        tc[i] = cli_now() - t0;
+        src[i] ^= dst[nb - 1 - (size_t)i]; /* keep the copies live */
+    }
+    qsort(tc, 5, sizeof *tc, cmp_double);
+    double bw_copy = 2.0 * (double)nb / tc[2];
+    double per_expert = (double)((H2 * D + H2 + D * H + D) * (int64_t)sizeof(float));
+    double gate = (double)(E * (D + 1) * (int64_t)sizeof(float));
+    if (!json) {
+        printf("decode (eval forward), fp32, median of %lld calls on fresh tokens; memcpy %.1f GB/s "
+               "(read + write)\n", (long long)reps, bw_copy * 1e-9);
+        printf("%-6s %10s %12s %12s %10s %7s\n", "tokens", "us/call", "experts read", "MB read", "GB/s",
+               "ratio");
+    }
+    const int64_t Ts[3] = {1, 4, 16};
+    for (int k = 0; k < 3; k++) {
+        int64_t T = Ts[k];
+        double bytes = 0;
+        for (int64_t r = 0; r < reps; r++) {
+            const float *xr = x + (r % pool) * tmax * D;
+            double t0 = cli_now();
+            moe_status st = moe_layer_forward(l, y, NULL, xr, T, 0);
+            t[r] = cli_now() - t0;
+            if (st != MOE_OK) {
+                free(x), free(y), free(src), free(dst), free(t);
+                return cli_fail("bench", "decode", st);
+            }
+            moe_stats s;
+            moe_layer_stats(l, &s);
+            int used = 0;
+            for (int e = 0; e < s.n_experts; e++) used += s.expert_counts[e] > 0;
+            bytes += (used * per_expert + gate) / (double)reps;
+        }
+        qsort(t, (size_t)reps, sizeof *t, cmp_double);
+        double tm = t[reps / 2], bw = bytes / tm;
+        if (json)
+            printf("{\"mode\": \"decode\", \"T\": %lld, \"D\": %lld, \"H\": %lld, \"E\": %d, \"K\": %d, "
+                   "\"seconds\": %.7f, \"bytes\": %.0f, \"gbps\": %.2f, \"memcpy_gbps\": %.2f, \"ratio\": %.3f}\n",
+                   (long long)T, (long long)D, (long long)H, E, c->top_k, tm, bytes, bw * 1e-9, bw_copy * 1e-9,
+                   bw / bw_copy);
+        else
+            printf("%-6lld %10.1f %12.2f %12.2f %10.1f %7.3f\n", (long long)T, tm * 1e6, bytes / per_expert,
+                   bytes * 1e-6, bw * 1e-9, bw / bw_copy);
+    }
+    free(x), free(y), free(src), free(dst), free(t);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
     int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4, S = 0;
     int64_t shared = 0;
-    int have_k = 0;
+    int have_k = 0, decode = 0;
     const char *router = NULL;
     int json = 0, bad = 0;
     moe_layer_type type = MOE_LAYER_TOPK;
@@ -107,6 +190,7 @@ int cmd_bench(int argc, char **argv) {
                 return 2;
             }
         } else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--decode")) decode = 1;
         else if (!bad) {
             fprintf(stderr, "moe bench: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
@@ -156,6 +240,12 @@ int cmd_bench(int argc, char **argv) {
     moe_layer *l = NULL;
     moe_status st = moe_layer_create(&l, &c);
     if (st != MOE_OK) return cli_fail(cmd, "layer", st);
+    if (decode) {
+        int r = topk ? bench_decode(l, D, H2, H, iters, json) : 2;
+        if (!topk) fprintf(stderr, "moe bench: --decode is for --layer topk\n");
+        moe_layer_free(l);
+        return r;
+    }
 
     size_t nx = (size_t)(T * D);
     float *x = malloc(nx * 4), *y = malloc(nx * 4), *dy = malloc(nx * 4), *dx = malloc(nx * 4);
