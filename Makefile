@@ -87,10 +87,10 @@ bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench --layer soft
 	for r in switch mixtral st_moe deepseek_v3 expert_choice; do ./$(BUILD)/moe bench --router $$r; done
 	./$(BUILD)/moe bench --router deepseek_v3 --shared 1 --expert swiglu
-	/usr/bin/python3 bench/torch_bench.py
-	/usr/bin/python3 bench/torch_bench.py --layer gshard
-	/usr/bin/python3 bench/torch_bench.py --layer soft_dynamic
-	/usr/bin/python3 bench/torch_bench.py --layer soft
+	./$(BUILD)/moe bench --decode
+	./$(BUILD)/moe bench --tokens 8192 --dim 1024 --hidden 4096 --experts 8 --iters 3
+	for t in 1 2; do ./$(BUILD)/moe bench --threads $$t; ./$(BUILD)/moe bench --layer gshard --threads $$t; done
+	/usr/bin/python3 bench/torch_bench.py --table
 
 clean:
 	rm -rf build build-asan

@@ -82,8 +82,18 @@ void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t 
         const float *a = pre + r * 2 * H, *g = a + H, *d = dout + r * H;
         float *da = dpre + r * 2 * H, *dg = da + H;
         for (int64_t j = 0; j < H; j++) {
-            float f = swi ? silu(g[j]) : gelu(g[j]);
-            float fp = swi ? silu_grad(g[j]) : gelu_grad(g[j]);
+            /* one expf (silu) or one erff (gelu) per element for both f and f':
+             * the same formulas as silu/silu_grad and gelu/gelu_grad */
+            float x = g[j], f, fp;
+            if (swi) {
+                float sg = sigmoid(x);
+                f = x * sg;
+                fp = sg * (1.0f + x * (1.0f - sg));
+            } else {
+                float er = erff(x * k_inv_sqrt2);
+                f = 0.5f * x * (1.0f + er);
+                fp = 0.5f * (1.0f + er) + x * k_inv_sqrt_2pi * expf(-0.5f * x * x);
+            }
             da[j] = d[j] * f;
             dg[j] = d[j] * a[j] * fp;
         }
