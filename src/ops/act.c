@@ -23,8 +23,8 @@ static inline float silu_grad(float x) {
 
 void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act, float slope) {
     switch (act) {
-    case MOE_ACT_RELU:
-#pragma omp parallel for schedule(static)
+    case MOE_ACT_RELU: /* simd: a select, not a branch a random sign mispredicts half the time */
+#pragma omp parallel for simd schedule(static)
         for (int64_t i = 0; i < n; i++) out[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
         break;
     case MOE_ACT_GELU:
@@ -36,7 +36,7 @@ void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act
         for (int64_t i = 0; i < n; i++) out[i] = silu(pre[i]);
         break;
     case MOE_ACT_LEAKY_RELU:
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
         for (int64_t i = 0; i < n; i++) out[i] = pre[i] > 0.0f ? pre[i] : pre[i] * slope;
         break;
     }
@@ -46,7 +46,7 @@ void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n
                       moe_activation act, float slope) {
     switch (act) {
     case MOE_ACT_RELU:
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
         for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : 0.0f;
         break;
     case MOE_ACT_GELU:
@@ -58,7 +58,7 @@ void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n
         for (int64_t i = 0; i < n; i++) din[i] = dout[i] * silu_grad(pre[i]);
         break;
     case MOE_ACT_LEAKY_RELU:
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
         for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : dout[i] * slope;
         break;
     }
