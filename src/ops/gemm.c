@@ -53,9 +53,11 @@ void moe_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, cons
      * the n rows of A, which stay in L1. 16 lane-wise partial sums vectorise
      * without reassociating (no -ffast-math), and the lanes are added in a
      * fixed order, so the result does not depend on the thread count. */
-    enum { L = 16, R4 = 4 };
+    enum { L = 16, R4 = 4, PF = 4 };
     for (int64_t j = 0; j < N; j++) {
         const float *w = W + j * K;
+        if (j + PF < N) /* the rows a few ahead: more reads in flight than the stream prefetcher keeps */
+            for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(W + (j + PF) * K + k);
         int64_t r = 0;
         for (; r + R4 <= n; r += R4) { /* four rows share each load of w */
             const float *a0 = A + r * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
@@ -71,6 +73,18 @@ void moe_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, cons
             for (int i = 0; i < L; i++) s[0] += c0[i], s[1] += c1[i], s[2] += c2[i], s[3] += c3[i];
             for (; k < K; k++) s[0] += a0[k] * w[k], s[1] += a1[k] * w[k], s[2] += a2[k] * w[k], s[3] += a3[k] * w[k];
             for (int q = 0; q < R4; q++) C[(r + q) * ldc + j] += s[q];
+        }
+        for (; r + 2 <= n; r += 2) { /* two rows share each load of w */
+            const float *a0 = A + r * lda, *a1 = a0 + lda;
+            float c0[L] = {0}, c1[L] = {0};
+            int64_t k = 0;
+            for (; k + L <= K; k += L)
+                for (int i = 0; i < L; i++) c0[i] += a0[k + i] * w[k + i], c1[i] += a1[k + i] * w[k + i];
+            float s0 = 0.0f, s1 = 0.0f;
+            for (int i = 0; i < L; i++) s0 += c0[i], s1 += c1[i];
+            for (; k < K; k++) s0 += a0[k] * w[k], s1 += a1[k] * w[k];
+            C[r * ldc + j] += s0;
+            C[(r + 1) * ldc + j] += s1;
         }
         for (; r < n; r++) {
             const float *a = A + r * lda;

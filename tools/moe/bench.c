@@ -39,7 +39,7 @@ static const char *usage_text =
     "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n"
     "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
     "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
-    "bandwidth (bytes read + written, every thread copying a part) measured in the same run.\n";
+    "(bytes copied per second) and a read-only stream on every thread, run between the calls.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -56,46 +56,64 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
 
 /* Decode: eval forwards of a few tokens are bound by reading the selected
  * experts' weights. Each call gets new random tokens, so the experts it reads
- * are mostly not in cache (E experts of 2*D*H floats each). */
+ * are mostly not in cache (E experts of 2*D*H floats each). A memcpy on every
+ * thread runs between the calls (alternating, as the training benchmark does
+ * with its sgemm), so both see the same state of the machine. */
+static double copy_seconds(char *dst, const char *src, size_t nb) {
+    double t0 = cli_now();
+#pragma omp parallel
+    {
+        size_t nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+#endif
+        size_t a = nb * id / nt, b = nb * (id + 1) / nt;
+        memcpy(dst + a, src + a, b - a);
+    }
+    return cli_now() - t0;
+}
+
+/* A read-only stream over nb bytes on every thread (the ceiling of a
+ * workload that only reads, as decode does); returns seconds. */
+static double read_seconds(const float *src, size_t nb, float *sink) {
+    size_t n = nb / sizeof(float);
+    float tot = 0.0f;
+    double t0 = cli_now();
+#pragma omp parallel for reduction(+ : tot) schedule(static)
+    for (size_t i = 0; i < n; i += 16) {
+        float s = 0.0f;
+        for (int k = 0; k < 16; k++) s += src[i + k];
+        tot += s;
+    }
+    *sink += tot;
+    return cli_now() - t0;
+}
+
 static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t iters, int json) {
     const moe_config *c = moe_layer_config(l);
     int E = c->num_experts;
     int64_t pool = 64, tmax = 16, reps = iters * 20;
-    size_t nb = (size_t)256 << 20;
+    size_t nb = (size_t)256 << 20; /* far beyond the last-level cache */
     float *x = malloc((size_t)(pool * tmax * D) * sizeof(float)), *y = malloc((size_t)(tmax * D) * sizeof(float));
     char *src = malloc(nb), *dst = malloc(nb);
-    double *t = malloc((size_t)reps * sizeof(double));
-    if (!x || !y || !src || !dst || !t) {
+    double *t = malloc((size_t)reps * sizeof(double)), *tc = malloc((size_t)reps * sizeof(double));
+    double *tr = malloc((size_t)reps * sizeof(double));
+    float sink = 0.0f;
+    int rc = 1;
+    if (!x || !y || !src || !dst || !t || !tc || !tr) {
         fprintf(stderr, "moe bench: out of memory\n");
-        free(x), free(y), free(src), free(dst), free(t);
-        return 1;
+        goto done;
     }
     fill(x, (size_t)(pool * tmax * D), 11, 4.0f);
     memset(src, 1, nb), memset(dst, 2, nb);
-    double tc[5];
-    for (int i = 0; i < 5; i++) { /* memcpy bandwidth on every thread: 2 * nb bytes moved */
-        double t0 = cli_now();
-#pragma omp parallel
-        {
-            size_t nt = 1, id = 0;
-#ifdef _OPENMP
-            nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
-#endif
-            size_t a = nb * id / nt, b = nb * (id + 1) / nt;
-            memcpy(dst + a, src + a, b - a);
-        }
-        tc[i] = cli_now() - t0;
-        src[i] ^= dst[nb - 1 - (size_t)i]; /* keep the copies live */
-    }
-    qsort(tc, 5, sizeof *tc, cmp_double);
-    double bw_copy = 2.0 * (double)nb / tc[2];
     double per_expert = (double)((H2 * D + H2 + D * H + D) * (int64_t)sizeof(float));
     double gate = (double)(E * (D + 1) * (int64_t)sizeof(float));
     if (!json) {
-        printf("decode (eval forward), fp32, median of %lld calls on fresh tokens; memcpy %.1f GB/s "
-               "(read + write)\n", (long long)reps, bw_copy * 1e-9);
-        printf("%-6s %10s %12s %12s %10s %7s\n", "tokens", "us/call", "experts read", "MB read", "GB/s",
-               "ratio");
+        printf("decode (eval forward), fp32, medians of %lld calls on fresh tokens, each followed by a\n"
+               "memcpy and a read of %zu MB on every thread: GB/s of the experts' weights read, of bytes\n"
+               "copied (read + written: twice that), and of the read-only stream\n", (long long)reps, nb >> 20);
+        printf("%-6s %9s %8s %8s %8s %9s %8s %8s %8s\n", "tokens", "us/call", "experts", "MB", "GB/s",
+               "memcpy", "read", "/memcpy", "/read");
     }
     const int64_t Ts[3] = {1, 4, 16};
     for (int k = 0; k < 3; k++) {
@@ -107,9 +125,12 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
             moe_status st = moe_layer_forward(l, y, NULL, xr, T, 0);
             t[r] = cli_now() - t0;
             if (st != MOE_OK) {
-                free(x), free(y), free(src), free(dst), free(t);
-                return cli_fail("bench", "decode", st);
+                rc = cli_fail("bench", "decode", st);
+                goto done;
             }
+            tc[r] = copy_seconds(dst, src, nb);
+            tr[r] = read_seconds((const float *)dst, nb, &sink);
+            src[r % 64] ^= dst[nb - 1 - (size_t)(r % 64)]; /* keep the copies live */
             moe_stats s;
             moe_layer_stats(l, &s);
             int used = 0;
@@ -117,18 +138,25 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
             bytes += (used * per_expert + gate) / (double)reps;
         }
         qsort(t, (size_t)reps, sizeof *t, cmp_double);
-        double tm = t[reps / 2], bw = bytes / tm;
+        qsort(tc, (size_t)reps, sizeof *tc, cmp_double);
+        qsort(tr, (size_t)reps, sizeof *tr, cmp_double);
+        double tm = t[reps / 2], bw = bytes / tm, bw_copy = (double)nb / tc[reps / 2], bw_read = (double)nb / tr[reps / 2];
         if (json)
             printf("{\"mode\": \"decode\", \"T\": %lld, \"D\": %lld, \"H\": %lld, \"E\": %d, \"K\": %d, "
-                   "\"seconds\": %.7f, \"bytes\": %.0f, \"gbps\": %.2f, \"memcpy_gbps\": %.2f, \"ratio\": %.3f}\n",
+                   "\"seconds\": %.7f, \"bytes\": %.0f, \"gbps\": %.2f, \"memcpy_gbps\": %.2f, \"read_gbps\": %.2f, "
+                   "\"ratio\": %.3f, \"ratio_read\": %.3f}\n",
                    (long long)T, (long long)D, (long long)H, E, c->top_k, tm, bytes, bw * 1e-9, bw_copy * 1e-9,
-                   bw / bw_copy);
+                   bw_read * 1e-9, bw / bw_copy, bw / bw_read);
         else
-            printf("%-6lld %10.1f %12.2f %12.2f %10.1f %7.3f\n", (long long)T, tm * 1e6, bytes / per_expert,
-                   bytes * 1e-6, bw * 1e-9, bw / bw_copy);
+            printf("%-6lld %9.1f %8.2f %8.2f %8.1f %9.1f %8.1f %8.2f %8.2f\n", (long long)T, tm * 1e6,
+                   bytes / per_expert, bytes * 1e-6, bw * 1e-9, bw_copy * 1e-9, bw_read * 1e-9, bw / bw_copy,
+                   bw / bw_read);
     }
-    free(x), free(y), free(src), free(dst), free(t);
-    return 0;
+    rc = 0;
+done:
+    free(x), free(y), free(src), free(dst), free(t), free(tc), free(tr);
+    if (sink == 12345.0f) printf(" "); /* keep the reads */
+    return rc;
 }
 
 int cmd_bench(int argc, char **argv) {
