@@ -78,6 +78,8 @@ expect 0 "expert_choice" "$moe" bench --router expert_choice --tokens 64 --dim 8
 expect 0 "deepseek_v3+shared" "$moe" bench --router deepseek_v3 --shared 1 --tokens 64 --dim 8 --hidden 8 \
     --experts 4 --iters 1
 expect 2 "for --layer topk" "$moe" bench --layer gshard --router switch
+expect 0 '"mode": "decode", "T": 16' "$moe" bench --decode --dim 16 --hidden 16 --experts 4 --iters 1 --json
+expect 2 "decode is for --layer topk" "$moe" bench --decode --layer gshard
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
