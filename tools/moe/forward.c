@@ -77,6 +77,16 @@ static int expert_list(uint8_t *set, const char *flag, const char *s, int E) {
     return 1;
 }
 
+/* Append a scalar (n == 0) or a vector of n elements to the output list. */
+static void put(moe_st_entry *ents, int *n_ent, const char *name, moe_dtype dt, int64_t n, const void *data) {
+    moe_st_entry *e = &ents[(*n_ent)++];
+    e->name = name;
+    e->dtype = dt;
+    e->ndim = n > 0 ? 1 : 0;
+    e->shape[0] = n;
+    e->data = data;
+}
+
 /* --stats: one line per expert, then the totals. */
 static void print_stats(const moe_stats *s) {
     printf("expert  tokens%s\n", s->expert_bias ? "      bias" : "");
@@ -291,46 +301,18 @@ int cmd_forward(int argc, char **argv) {
     memcpy(e->shape, x.shape, sizeof e->shape);
     e->shape[image ? 1 : x.ndim - 1] = O;
     e->data = y;
-    if (moe_layer_has_aux_loss(l)) {
-        e = &ents[n_ent++];
-        e->name = "aux_loss";
-        e->dtype = MOE_DT_F32;
-        e->ndim = 0;
-        e->data = &aux;
-    }
+    if (moe_layer_has_aux_loss(l)) put(ents, &n_ent, "aux_loss", MOE_DT_F32, 0, &aux);
     moe_stats stats;
     moe_layer_stats(l, &stats);
-    e = &ents[n_ent++];
-    e->name = "stats.expert_counts";
-    e->dtype = MOE_DT_I64;
-    e->ndim = 1;
-    e->shape[0] = stats.n_experts;
-    e->data = stats.expert_counts;
-    e = &ents[n_ent++];
-    e->name = "stats.dropped";
-    e->dtype = MOE_DT_I64;
-    e->ndim = 0;
-    e->data = &stats.dropped;
+    put(ents, &n_ent, "stats.expert_counts", MOE_DT_I64, stats.n_experts, stats.expert_counts);
+    put(ents, &n_ent, "stats.dropped", MOE_DT_I64, 0, &stats.dropped);
     float bal = (float)stats.balance_loss, zl = (float)stats.z_loss;
     if (cfg.type == MOE_LAYER_TOPK) {
-        const char *nm[3] = {"stats.balance_loss", "stats.z_loss", "stats.capacity"};
-        const void *src[3] = {&bal, &zl, &stats.capacity};
-        for (int i = 0; i < 3; i++) {
-            e = &ents[n_ent++];
-            e->name = nm[i];
-            e->dtype = i < 2 ? MOE_DT_F32 : MOE_DT_I64;
-            e->ndim = 0;
-            e->data = src[i];
-        }
+        put(ents, &n_ent, "stats.balance_loss", MOE_DT_F32, 0, &bal);
+        put(ents, &n_ent, "stats.z_loss", MOE_DT_F32, 0, &zl);
+        put(ents, &n_ent, "stats.capacity", MOE_DT_I64, 0, &stats.capacity);
     }
-    if (stats.expert_bias) {
-        e = &ents[n_ent++];
-        e->name = "stats.expert_bias";
-        e->dtype = MOE_DT_F32;
-        e->ndim = 1;
-        e->shape[0] = stats.n_experts;
-        e->data = stats.expert_bias;
-    }
+    if (stats.expert_bias) put(ents, &n_ent, "stats.expert_bias", MOE_DT_F32, stats.n_experts, stats.expert_bias);
     if (show_stats) print_stats(&stats);
 
     if (dy_path) {
