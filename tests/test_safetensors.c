@@ -522,6 +522,62 @@ static void test_write_args(void) {
     unlink(path);
 }
 
+/* Files libmoe writes carry a checksum of their tensor data: every single
+ * flipped bit in the data is refused with a message naming it, the intact file
+ * loads, a file without the key (PyTorch's) loads, and the key is reserved. */
+static void test_checksum(void) {
+    float w[40];
+    for (int i = 0; i < 40; i++) w[i] = (float)i * 0.25f - 3.0f;
+    const int32_t k[3] = {7, -1, 65536};
+    moe_st_entry e[] = {
+        {.name = "w", .dtype = MOE_DT_F32, .ndim = 2, .shape = {5, 8}, .data = w},
+        {.name = "k", .dtype = MOE_DT_I32, .ndim = 1, .shape = {3}, .data = k},
+    };
+    const char *meta[] = {"format", "pt"};
+    const char *path = tmp_path("sum.safetensors");
+    CHECK_STATUS(moe_st_write(path, e, 2, meta, 1), MOE_OK);
+    size_t len = 0;
+    unsigned char *raw = read_all(path, &len);
+    moe_st_file *f = NULL;
+    CHECK_STATUS(moe_st_parse(&f, raw, len), MOE_OK);
+    CHECK(f && moe_st_metadata(f, "libmoe.checksum") && !strncmp(moe_st_metadata(f, "libmoe.checksum"), "h64:", 4),
+          "checksum metadata");
+    moe_st_close(f);
+    size_t data = len - sizeof w - sizeof k; /* the data follows the header */
+    int missed = 0, nomsg = 0;
+    for (size_t i = data; raw && i < len; i++)
+        for (int bit = 0; bit < 8; bit++) {
+            raw[i] ^= (unsigned char)(1u << bit);
+            f = NULL;
+            moe_status st = moe_st_parse(&f, raw, len);
+            missed += st != MOE_ERR_FORMAT || f != NULL;
+            nomsg += strstr(moe_last_error(), "checksum mismatch") == NULL;
+            moe_st_close(f);
+            raw[i] ^= (unsigned char)(1u << bit);
+        }
+    CHECK(missed == 0 && nomsg == 0, "%d of %zu single-bit flips in the data were not refused (%d without the "
+          "checksum message)", missed, 8 * (len - data), nomsg);
+    /* two tensors' bytes swapped in place: same bytes, wrong order */
+    memcpy(raw + data, raw + data + 4, 4);
+    CHECK_STATUS(moe_st_parse(&f, raw, len), MOE_ERR_FORMAT);
+    write_bytes(path, raw, len);
+    CHECK_STATUS(moe_st_open(&f, path), MOE_ERR_FORMAT);
+    CHECK_MSG(path);
+    CHECK_MSG("damaged");
+    unlink(path);
+    free(raw);
+    /* a file without the key (as PyTorch writes it) needs none */
+    const char *json = "{\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+    size_t blen = 0;
+    unsigned char *b = make_buf(&blen, strlen(json), json, 4);
+    CHECK_STATUS(moe_st_parse(&f, b, blen), MOE_OK);
+    moe_st_close(f);
+    free(b);
+    const char *reserved[] = {"libmoe.checksum", "h64:0"};
+    CHECK_STATUS(moe_st_write(path, e, 2, reserved, 1), MOE_ERR_ARG);
+    CHECK_MSG("reserved");
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/moe_st_XXXXXX");
     if (!mkdtemp(g_dir)) {
@@ -535,6 +591,7 @@ int main(void) {
     test_truncated();
     test_io_errors();
     test_write_args();
+    test_checksum();
     CHECK(count_files("") == 2, "temp dir not clean (%d entries)", count_files("")); /* . and .. */
     rmdir(g_dir);
     return check_summary("test_safetensors");

@@ -39,6 +39,12 @@ else ok; fi
 expect 0 "blocks.1.moe.gate.e_score_correction_bias" "$moe" inspect "$tmp/a_deepseek/checkpoint.safetensors"
 expect 0 "validation loss" "$moe" eval "$tmp/a_deepseek/checkpoint.safetensors" --threads 2
 expect 0 "C:moe=" "$moe" sample "$tmp/a_ec/checkpoint.safetensors" --length 10 --temperature 0
+# a flipped byte in a checkpoint's tensor data is refused, not trained on
+cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/flip.safetensors"
+size=$(wc -c <"$tmp/flip.safetensors")
+printf '\377' | dd of="$tmp/flip.safetensors" bs=1 seek=$((size - 1000)) conv=notrunc 2>/dev/null
+expect 1 "checksum mismatch" "$moe" eval "$tmp/flip.safetensors" --threads 2
+expect 1 "checksum mismatch" "$moe" train --resume "$tmp/flip.safetensors" --out "$tmp/flip"
 # router flags: clear errors
 expect 2 "unknown router \"bogus\"" "$moe" train --router bogus --steps 2 --out "$tmp/e"
 expect 2 "are for --layer topk" "$moe" train --layer gshard --router switch --steps 2 --out "$tmp/e"

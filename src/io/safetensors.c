@@ -256,6 +256,30 @@ static moe_status check_metadata(const cJSON *m, const char *label) {
 
 /* Validate buf[0..len) and fill f (whose fields are zero); on error the caller
  * closes f. label names the file in messages. */
+/* Checksum of tensor data, written by moe_st_write as metadata
+ * "libmoe.checksum" and verified on read: a 64-bit multiply-xorshift over
+ * 8-byte words (then the tail bytes), chained over the tensors in header
+ * order. It detects damage (flipped bits, truncation inside the data, a
+ * tensor's bytes swapped); it is not a defence against a deliberate forgery. */
+#define ST_CHECKSUM_KEY "libmoe.checksum"
+static uint64_t st_hash(uint64_t h, const unsigned char *p, size_t n) {
+    const uint64_t k = 0x9E3779B97F4A7C15ull;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * k;
+        h ^= h >> 29;
+    }
+    for (; i < n; i++) {
+        h = (h ^ p[i]) * k;
+        h ^= h >> 29;
+    }
+    return (h ^ (uint64_t)n) * k;
+}
+
+static void st_hash_str(char out[24], uint64_t h) { snprintf(out, 24, "h64:%016llx", (unsigned long long)h); }
+
 static moe_status parse_into(moe_st_file *f, const unsigned char *buf, size_t len, const char *label) {
     if (len < 8)
         return moe_err(MOE_ERR_FORMAT, "%s: file is %zu bytes, too short for the 8-byte header length",
@@ -342,6 +366,17 @@ static moe_status parse_into(moe_st_file *f, const unsigned char *buf, size_t le
         }
     }
     free(r);
+    const cJSON *sum = f->meta ? cJSON_GetObjectItemCaseSensitive(f->meta, ST_CHECKSUM_KEY) : NULL;
+    if (st == MOE_OK && sum) {
+        uint64_t h = 0x6c69626d6f65ull;
+        for (int i = 0; i < f->n; i++) h = st_hash(h, f->t[i].data, f->t[i].nbytes);
+        char got[24];
+        st_hash_str(got, h);
+        if (strcmp(got, sum->valuestring) != 0)
+            st = moe_err(MOE_ERR_FORMAT, "%s: checksum mismatch: the tensor data is not what was written "
+                                         "(metadata %s %s, data gives %s); the file is damaged", label,
+                         ST_CHECKSUM_KEY, sum->valuestring, got);
+    }
     return st;
 }
 
@@ -589,12 +624,31 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
     size_t *sizes = malloc(m * sizeof *sizes);
     const char **names = malloc(m * sizeof *names);
     char *hdr = NULL, *tmp = NULL;
+    const char **meta2 = NULL;
     if (!sizes || !names) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
         goto done;
     }
     if ((st = check_write_args(sizes, entries, n, meta_kv, n_meta, names)) != MOE_OK) goto done;
-    if (!(hdr = build_header(entries, n, sizes, meta_kv, n_meta)) || !(tmp = malloc(strlen(path) + 32))) {
+    for (int i = 0; i < n_meta; i++)
+        if (!strcmp(meta_kv[2 * i], ST_CHECKSUM_KEY)) {
+            st = moe_err(MOE_ERR_ARG, "moe_st_write: metadata key '%s' is reserved (libmoe writes it)",
+                         ST_CHECKSUM_KEY);
+            goto done;
+        }
+    /* the caller's metadata and the checksum of the data, in entry order */
+    uint64_t h = 0x6c69626d6f65ull;
+    for (int i = 0; i < n; i++) h = st_hash(h, entries[i].data, sizes[i]);
+    char sum[24];
+    st_hash_str(sum, h);
+    meta2 = malloc((size_t)(2 * n_meta + 2) * sizeof *meta2);
+    if (!meta2) {
+        st = moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
+        goto done;
+    }
+    for (int i = 0; i < 2 * n_meta; i++) meta2[i] = meta_kv[i];
+    meta2[2 * n_meta] = ST_CHECKSUM_KEY, meta2[2 * n_meta + 1] = sum;
+    if (!(hdr = build_header(entries, n, sizes, meta2, n_meta + 1)) || !(tmp = malloc(strlen(path) + 32))) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory building the header", path);
         goto done;
     }
@@ -622,6 +676,7 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
         st = moe_err(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(err));
     }
 done:
+    free(meta2);
     free(tmp);
     free(hdr);
     free(names);
