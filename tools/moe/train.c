@@ -141,6 +141,20 @@ static int mkdirs(const char *dir) {
     return (mkdir(buf, 0777) && errno != EEXIST) ? -1 : 0;
 }
 
+/* Test hook: MOE_FAULT_NAN_STEPS="5,7" poisons a gradient with NaN at those
+ * steps, to show that such a step is skipped and changes nothing. */
+static int fault_at(const char *list, int64_t step) {
+    for (const char *p = list; p && *p;) {
+        char *end;
+        long long v = strtoll(p, &end, 10);
+        if (end == p) return 0;
+        if (v == step) return 1;
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return 0;
+    }
+    return 0;
+}
+
 static double lr_at(const train_opts *t, int64_t step) { /* step counts from 1 */
     if (step <= t->warmup) return t->lr * (double)step / (double)(t->warmup ? t->warmup : 1);
     double q = (double)(step - t->warmup) / (double)(t->steps > t->warmup ? t->steps - t->warmup : 1);
@@ -427,7 +441,8 @@ int cmd_train(int argc, char **argv) {
                r->num_groups > 1 ? r->num_groups : 1, r->expert_bias ? "on" : "off", r->bias_update_rate);
     }
     double t_start = cli_now(), t_last = t_start, loss_acc = 0, val = NAN, last_train = NAN;
-    int64_t n_acc = 0, step0 = step;
+    int64_t n_acc = 0, step0 = step, skipped = 0, in_a_row = 0;
+    const char *fault = getenv("MOE_FAULT_NAN_STEPS");
     lm_eval ev = {0};
     for (step = step + 1; step <= end; step++) {
         /* the step's batch: positions from a counter-based stream of (seed, step) */
@@ -437,20 +452,37 @@ int cmd_train(int argc, char **argv) {
             lmdata_window(ctx + j * W, d.train, p, W);
             tgt[j] = d.train[p];
         }
-        double loss;
+        double loss = NAN;
         lm_zero_grad(m);
         moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, T, 1);
+        int bad_loss = st == MOE_OK && !isfinite(loss);
+        if (bad_loss) st = MOE_ERR_NONFINITE;
         if (st == MOE_OK) st = lm_backward(m);
+        if (st == MOE_OK && fault_at(fault, step)) lm_params(m)[0].grad[0] = NAN; /* test hook */
         moe_optim_set_lr(opt, (float)lr_at(&t, step));
-        if (st == MOE_OK) st = moe_optim_step(opt);
+        if (st == MOE_OK) st = moe_optim_step(opt); /* refuses non-finite gradients, changing nothing */
         for (int64_t l = 0; l < L && st == MOE_OK; l++) st = moe_layer_update_bias(lm_layer(m, l));
-        if (st != MOE_OK) {
+        if (st == MOE_ERR_NONFINITE) { /* skip the step: parameters and optimizer state as they were */
+            skipped++, in_a_row++;
+            if (skipped <= 5 || skipped % 100 == 0)
+                fprintf(stderr, "%smoe train: step %lld: %s (%lld skipped so far; parameters and optimizer state "
+                                "unchanged)\n", tty ? "\n" : "", (long long)step,
+                        bad_loss ? (isnan(loss) ? "the loss is NaN; step skipped" : "the loss is Inf; step skipped")
+                                 : moe_last_error(), (long long)skipped);
+            if (in_a_row >= 50) {
+                fprintf(stderr, "moe train: %lld steps in a row had a non-finite loss or gradients: training "
+                                "diverged; resume from the last checkpoint with a lower --lr\n", (long long)in_a_row);
+                goto done;
+            }
+        } else if (st != MOE_OK) {
             fprintf(stderr, "\nmoe train: step %lld failed: %s: %s (parameters are as after step %lld)\n",
                     (long long)step, moe_status_str(st), moe_last_error(), (long long)step - 1);
             goto done;
+        } else {
+            in_a_row = 0;
+            loss_acc += loss, n_acc++;
         }
-        loss_acc += loss, n_acc++;
-        for (int64_t l = 0; l < L; l++) {
+        for (int64_t l = 0; l < L && st == MOE_OK; l++) {
             moe_stats s;
             moe_layer_stats(lm_layer(m, l), &s);
             for (int64_t e = 0; e < E; e++) load[l * E + e] += (double)s.expert_counts[e];
@@ -458,7 +490,7 @@ int cmd_train(int argc, char **argv) {
         double now = cli_now();
         int eval_now = step % t.eval_every == 0 || step == end;
         int log_now = eval_now || step % 50 == 0;
-        if (log_now) {
+        if (log_now && n_acc) {
             last_train = loss_acc / (double)n_acc;
             double sh[LMDATA_MAX_EXPERTS], tot = 0;
             for (int64_t e = 0; e < E; e++) tot += load[e];
@@ -505,6 +537,9 @@ int cmd_train(int argc, char **argv) {
            (long long)lm_num_weights(m));
     printf("trained steps %lld..%lld in %.1f s; final train loss %.4f\n", (long long)step0 + 1,
            (long long)end, secs, last_train);
+    if (skipped)
+        printf("skipped %lld steps with a non-finite loss or gradients (parameters unchanged by them)\n",
+               (long long)skipped);
     if (ev.route) lmdata_print_eval(stdout, &ev, m, &d);
     printf("\nexpert load over training (rows per expert / mean):\n");
     for (int64_t l = 0; l < L; l++) {
