@@ -7,6 +7,7 @@
  * Dimension key: T tokens, W window, D model dim, L blocks.
  */
 #include "check.h"
+#include "internal.h"
 #include "../tools/moe/ckpt.c"
 #include "../tools/moe/lm.c"
 
@@ -116,6 +117,22 @@ static void roundtrip(void) {
     } else {
         fprintf(stderr, "ckpt_load: %s\n", msg);
     }
+    /* allocation failures during a checkpoint load: each N-th allocation of the
+     * library (layers, optimizer, safetensors, cJSON) fails in turn; the load
+     * reports it, returns nothing and leaks nothing (the ASan build checks) */
+    int faults = 0, bad = 0;
+    for (int64_t n = 0, more = 1; more && n < 10000; n++) {
+        lm *m3 = (lm *)1;
+        moe_optim *o3 = (moe_optim *)1;
+        msg[0] = '\0';
+        moe__fault_alloc(n);
+        moe_status st = ckpt_load(path, &m3, &o3, &step, &to2, msg, sizeof msg);
+        more = moe__alloc_count() > n;
+        moe__fault_alloc(-1);
+        if (more) faults++, bad += st == MOE_OK || m3 != NULL || o3 != NULL || !msg[0];
+        if (st == MOE_OK) moe_optim_free(o3), lm_free(m3);
+    }
+    CHECK(faults > 10 && bad == 0, "checkpoint load: %d of %d allocation faults not reported cleanly", bad, faults);
     unlink(path);
     moe_optim_free(o), moe_optim_free(o2);
     lm_free(m), lm_free(m2);

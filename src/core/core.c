@@ -4,6 +4,8 @@
  */
 #include "internal.h"
 
+#include <cjson/cJSON.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +47,23 @@ moe_status moe_err(moe_status s, const char *fmt, ...) {
 
 /* ---------------------------------------------------------------- memory */
 
+/* Fault injection for tests (moe__fault_alloc): the allocation with this
+ * index fails; -1 off. Allocations happen on the calling thread, never inside
+ * the library's parallel regions. */
+static int64_t g_fail_at = -1, g_allocs;
+
+void moe__fault_alloc(int64_t n) {
+    g_fail_at = n;
+    g_allocs = 0;
+    /* cJSON's allocations (config and safetensors headers) count too */
+    cJSON_Hooks hooks = {moe_alloc, moe_free};
+    cJSON_InitHooks(n >= 0 ? &hooks : NULL);
+}
+
+int64_t moe__alloc_count(void) { return g_allocs; }
+
 void *moe_alloc(size_t nbytes) {
+    if (g_fail_at >= 0 && g_allocs++ == g_fail_at) return NULL;
     if (nbytes == 0) nbytes = 1;
     size_t rounded;
     if (!moe_add_size(&rounded, nbytes, 63)) return NULL;

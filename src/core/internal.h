@@ -31,6 +31,12 @@ void *moe_alloc(size_t nbytes);
 void *moe_calloc(size_t nbytes);
 void  moe_free(void *p);
 
+/* Tests only: make the n-th allocation from now (0-based) fail, counting
+ * moe_alloc/moe_calloc and cJSON's; n < 0 turns it off. moe__alloc_count:
+ * allocations since the last moe__fault_alloc. */
+void    moe__fault_alloc(int64_t n);
+int64_t moe__alloc_count(void);
+
 /* Overflow-checked size arithmetic: return 0 on overflow, 1 on success. */
 static inline int moe_mul_size(size_t *out, size_t a, size_t b) {
     if (a != 0 && b > SIZE_MAX / a) return 0;

@@ -237,7 +237,7 @@ static moe_status check_metadata(const cJSON *m, const char *label) {
         return moe_err(MOE_ERR_FORMAT, "%s: \"__metadata__\" is %s, expected an object of strings", label,
                        json_desc(b, sizeof b, m));
     int n = cJSON_GetArraySize(m);
-    const char **keys = malloc((size_t)(n ? n : 1) * sizeof *keys);
+    const char **keys = moe_alloc((size_t)(n ? n : 1) * sizeof *keys);
     if (!keys) return moe_err(MOE_ERR_NOMEM, "%s: out of memory checking metadata", label);
     moe_status st = MOE_OK;
     int i = 0;
@@ -250,7 +250,7 @@ static moe_status check_metadata(const cJSON *m, const char *label) {
     }
     const char *dup = st == MOE_OK ? sort_find_dup(keys, (size_t)n) : NULL;
     if (dup) st = moe_err(MOE_ERR_FORMAT, "%s: metadata key \"%s\" appears twice", label, dup);
-    free(keys);
+    moe_free(keys);
     return st;
 }
 
@@ -303,14 +303,14 @@ static moe_status parse_into(moe_st_file *f, const unsigned char *buf, size_t le
         return moe_err(MOE_ERR_FORMAT, "%s: header has a \\u0000 escape (NUL in a string)", label);
 
     /* cJSON wants a NUL-terminated string; the header is followed by data. */
-    char *text = malloc(n + 1);
+    char *text = moe_alloc(n + 1);
     if (!text) return moe_err(MOE_ERR_NOMEM, "%s: out of memory for a %zu-byte header", label, n);
     memcpy(text, hdr, n);
     text[n] = '\0';
     const char *end = NULL;
     f->root = cJSON_ParseWithOpts(text, &end, 1); /* 1: only whitespace may follow */
     size_t at = end ? (size_t)(end - text) : 0;
-    free(text);
+    moe_free(text);
     if (!f->root)
         return moe_err(MOE_ERR_FORMAT, "%s: header is not valid JSON (error at byte %zu of %zu)", label, at, n);
     if (!cJSON_IsObject(f->root))
@@ -329,11 +329,11 @@ static moe_status parse_into(moe_st_file *f, const unsigned char *buf, size_t le
         f->meta = e;
     }
     size_t cnt = count ? (size_t)count : 1;
-    f->t = calloc(cnt, sizeof *f->t);
-    f->by_name = malloc(cnt * sizeof *f->by_name);
-    st_range *r = malloc(cnt * sizeof *r);
+    f->t = moe_calloc(cnt * sizeof *f->t);
+    f->by_name = moe_alloc(cnt * sizeof *f->by_name);
+    st_range *r = moe_alloc(cnt * sizeof *r);
     if (!f->t || !f->by_name || !r) {
-        free(r);
+        moe_free(r);
         return moe_err(MOE_ERR_NOMEM, "%s: out of memory for %d tensors", label, count);
     }
     moe_status st = MOE_OK;
@@ -365,7 +365,7 @@ static moe_status parse_into(moe_st_file *f, const unsigned char *buf, size_t le
             prev = &r[i];
         }
     }
-    free(r);
+    moe_free(r);
     const cJSON *sum = f->meta ? cJSON_GetObjectItemCaseSensitive(f->meta, ST_CHECKSUM_KEY) : NULL;
     if (st == MOE_OK && sum) {
         uint64_t h = 0x6c69626d6f65ull;
@@ -384,7 +384,7 @@ moe_status moe_st_parse(moe_st_file **out, const void *buf, size_t len) {
     if (!out) return moe_err(MOE_ERR_ARG, "moe_st_parse: out is NULL");
     *out = NULL;
     if (!buf) return moe_err(MOE_ERR_ARG, "moe_st_parse: buffer is NULL");
-    moe_st_file *f = calloc(1, sizeof *f);
+    moe_st_file *f = moe_calloc(sizeof *f);
     if (!f) return moe_err(MOE_ERR_NOMEM, "moe_st_parse: out of memory");
     moe_status st = parse_into(f, buf, len, "safetensors buffer");
     if (st != MOE_OK) {
@@ -413,7 +413,7 @@ moe_status moe_st_open(moe_st_file **out, const char *path) {
                        (long long)sb.st_size);
     }
     size_t len = (size_t)sb.st_size;
-    unsigned char *buf = malloc(len ? len : 1);
+    unsigned char *buf = moe_alloc(len ? len : 1);
     if (!buf) {
         fclose(fp);
         return moe_err(MOE_ERR_NOMEM, "%s: out of memory reading %zu bytes", path, len);
@@ -427,9 +427,9 @@ moe_status moe_st_open(moe_st_file **out, const char *path) {
     else if (fgetc(fp) != EOF)
         st = moe_err(MOE_ERR_IO, "%s: file grew while reading (expected %zu bytes)", path, len);
     fclose(fp);
-    moe_st_file *f = st == MOE_OK ? calloc(1, sizeof *f) : NULL;
+    moe_st_file *f = st == MOE_OK ? moe_calloc(sizeof *f) : NULL;
     if (!f) {
-        free(buf);
+        moe_free(buf);
         return st != MOE_OK ? st : moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
     }
     f->owned = buf;
@@ -444,10 +444,10 @@ moe_status moe_st_open(moe_st_file **out, const char *path) {
 void moe_st_close(moe_st_file *f) {
     if (!f) return;
     cJSON_Delete(f->root);
-    free(f->t);
-    free(f->by_name);
-    free(f->owned);
-    free(f);
+    moe_free(f->t);
+    moe_free(f->by_name);
+    moe_free(f->owned);
+    moe_free(f);
 }
 
 int moe_st_count(const moe_st_file *f) { return f ? f->n : 0; }
@@ -595,7 +595,7 @@ static moe_status check_write_args(size_t *sizes, const moe_st_entry *entries, i
     return MOE_OK;
 }
 
-/* The header text, unpadded; NULL when out of memory. Free with free(). */
+/* The header text, unpadded; NULL when out of memory. Free with moe_free(). */
 static char *build_header(const moe_st_entry *entries, int n, const size_t *sizes, const char *const *meta_kv,
                           int n_meta) {
     cJSON *root = cJSON_CreateObject(), *meta = NULL;
@@ -621,8 +621,8 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
                        path ? path : "NULL", n, n_meta);
     size_t m = (size_t)(n > n_meta ? n : n_meta) + 1;
     moe_status st = MOE_OK;
-    size_t *sizes = malloc(m * sizeof *sizes);
-    const char **names = malloc(m * sizeof *names);
+    size_t *sizes = moe_alloc(m * sizeof *sizes);
+    const char **names = moe_alloc(m * sizeof *names);
     char *hdr = NULL, *tmp = NULL;
     const char **meta2 = NULL;
     if (!sizes || !names) {
@@ -641,14 +641,14 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
     for (int i = 0; i < n; i++) h = st_hash(h, entries[i].data, sizes[i]);
     char sum[24];
     st_hash_str(sum, h);
-    meta2 = malloc((size_t)(2 * n_meta + 2) * sizeof *meta2);
+    meta2 = moe_alloc((size_t)(2 * n_meta + 2) * sizeof *meta2);
     if (!meta2) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
         goto done;
     }
     for (int i = 0; i < 2 * n_meta; i++) meta2[i] = meta_kv[i];
     meta2[2 * n_meta] = ST_CHECKSUM_KEY, meta2[2 * n_meta + 1] = sum;
-    if (!(hdr = build_header(entries, n, sizes, meta2, n_meta + 1)) || !(tmp = malloc(strlen(path) + 32))) {
+    if (!(hdr = build_header(entries, n, sizes, meta2, n_meta + 1)) || !(tmp = moe_alloc(strlen(path) + 32))) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory building the header", path);
         goto done;
     }
@@ -676,10 +676,10 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
         st = moe_err(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(err));
     }
 done:
-    free(meta2);
-    free(tmp);
-    free(hdr);
-    free(names);
-    free(sizes);
+    moe_free(meta2);
+    moe_free(tmp);
+    moe_free(hdr);
+    moe_free(names);
+    moe_free(sizes);
     return st;
 }
