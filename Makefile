@@ -28,7 +28,7 @@ BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
-.PHONY: all deps deps-test demo test test-c test-asan bench clean
+.PHONY: all deps deps-test deps-fuzz demo test test-c test-asan bench fuzz clean
 
 all: deps $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe
 
@@ -37,6 +37,10 @@ deps:
 
 deps-test:
 	@sh tools/deps.sh test
+
+deps-fuzz:
+	@sh tools/deps.sh build
+	@sh tools/deps.sh fuzz
 
 $(BUILD)/obj/%.o: %.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
@@ -92,5 +96,27 @@ bench: all $(BENCH_BIN)
 	for t in 1 2; do ./$(BUILD)/moe bench --threads $$t; ./$(BUILD)/moe bench --layer gshard --threads $$t; done
 	/usr/bin/python3 bench/torch_bench.py --table
 
+# libFuzzer targets (clang, ASan + UBSan): the safetensors reader, JSON configs
+# with the layers they describe, and `moe forward`'s input handling. Each runs
+# FUZZ_SECONDS from the seed corpus in fuzz/corpus/ (new inputs go to
+# build-fuzz/corpus_*); a crash stops make with the input in build-fuzz/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = safetensors config forward
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
+             -D_GNU_SOURCE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC)
+build-fuzz/fuzz_%: fuzz/fuzz_%.c $(LIB_SRC) $(HDRS) | deps-fuzz
+	@mkdir -p build-fuzz
+	clang $(FUZZ_FLAGS) $< $(LIB_SRC) $(if $(filter %forward,$*),tools/moe/forward.c tools/moe/cli.c) \
+	    -o $@ -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lcjson -lm
+
+fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p build-fuzz/corpus_$$t; \
+	    ./build-fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -rss_limit_mb=4096 \
+	        -artifact_prefix=build-fuzz/crash_$$t- build-fuzz/corpus_$$t fuzz/corpus/$$t \
+	        >build-fuzz/$$t.log 2>&1 || { tail -n 40 build-fuzz/$$t.log; exit 1; }; \
+	    echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' build-fuzz/$$t.log), no crash"; \
+	done
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

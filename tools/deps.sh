@@ -2,6 +2,7 @@
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
 #   tools/deps.sh build   OpenBLAS (OpenMP build) and cJSON headers/libraries
 #   tools/deps.sh test    the above plus Debian's python3-torch for parity tests
+#   tools/deps.sh fuzz    the above plus clang and libFuzzer (make fuzz)
 # Without root or apt-get it stops with the exact command to run.
 set -eu
 what=${1:-build}
@@ -12,6 +13,11 @@ missing=""
 [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
 if [ "$what" = test ]; then
     /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
+fi
+if [ "$what" = fuzz ]; then # clang with libFuzzer and its sanitizer runtimes
+    command -v clang >/dev/null 2>&1 || missing="$missing clang"
+    ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 ||
+        missing="$missing libclang-rt-dev"
 fi
 [ -z "$missing" ] && exit 0
 
