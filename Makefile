@@ -28,7 +28,7 @@ BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
-.PHONY: all deps deps-test deps-fuzz demo test test-c test-asan bench fuzz clean
+.PHONY: all deps deps-test deps-fuzz demo test test-c test-asan test-valgrind bench fuzz clean
 
 all: deps $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe
 
@@ -96,6 +96,19 @@ bench: all $(BENCH_BIN)
 	for t in 1 2; do ./$(BUILD)/moe bench --threads $$t; ./$(BUILD)/moe bench --layer gshard --threads $$t; done
 	/usr/bin/python3 bench/torch_bench.py --table
 
+# The C tests under valgrind memcheck (errors and definite leaks fail), built
+# without -march=native (valgrind has no AVX-512). test_gradcheck and
+# test_faults take many minutes there; they run under ASan in `make test`.
+VALGRIND_TESTS = test_badinput test_corpus test_gshard test_layers test_lm test_router test_safetensors test_soft
+test-valgrind:
+	@sh tools/deps.sh valgrind
+	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 test-c
+	@for t in $(VALGRIND_TESTS); do \
+	    valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+	        build-vg/tests/$$t >build-vg/$$t.valgrind 2>&1 || { tail -n 40 build-vg/$$t.valgrind; exit 1; }; \
+	    echo "valgrind $$t: $$(grep -o '[0-9]* passed, [0-9]* failed' build-vg/$$t.valgrind), no memcheck errors"; \
+	done
+
 # libFuzzer targets (clang, ASan + UBSan): the safetensors reader, JSON configs
 # with the layers they describe, and `moe forward`'s input handling. Each runs
 # FUZZ_SECONDS from the seed corpus in fuzz/corpus/ (new inputs go to
@@ -119,4 +132,4 @@ fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	done
 
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-vg

@@ -2,7 +2,8 @@
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
 #   tools/deps.sh build   OpenBLAS (OpenMP build) and cJSON headers/libraries
 #   tools/deps.sh test    the above plus Debian's python3-torch for parity tests
-#   tools/deps.sh fuzz    the above plus clang and libFuzzer (make fuzz)
+#   tools/deps.sh fuzz    clang and libFuzzer (make fuzz)
+#   tools/deps.sh valgrind  valgrind (make test-valgrind)
 # Without root or apt-get it stops with the exact command to run.
 set -eu
 what=${1:-build}
@@ -13,6 +14,9 @@ missing=""
 [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
 if [ "$what" = test ]; then
     /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
+fi
+if [ "$what" = valgrind ]; then
+    command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
 fi
 if [ "$what" = fuzz ]; then # clang with libFuzzer and its sanitizer runtimes
     command -v clang >/dev/null 2>&1 || missing="$missing clang"
