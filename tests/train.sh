@@ -39,6 +39,16 @@ else ok; fi
 expect 0 "blocks.1.moe.gate.e_score_correction_bias" "$moe" inspect "$tmp/a_deepseek/checkpoint.safetensors"
 expect 0 "validation loss" "$moe" eval "$tmp/a_deepseek/checkpoint.safetensors" --threads 2
 expect 0 "C:moe=" "$moe" sample "$tmp/a_ec/checkpoint.safetensors" --length 10 --temperature 0
+# 1 and 2 threads train to the same bits: the checkpoint files are byte-identical
+for extra in "" "--router deepseek_v3 --shared 1" "--layer gshard --group 32 --experts 4" \
+    "--layer soft_dynamic --group 32"; do
+    for th in 1 2; do
+        "$moe" train $small $extra --steps 30 --eval-every 10 --threads $th --out "$tmp/th$th" >/dev/null 2>&1
+    done
+    if cmp -s "$tmp/th1/checkpoint.safetensors" "$tmp/th2/checkpoint.safetensors"; then ok; else
+        bad "1 and 2 threads trained different bits (${extra:-topk})"
+    fi
+done
 # a step with a non-finite gradient (MOE_FAULT_NAN_STEPS poisons one) is skipped, counted and
 # reported, and changes nothing: NaN at step 20 leaves every tensor as 19 steps do
 expect 0 "skipped 2 steps with a non-finite" env MOE_FAULT_NAN_STEPS=5,7 "$moe" train $small --steps 20 \

@@ -52,8 +52,8 @@ void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
  * BLAS fork/join per GEMM, and each expert's numbers are the same whatever
  * the thread count. An expert holding more than 1/threads of all rows would
  * leave the others idle, so such "heavy" experts run first, one at a time,
- * with the BLAS's own threads (and their bits may then depend on the thread
- * count). fn must only write its own expert's rows and gradients. */
+ * their GEMMs tiled over all threads by moe_sgemm (the same bits either way).
+ * fn must only write its own expert's rows and gradients. */
 void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
                      void *ctx);
 

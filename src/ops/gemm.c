@@ -16,8 +16,33 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
         return;
     }
     /* Sizes were checked against INT_MAX when the layer planned its shapes. */
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
+    CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
+    /* Our threads, not the BLAS's: C is cut into at most 4 tiles along its
+     * longer side, the cut depending only on the shape, and each tile is one
+     * single-threaded BLAS call (OpenBLAS's OpenMP build runs a call made in
+     * a parallel region on the calling thread). Every element is then summed
+     * the same way on any thread count, and inside or outside the caller's
+     * parallel regions, which OpenBLAS's own threading does not give (its
+     * split changes the last bits). Rows of C are rows of op(A), columns of C
+     * columns of op(B). Inside a parallel region the tiles run on this thread. */
+    int64_t L = M >= N ? M : N, nt = (L + 127) / 128;
+    if (nt > 4) nt = 4;
+    int64_t tile = ((L + nt - 1) / nt + 15) / 16 * 16;
+    nt = (L + tile - 1) / tile;
+    int nested = 0;
+#ifdef _OPENMP
+    nested = omp_in_parallel();
+#endif
+#pragma omp parallel for schedule(dynamic, 1) if (!nested) /* one tile too: then the BLAS sees a parallel region and runs single-threaded */
+    for (int64_t i = 0; i < nt; i++) {
+        int64_t a = i * tile, n = L - a < tile ? L - a : tile;
+        if (M >= N) /* rows a..a+n of C: rows of op(A) */
+            cblas_sgemm(CblasRowMajor, TA, TB, (int)n, (int)N, (int)K, alpha, ta ? A + a : A + a * lda, (int)lda, B,
+                        (int)ldb, beta, C + a * ldc, (int)ldc);
+        else /* columns a..a+n of C: columns of op(B) */
+            cblas_sgemm(CblasRowMajor, TA, TB, (int)M, (int)n, (int)K, alpha, A, (int)lda, tb ? B + a * ldb : B + a,
+                        (int)ldb, beta, C + a, (int)ldc);
+    }
 }
 
 void moe_add_bias_rows(float *rows, const float *b, int64_t M, int64_t N) {

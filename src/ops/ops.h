@@ -11,13 +11,8 @@
 
 #include "internal.h"
 
-/* C (M,N) = alpha * op(A) @ op(B) + beta * C, row-major, through CBLAS.
- * op(A) is (M,K): A is (M,K) with lda, or (K,M) when ta. op(B) is (K,N):
- * B is (K,N) with ldb, or (N,K) when tb. Does nothing when M or N is 0;
- * with K == 0 it scales C by beta. */
-void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
-               const float *A, int64_t lda, const float *B, int64_t ldb,
-               float beta, float *C, int64_t ldc);
+/* moe_sgemm (C = alpha op(A) op(B) + beta C through CBLAS, with libmoe's
+ * thread-count-independent tiling) is public: see moe.h. */
 
 /* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
  * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM

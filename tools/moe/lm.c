@@ -7,7 +7,6 @@
  */
 #include "lm.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -259,7 +258,7 @@ moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8
     if (tgt) memcpy(m->tgt, tgt, (size_t)T);
     for (int64_t t = 0; t < T; t++)
         for (int64_t j = 0; j < W; j++) memcpy(m->e + t * WC + j * C, m->emb + (int64_t)ctx[t * W + j] * C, C * 4);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, WC, 1, m->e, WC, m->Wp, WC, 0, m->x, D);
+    moe_sgemm(0, 1, T, D, WC, 1, m->e, WC, m->Wp, WC, 0, m->x, D);
     add_bias(m->x, m->bp, T, D);
     m->aux = 0;
     for (int64_t l = 0; l < L; l++) {
@@ -271,7 +270,7 @@ moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8
         m->aux += aux;
     }
     rmsnorm(m->hf, m->rinv + L * T, m->x + L * T * D, m->gf, T, D);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, V, D, 1, m->hf, D, m->Wh, D, 0, m->logits, V);
+    moe_sgemm(0, 1, T, V, D, 1, m->hf, D, m->Wh, D, 0, m->logits, V);
     add_bias(m->logits, m->bh, T, V);
     double sum = 0;
     for (int64_t t = 0; t < T; t++) {
@@ -310,9 +309,9 @@ moe_status lm_backward(lm *m) {
         for (int64_t v = 0; v < V; v++) dz[v] = (float)(exp((double)z[v] - mx) / s) / (float)T;
         dz[m->tgt[t]] -= 1.0f / (float)T;
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, D, T, 1, m->dlogits, V, m->hf, D, 1, gWh, D);
+    moe_sgemm(1, 0, V, D, T, 1, m->dlogits, V, m->hf, D, 1, gWh, D);
     colsum_acc(gbh, m->dlogits, T, V);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, V, 1, m->dlogits, V, m->Wh, D, 0, m->dh, D);
+    moe_sgemm(0, 0, T, D, V, 1, m->dlogits, V, m->Wh, D, 0, m->dh, D);
     memset(m->dx, 0, (size_t)(T * D) * sizeof(float));
     rmsnorm_backward(m->dx, ggf, m->dh, m->x + L * T * D, m->rinv + L * T, m->gf, T, D);
     for (int64_t l = L - 1; l >= 0; l--) {
@@ -321,9 +320,9 @@ moe_status lm_backward(lm *m) {
         if (st != MOE_OK) return st;
         rmsnorm_backward(m->dx, ggn + l * D, m->dh, m->x + l * T * D, m->rinv + l * T, m->gn + l * D, T, D);
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, WC, T, 1, m->dx, D, m->e, WC, 1, gWp, WC);
+    moe_sgemm(1, 0, D, WC, T, 1, m->dx, D, m->e, WC, 1, gWp, WC);
     colsum_acc(gbp, m->dx, T, D);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, WC, D, 1, m->dx, D, m->Wp, WC, 0, m->de, WC);
+    moe_sgemm(0, 0, T, WC, D, 1, m->dx, D, m->Wp, WC, 0, m->de, WC);
     for (int64_t t = 0; t < T; t++) /* in token order: deterministic */
         for (int64_t j = 0; j < W; j++) {
             float *dst = gemb + (int64_t)m->ctx[t * W + j] * C;
