@@ -79,18 +79,23 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
 #ifdef _OPENMP
     nt = omp_get_max_threads();
 #endif
-    int64_t R = offsets[E], heavy = nt > 1 ? R / nt : 0;
-    int light = 0;
-    for (int e = 0; e < E; e++) {
-        int64_t n = offsets[e + 1] - offsets[e];
-        if (n > heavy) fn(ctx, e, offsets[e], n);
-        else light += n > 0;
-    }
-    if (light == 0) return;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int64_t n = offsets[e + 1] - offsets[e];
-        if (n > 0 && n <= heavy) fn(ctx, e, offsets[e], n);
+    int64_t R = offsets[E], big = R / (2 * nt);
+#pragma omp parallel
+    {
+        moe__in_task = 1;
+        /* the big experts start first (nowait: a thread with none left goes
+         * on to the small ones), so one big expert does not end the call alone */
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int e = 0; e < E; e++) {
+            int64_t n = offsets[e + 1] - offsets[e];
+            if (n > big) fn(ctx, e, offsets[e], n);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int e = 0; e < E; e++) {
+            int64_t n = offsets[e + 1] - offsets[e];
+            if (n > 0 && n <= big) fn(ctx, e, offsets[e], n);
+        }
+        moe__in_task = 0;
     }
 }
 

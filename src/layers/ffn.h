@@ -46,14 +46,12 @@ void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
 
 /* Run fn(ctx, e, r0, n) for every expert e with n > 0 rows [r0, r0+n) of
  * offsets (E+1). Experts run in parallel, one OpenMP thread per expert at a
- * time (schedule dynamic), so each GEMM fn makes is single-threaded
- * (OpenBLAS's OpenMP build runs a call made inside a parallel region on the
- * calling thread): many small GEMMs side by side keep every core busy with no
- * BLAS fork/join per GEMM, and each expert's numbers are the same whatever
- * the thread count. An expert holding more than 1/threads of all rows would
- * leave the others idle, so such "heavy" experts run first, one at a time,
- * their GEMMs tiled over all threads by moe_sgemm (the same bits either way).
- * fn must only write its own expert's rows and gradients. */
+ * time (schedule dynamic, the experts holding more than 1/(2 threads) of the
+ * rows first), and every GEMM fn makes is one single-threaded BLAS call
+ * (moe__in_task): many GEMMs side by side keep every core busy with no BLAS
+ * fork/join per GEMM, and each expert's numbers are the same on any thread
+ * count. fn must only write its own expert's rows and gradients; the
+ * elementwise helpers it calls run on its thread (nested regions are off). */
 void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
                      void *ctx);
 

@@ -6,6 +6,8 @@
 
 #include <cblas.h>
 
+_Thread_local int moe__in_task;
+
 void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float *A, int64_t lda, const float *B, int64_t ldb,
                float beta, float *C, int64_t ldc) {
@@ -24,11 +26,18 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
      * the same way on any thread count, and inside or outside the caller's
      * parallel regions, which OpenBLAS's own threading does not give (its
      * split changes the last bits). Rows of C are rows of op(A), columns of C
-     * columns of op(B). Inside a parallel region the tiles run on this thread. */
+     * columns of op(B). Inside a parallel region the tiles run on this thread.
+     * An expert task's GEMM (moe__in_task) is one call on this thread in
+     * every case: the experts are the parallelism there. */
     int64_t L = M >= N ? M : N, nt = (L + 127) / 128;
     if (nt > 4) nt = 4;
     int64_t tile = ((L + nt - 1) / nt + 15) / 16 * 16;
     nt = (L + tile - 1) / tile;
+    if (moe__in_task) { /* one expert's GEMM (moe_each_expert): always one call on this thread */
+        cblas_sgemm(CblasRowMajor, TA, TB, (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C,
+                    (int)ldc);
+        return;
+    }
     int nested = 0;
 #ifdef _OPENMP
     nested = omp_in_parallel();

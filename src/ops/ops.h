@@ -12,7 +12,10 @@
 #include "internal.h"
 
 /* moe_sgemm (C = alpha op(A) op(B) + beta C through CBLAS, with libmoe's
- * thread-count-independent tiling) is public: see moe.h. */
+ * thread-count-independent tiling) is public: see moe.h. While moe__in_task
+ * is set on a thread (moe_each_expert's tasks), its GEMMs are one
+ * single-threaded BLAS call each, untiled, on any thread count. */
+extern _Thread_local int moe__in_task;
 
 /* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
  * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM
