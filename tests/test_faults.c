@@ -37,6 +37,13 @@ static moe_status fwd(moe_layer *l, const scenario *s, float *y, float *aux, con
     return moe_layer_forward_masked(l, y, aux, x, s->mask ? m : NULL, s->B, s->N, train);
 }
 
+/* A call whose allocation failed: it must report an error, with a message. */
+static void count_fault(moe_status st, int64_t *calls, int *bad, int *silent) {
+    (*calls)++;
+    *bad += st == MOE_OK;
+    *silent += moe_last_error()[0] == '\0';
+}
+
 /* One failing call per N until a call makes fewer than N+1 allocations. */
 #define FOR_EACH_FAULT(n) for (int64_t n = 0, more = 1; more && n < 10000; n++)
 
@@ -71,9 +78,7 @@ static void forward_backward(const scenario *s) {
         more = more || moe__alloc_count() > n;
         moe__fault_alloc(-1);
         if (more) {
-            calls++;
-            bad += st == MOE_OK;
-            silent += moe_last_error()[0] == '\0';
+            count_fault(st, &calls, &bad, &silent);
             /* usable: the same call again gives the bits of the layer that never failed */
             moe_status s2 = fwd(l, s, y, &a, x, m, 1);
             if (s2 == MOE_OK) s2 = moe_layer_backward(l, dx, dy, 0.5f);
@@ -100,9 +105,8 @@ static void create_optim_io(const scenario *s) {
         more = moe__alloc_count() > n;
         moe__fault_alloc(-1);
         if (more) {
-            calls++;
-            bad += st == MOE_OK || l != NULL;
-            silent += moe_last_error()[0] == '\0';
+            count_fault(st, &calls, &bad, &silent);
+            bad += st != MOE_OK && l != NULL; /* *out is NULL on failure */
         }
         if (st == MOE_OK) moe_layer_free(l);
     }
@@ -120,9 +124,7 @@ static void create_optim_io(const scenario *s) {
         more = moe__alloc_count() > n;
         moe__fault_alloc(-1);
         if (more) {
-            calls++;
-            bad += st == MOE_OK;
-            silent += moe_last_error()[0] == '\0';
+            count_fault(st, &calls, &bad, &silent);
         }
         moe_optim_free(o);
     }
@@ -143,9 +145,7 @@ static void create_optim_io(const scenario *s) {
         more = moe__alloc_count() > n;
         moe__fault_alloc(-1);
         if (more) {
-            calls++;
-            bad += st == MOE_OK;
-            silent += moe_last_error()[0] == '\0';
+            count_fault(st, &calls, &bad, &silent);
             changed += memcmp(before, moe_layer_param(l, 0)->data, (size_t)nw * sizeof *before) != 0;
         }
         if (st == MOE_OK) memcpy(moe_layer_param(l, 0)->data, before, (size_t)nw * sizeof *before);
@@ -157,9 +157,7 @@ static void create_optim_io(const scenario *s) {
         more = moe__alloc_count() > n;
         moe__fault_alloc(-1);
         if (more) {
-            calls++;
-            bad += st == MOE_OK;
-            silent += moe_last_error()[0] == '\0';
+            count_fault(st, &calls, &bad, &silent);
             moe_layer *chk = NULL; /* the old file is intact: it loads and holds the old values */
             moe_layer_create(&chk, &s->c);
             changed += moe_layer_load(chk, path) != MOE_OK ||
