@@ -244,7 +244,6 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
 
     moe_router r = router_of(l, &w, 1);
-    r.capacity = l->capacity;
     moe_router_backward(&r, w.dz, w.dp, w.dw, daux * (float)c->balance_coef, daux * (float)c->z_loss_coef);
     const float *xg = c->jitter > 0 ? w.xg : w.x;
     moe_sgemm(1, 0, E, D, T, 1.0f, w.dz, E, xg, D, 1.0f, g.Wg, D);
@@ -314,6 +313,24 @@ static moe_status check_router(const moe_config *c) {
     return MOE_OK;
 }
 
+/* The four tensors of bank expert e, named "<kind>.<i>.net.{0,2}.{weight,bias}". */
+static moe_status add_expert(moe_layer *l, const char *kind, int i, int64_t e, const int64_t o[P_END + 1]) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
+    int64_t s_w1[2] = {H2, D}, s_b1[1] = {H2}, s_w2[2] = {D, H}, s_b2[1] = {D};
+    char name[MOE_NAME_MAX];
+    moe_status st;
+    snprintf(name, sizeof name, "%s.%d.net.0.weight", kind, i);
+    st = moe__layer_add_param(l, name, 2, s_w1, o[P_W1] + e * H2 * D, D);
+    snprintf(name, sizeof name, "%s.%d.net.0.bias", kind, i);
+    if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b1, o[P_B1] + e * H2, D);
+    snprintf(name, sizeof name, "%s.%d.net.2.weight", kind, i);
+    if (st == MOE_OK) st = moe__layer_add_param(l, name, 2, s_w2, o[P_W2] + e * D * H, H);
+    snprintf(name, sizeof name, "%s.%d.net.2.bias", kind, i);
+    if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b2, o[P_B2] + e * D, H);
+    return st;
+}
+
 moe_status moe__topk_create(moe_layer *l) {
     const moe_config *c = &l->cfg;
     int E = c->num_experts, Ns = c->num_shared;
@@ -347,30 +364,12 @@ moe_status moe__topk_create(moe_layer *l) {
     memset(l->rt_enabled, 1, (size_t)E);
     int64_t o[P_END + 1];
     param_offsets(c, o);
-    char name[MOE_NAME_MAX];
-    for (int e = 0; e < Et && st == MOE_OK; e++) {
-        int64_t s_w1[2] = {H2, D}, s_b1[1] = {H2}, s_w2[2] = {D, H}, s_b2[1] = {D};
-        const char *kind = e < E ? "experts" : "shared_experts";
-        int i = e < E ? e : e - E;
-        if (e == E) { /* the gate sits between routed and shared experts, as a module lists it */
-            int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
-            st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
-            if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
-        }
-        snprintf(name, sizeof name, "%s.%d.net.0.weight", kind, i);
-        if (st == MOE_OK) st = moe__layer_add_param(l, name, 2, s_w1, o[P_W1] + e * H2 * D, D);
-        snprintf(name, sizeof name, "%s.%d.net.0.bias", kind, i);
-        if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b1, o[P_B1] + e * H2, D);
-        snprintf(name, sizeof name, "%s.%d.net.2.weight", kind, i);
-        if (st == MOE_OK) st = moe__layer_add_param(l, name, 2, s_w2, o[P_W2] + e * D * H, H);
-        snprintf(name, sizeof name, "%s.%d.net.2.bias", kind, i);
-        if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_b2, o[P_B2] + e * D, H);
-    }
-    if (Ns == 0) {
-        int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
-        if (st == MOE_OK) st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
-        if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
-    }
+    /* state_dict order: routed experts, the gate, shared experts, the shared gate */
+    int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
+    for (int e = 0; e < E && st == MOE_OK; e++) st = add_expert(l, "experts", e, e, o);
+    if (st == MOE_OK) st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
+    if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
+    for (int i = 0; i < Ns && st == MOE_OK; i++) st = add_expert(l, "shared_experts", i, E + i, o);
     int64_t s_gs[2] = {Ns, D};
     if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
