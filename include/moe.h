@@ -38,7 +38,8 @@ typedef enum {
     MOE_OK = 0,
     MOE_ERR_ARG,         /* an argument or config value is invalid            */
     MOE_ERR_SHAPE,       /* a tensor's shape does not match what is expected  */
-    MOE_ERR_NONFINITE,   /* NaN or Inf in an input                            */
+    MOE_ERR_NONFINITE,   /* NaN or Inf in an input, or produced from finite
+                            inputs (float32 overflow): the message says which */
     MOE_ERR_NOMEM,       /* an allocation failed                              */
     MOE_ERR_IO,          /* a file could not be opened, read or written       */
     MOE_ERR_FORMAT,      /* a file or JSON text is malformed                  */
@@ -243,20 +244,45 @@ void             moe_layer_zero_grad(moe_layer *l);
 /* Re-initialise every parameter from seed (same rule as create). */
 void             moe_layer_init_params(moe_layer *l, uint64_t seed);
 
+/* Forward flags, or-ed together: the mode (PyTorch's module.train() and
+ * .eval()) and whether the forward keeps what a backward needs (PyTorch's
+ * torch.no_grad()). The mode changes what the forward computes, not whether
+ * gradients flow: a backward follows an eval-mode forward as it follows a
+ * train-mode one (input attributions, fine-tuning with dropout off, checking
+ * the eval path), as in PyTorch.
+ *   MOE_EVAL     eval mode: second-expert policy, threshold and capacity
+ *                factor of eval; no dropout, no jitter; the selection-bias
+ *                loads are not counted
+ *   MOE_TRAIN    train mode: the train settings, dropout, jitter, bias loads
+ *   MOE_NO_GRAD  keep nothing for backward (inference, decode): the input is
+ *                not copied, and a backward after this forward is refused
+ *                with MOE_ERR_STATE. Results are the same bits as without it.
+ * The old int argument `train` keeps its meaning: 1 is MOE_TRAIN, 0 MOE_EVAL. */
+#define MOE_EVAL    0
+#define MOE_TRAIN   1
+#define MOE_NO_GRAD 2
+
 /* Forward.
  *   y        (T, out_dim)  written
  *   aux_loss scalar, may be NULL; set to 0 for layers without one
  *   x        (T, D)        read; NaN/Inf is an error
- *   train    1: train mode (caches what backward needs), 0: eval mode
+ *   flags    MOE_TRAIN or MOE_EVAL, optionally | MOE_NO_GRAD (above);
+ *            other bits: MOE_ERR_ARG
  * T == 0 is an error (empty batch). The T rows form one group (sequence);
  * for gshard and hierarchical, where capacity and the balance loss are per
- * group, use moe_layer_forward_seq. */
+ * group, use moe_layer_forward_seq.
+ * Results are checked: when y or aux_loss is NaN or Inf although x and the
+ * parameters are finite (float32 overflow, e.g. a z-loss of logits near
+ * 1e30), the call returns MOE_ERR_NONFINITE with a message naming the tensor,
+ * the first bad element and the likely cause; y and aux_loss then hold what
+ * was computed (to inspect), and no backward may follow. The check reads y
+ * once (well under 1% of a forward+backward; README "Reliability"). */
 moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
-                             const float *x, int64_t T, int train);
+                             const float *x, int64_t T, int flags);
 /* Forward of x (B, N, D): B groups (sequences) of N tokens; y (B, N, out_dim).
  * The same as moe_layer_forward with T = B*N for layers without groups. */
 moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
-                                 const float *x, int64_t B, int64_t N, int train);
+                                 const float *x, int64_t B, int64_t N, int flags);
 
 /* Forward with a token mask: mask (B, N), nonzero for a real token, 0 for a
  * masked one (padding); NULL means every token is real. Only the soft layers
@@ -265,20 +291,25 @@ moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
  * weights uniform over all slots), and a row with every token masked gives
  * finite output (uniform dispatch and combine), never NaN. */
 moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
-                                    const uint8_t *mask, int64_t B, int64_t N, int train);
+                                    const uint8_t *mask, int64_t B, int64_t N, int flags);
 /* Forward of images x (B, D, h, w) (channels first, as PyTorch's conv
  * layers): each image is a group of N = h*w tokens, token i*w + j being
  * x[b, :, i, j]; y (B, out_dim, h, w). mask (B, h*w) or NULL as above. After
  * this forward, moe_layer_backward takes dy (B, out_dim, h, w) and writes dx
  * (B, D, h, w). */
 moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
-                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int train);
+                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int flags);
 
-/* Backward of the last train-mode forward.
+/* Backward of the last forward (train or eval mode; not after MOE_NO_GRAD,
+ * a failed forward, or moe_layer_set_routing: MOE_ERR_STATE).
  *   dx    (T, D)        written (not accumulated); may be NULL
- *   dy    (T, out_dim)  read
+ *   dy    (T, out_dim)  read; NaN/Inf is an error
  *   daux  weight of the auxiliary loss's gradient (ignored without one)
- * Parameter gradients accumulate (+=). */
+ * Parameter gradients accumulate (+=). Results are checked as forward's are:
+ * a NaN or Inf in dx or in a parameter gradient from finite dy and
+ * parameters (float32 overflow) returns MOE_ERR_NONFINITE naming the tensor
+ * and element; the gradients then hold what was computed (moe_optim_step
+ * refuses them; call moe_layer_zero_grad before the next step). */
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux);
 
 /* Runtime routing control of a topk layer, without rebuilding it; it holds
@@ -432,7 +463,8 @@ const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name);
 /* "__metadata__" value for key, NULL if absent. */
 const char          *moe_st_metadata(const moe_st_file *f, const char *key);
 /* Copy tensor `name` into dst as float32, converting F64/F16/BF16. If ndim >= 0
- * the tensor's shape must equal shape[0..ndim). Errors name the tensor. */
+ * the tensor's shape must equal shape[0..ndim); a scalar (ndim 0) may also be
+ * saved with shape (1), as torch.tensor([1.0]) is. Errors name the tensor. */
 moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name,
                            int ndim, const int64_t *shape);
 

@@ -20,7 +20,6 @@ expect 2 "expected an integer" "$moe" train --steps 0
 expect 2 "needs a value" "$moe" train --steps
 expect 2 "use --top-k <= --experts" "$moe" train --experts 2 --top-k 3
 expect 2 "expected mlp, swiglu or geglu" "$moe" train --expert moe
-expect 2 "drop --eval" "$moe" forward --config a --input b --out c --grad-output d --eval
 expect 1 "cannot open" "$moe" forward --config "$tmp/none.json" --input x --out y
 printf '{"type": "topk", "num_experts": 4, "top_k": 6}' >"$tmp/k.json"
 expect 1 "top_k = 6" "$moe" forward --config "$tmp/k.json" --input x --out y

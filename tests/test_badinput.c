@@ -103,9 +103,12 @@ static void test_calls(void) {
     CHECK_STATUS(moe_layer_forward(l, y, NULL, x, 2, 1), MOE_ERR_NONFINITE);
     CHECK_MSG("Inf");
     x[6] = 7;
-    CHECK_STATUS(moe_layer_forward(l, y, NULL, x, 2, 0), MOE_OK);
-    CHECK_STATUS(moe_layer_backward(l, dx, dy, 0), MOE_ERR_STATE); /* eval forward caches nothing */
-    CHECK_MSG("train-mode");
+    CHECK_STATUS(moe_layer_forward(l, y, NULL, x, 2, MOE_EVAL | MOE_NO_GRAD), MOE_OK);
+    CHECK_STATUS(moe_layer_backward(l, dx, dy, 0), MOE_ERR_STATE); /* a no_grad forward keeps nothing */
+    CHECK_MSG("MOE_NO_GRAD");
+    CHECK_STATUS(moe_layer_forward(l, y, NULL, x, 2, 4), MOE_ERR_ARG); /* an unknown flag bit */
+    CHECK_MSG("flags 0x4");
+    CHECK_STATUS(moe_layer_backward(l, dx, dy, 0), MOE_ERR_STATE); /* the failed call cached nothing */
     CHECK_STATUS(moe_layer_forward(l, y, NULL, x, 2, 1), MOE_OK);
     dy[3] = NAN;
     CHECK_STATUS(moe_layer_backward(l, dx, dy, 0), MOE_ERR_NONFINITE);

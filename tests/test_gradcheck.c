@@ -17,6 +17,10 @@
  * difference and is skipped; at most 1 in 10 may be. With dropout, every
  * probe's forward replays the first forward's RNG stream (forward_calls is
  * reset), so the dropout mask is held fixed the same way.
+ * Every layer type is checked again in eval mode (backward after an eval
+ * forward, as PyTorch's m.eval(); y = m(x); y.backward(dy)), with eval
+ * settings that differ from the train ones (policy, threshold, capacity;
+ * dropout and jitter that eval must leave out).
  * Dimension key: T tokens, D model dim, H hidden dim, O output dim, E experts, K top-k.
  */
 #include "check.h"
@@ -52,11 +56,12 @@ typedef struct {
  * gradcheck_full creates (router cases). */
 static int g_k;
 static const uint8_t *g_mask, *g_force;
+static int g_flags = MOE_TRAIN; /* the forwards' mode */
 
 static moe_status forward(ctx *c, float *aux) {
     c->l->forward_calls = c->calls;
-    if (c->h > 0) return moe_layer_forward_image(c->l, c->y, aux, c->x, c->mask, c->B, c->h, c->w, 1);
-    return moe_layer_forward_masked(c->l, c->y, aux, c->x, c->mask, c->B, c->N, 1);
+    if (c->h > 0) return moe_layer_forward_image(c->l, c->y, aux, c->x, c->mask, c->B, c->h, c->w, g_flags);
+    return moe_layer_forward_masked(c->l, c->y, aux, c->x, c->mask, c->B, c->N, g_flags);
 }
 
 static double loss(ctx *c) {
@@ -270,6 +275,76 @@ static void router_cases(void) {
     g_k = 0, g_mask = g_force = NULL;
 }
 
+/* Backward after an eval-mode forward, for every layer type; each config's
+ * eval settings differ from its train ones, and train-only randomness
+ * (dropout, jitter) is on, so a backward that used the train settings fails. */
+static void eval_cases(void) {
+    moe_config c;
+    g_flags = MOE_EVAL;
+    moe_config_init(&c, MOE_LAYER_TOPK); /* Switch: jitter (train only), eval capacity 0.75 drops */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 4, c.activation = MOE_ACT_GELU, c.seed = 401;
+    moe_config_set_router(&c, "switch");
+    c.capacity_factor_train = 4.0, c.capacity_factor_eval = 0.75, c.jitter = 0.3, c.balance_coef = 3.0;
+    gradcheck_seq(&c, 2, 8, "eval router switch jitter cf_eval=0.75 B=2 N=8");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* DeepSeek-V3 with shared experts and groups */
+    c.input_dim = 6, c.hidden_dim = 3, c.num_experts = 8, c.top_k = 2, c.activation = MOE_ACT_GELU, c.seed = 411;
+    moe_config_set_router(&c, "deepseek_v3");
+    c.num_groups = 4, c.topk_groups = 2, c.num_shared = 1, c.shared_gate = 1, c.balance_coef = 2.0;
+    gradcheck(&c, 9, "eval router deepseek_v3 shared gated G=4 M=2");
+    moe_config_init(&c, MOE_LAYER_TOPK); /* expert choice: eval capacity */
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 4, c.activation = MOE_ACT_GELU, c.seed = 421;
+    moe_config_set_router(&c, "expert_choice");
+    c.capacity_factor_train = 2.0, c.capacity_factor_eval = 0.5, c.z_loss_coef = 0.5;
+    gradcheck_seq(&c, 2, 8, "eval router expert_choice cf_eval=0.5 B=2 N=8");
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 5, c.hidden_dim = 4, c.num_experts = 3, c.top_k = 2, c.expert = MOE_EXPERT_SWIGLU, c.seed = 431;
+    gradcheck(&c, 7, "eval topk swiglu D=5 H=4 E=3 K=2 T=7");
+    moe_config_init(&c, MOE_LAYER_DENSE);
+    c.input_dim = 5, c.output_dim = 3, c.num_experts = 4, c.seed = 441;
+    gradcheck(&c, 6, "eval dense D=5 O=3 E=4 T=6");
+    /* gshard and hierarchical: every eval policy; the train settings differ */
+    const moe_second_policy pols[] = {MOE_SECOND_ALL, MOE_SECOND_NONE, MOE_SECOND_THRESHOLD, MOE_SECOND_RANDOM};
+    for (int i = 0; i < 4; i++) {
+        moe_config_init(&c, MOE_LAYER_GSHARD);
+        c.input_dim = 6, c.hidden_dim = 5, c.num_experts = 4, c.seed = 451 + (uint64_t)i;
+        c.activation = MOE_ACT_GELU, c.loss_coef = 3.0;
+        c.second_policy_eval = pols[i], c.second_threshold_eval = 0.15, c.capacity_factor_eval = i % 2 ? 0.5 : 1.5;
+        c.second_policy_train = pols[(i + 1) % 4], c.second_threshold_train = 0.4, c.capacity_factor_train = 3.0;
+        char label[96];
+        snprintf(label, sizeof label, "eval gshard %s cf_eval=%g B=2 N=12", moe_second_policy_name(pols[i]),
+                 c.capacity_factor_eval);
+        gradcheck_seq(&c, 2, 12, label);
+    }
+    for (int i = 0; i < 4; i++) {
+        moe_config_init(&c, MOE_LAYER_HIERARCHICAL);
+        c.input_dim = 5, c.hidden_dim = 3, c.num_experts = 3, c.num_experts_inner = 2, c.seed = 461 + (uint64_t)i;
+        c.activation = MOE_ACT_GELU, c.loss_coef = 3.0;
+        c.second_policy_eval = pols[i], c.second_threshold_eval = 0.15, c.capacity_factor_eval = i % 2 ? 0.6 : 2.0;
+        c.second_policy_train = pols[(i + 2) % 4], c.capacity_factor_train = 1.0;
+        char label[96];
+        snprintf(label, sizeof label, "eval hierarchical %s cf_eval=%g (3,2) B=2 N=16",
+                 moe_second_policy_name(pols[i]), c.capacity_factor_eval);
+        gradcheck_seq(&c, 2, 16, label);
+    }
+    /* soft layers: dropout (train only), masks, image input */
+    uint8_t m1[2 * 8] = {1, 0, 1, 1, 0, 0, 1, 1, /**/ 0, 0, 0, 0, 0, 0, 0, 0};
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC);
+    c.input_dim = 5, c.num_experts = 2, c.expert = MOE_EXPERT_GEGLU, c.expert_mult = 2, c.dropout = 0.4f;
+    c.seed = 471;
+    gradcheck_full(&c, 2, 8, m1, 0, 0, "eval soft_dynamic geglu dropout masked B=2 N=8");
+    moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC);
+    c.input_dim = 4, c.num_experts = 4, c.expert_mult = 1.5, c.dropout = 0.4f, c.seed = 481;
+    gradcheck_full(&c, 2, 6, NULL, 2, 3, "eval soft_dynamic image dropout B=2 h=2 w=3");
+    uint8_t m3[2 * 4] = {1, 0, 1, 1, /**/ 0, 1, 1, 0};
+    moe_config_init(&c, MOE_LAYER_SOFT);
+    c.input_dim = 4, c.num_experts = 2, c.slots_per_expert = 3, c.expert_mult = 2, c.dropout = 0.4f, c.seed = 491;
+    gradcheck_full(&c, 2, 4, m3, 0, 0, "eval soft dropout masked S=3 B=2 N=4");
+    moe_config_init(&c, MOE_LAYER_SOFT);
+    c.input_dim = 3, c.num_experts = 2, c.slots_per_expert = 1, c.expert_mult = 2, c.dropout = 0.4f, c.seed = 501;
+    gradcheck_full(&c, 1, 4, NULL, 2, 2, "eval soft image dropout h=w=2");
+    g_flags = MOE_TRAIN;
+}
+
 int main(void) {
     moe_set_num_threads(2);
     moe_config c;
@@ -336,6 +411,7 @@ int main(void) {
 
     soft_cases();
     router_cases();
+    eval_cases();
 
     printf("probes %d, skipped for a routing change %d\n", probes, skipped);
     CHECK(skipped * 10 <= probes, "too many probes changed the routing: %d of %d", skipped, probes);

@@ -493,7 +493,8 @@ moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name, i
     const moe_st_tensor *t = moe_st_find(f, name);
     if (!t) return moe_err(MOE_ERR_NOTFOUND, "tensor '%s' is not in the file", name);
     if (ndim >= 0) {
-        int same = t->ndim == ndim;
+        /* a scalar may be saved as shape () or (1): torch.tensor(1.0) and torch.tensor([1.0]) */
+        int same = t->ndim == ndim || (ndim == 0 && t->ndim == 1 && t->shape[0] == 1);
         for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
         if (!same) {
             char a[256], b[256];

@@ -68,7 +68,7 @@ static void dense_forward(moe_layer *l, float *y, float *aux, const float *x, in
     layout(l, T, l->ws, &w);
     dense_params p = params_of(l, l->wmem);
 
-    memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     moe_sgemm(0, 1, T, E, D, 1.0f, x, D, p.Wg, D, 0.0f, w.g, E);
     moe_add_bias_rows(w.g, p.bg, T, E);
     moe_softmax_rows(w.g, w.g, T, E);
@@ -122,7 +122,23 @@ static void dense_backward(moe_layer *l, float *dx, const float *dy, float daux)
     (void)daux;
 }
 
-static const moe_layer_ops dense_ops = {dense_workspace_bytes, dense_forward, dense_backward};
+static int dense_probes(const moe_layer *l, int backward, moe_probe *pr) {
+    int64_t O = l->cfg.output_dim, E = l->cfg.num_experts, T = l->T;
+    dense_ws w;
+    layout(l, T, l->ws, &w);
+    int n = 0;
+    if (!backward) {
+        pr[n++] = (moe_probe){"gate probabilities", w.g, T, E};
+        pr[n++] = (moe_probe){"expert outputs", w.ye, T, E * O};
+    } else {
+        pr[n++] = (moe_probe){"expert output gradients", w.dye, T, E * O};
+        pr[n++] = (moe_probe){"gate probability gradients", w.dg, T, E};
+        pr[n++] = (moe_probe){"gate logit gradients", w.dlogits, T, E};
+    }
+    return n;
+}
+
+static const moe_layer_ops dense_ops = {dense_workspace_bytes, dense_forward, dense_backward, dense_probes};
 
 moe_status moe__dense_create(moe_layer *l) {
     const moe_config *c = &l->cfg;

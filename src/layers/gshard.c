@@ -203,7 +203,7 @@ static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64
     uint64_t stream = moe_rng_u64(c->seed, 0x3000000ull + 2 * l->forward_calls);
 
     /* first gate over the tokens: one segment per sequence */
-    memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     moe_sgemm(0, 0, T, E1, D, 1.0f, x, D, p.wg1, E1, 0.0f, w.L1.p, E1);
     moe_softmax_rows(w.L1.p, w.L1.p, T, E1);
     moe_top2 *g1 = &w.L1.g;
@@ -279,7 +279,7 @@ static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     } else {
         moe_top2 *g2 = &w.L2.g;
         int64_t A1 = g1->offsets[E1];
-        g2->R = A1, g2->Ng = outer_cap(l, l->N, 1), g2->imp = w.imp;
+        g2->R = A1, g2->Ng = outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
         moe_combine_backward(w.dye, w.L2.dgate, w.dyo, w.ye, g2->gate, g2->pos, A1, 2, D);
         experts_backward(l, &w, &p, &g, g2->offsets, E1 * Ei);
@@ -304,7 +304,39 @@ static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     }
 }
 
-static const moe_layer_ops gs_ops = {gs_workspace_bytes, gs_forward, gs_backward};
+static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
+    const moe_config *c = &l->cfg;
+    int64_t T = l->T, D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = c->num_experts_inner;
+    gs_ws w;
+    layout(l, l->B, l->N, l->ws, &w);
+    int64_t A1 = w.L1.g.offsets[E1], A = is_hier(l) ? w.L2.g.offsets[E1 * Ei] : A1;
+    int n = 0;
+    if (!backward) {
+        pr[n++] = (moe_probe){"gate probabilities", w.L1.p, T, E1};
+        pr[n++] = (moe_probe){"gate values", w.L1.g.gate, T, 2};
+        if (is_hier(l)) {
+            pr[n++] = (moe_probe){"inner gate probabilities", w.L2.p, A1, Ei};
+            pr[n++] = (moe_probe){"inner gate values", w.L2.g.gate, A1, 2};
+        }
+        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, A, H};
+        pr[n++] = (moe_probe){"expert activations", w.ha, A, H};
+        pr[n++] = (moe_probe){"expert outputs", w.ye, A, D};
+        if (is_hier(l)) pr[n++] = (moe_probe){"outer expert outputs", w.yo, A1, D};
+    } else {
+        if (is_hier(l)) pr[n++] = (moe_probe){"outer expert output gradients", w.dyo, A1, D};
+        pr[n++] = (moe_probe){"expert output gradients", w.dye, A, D};
+        pr[n++] = (moe_probe){"expert pre-activation gradients", w.dha, A, H};
+        pr[n++] = (moe_probe){"expert input gradients", w.dxe, A, D};
+        if (is_hier(l)) {
+            pr[n++] = (moe_probe){"inner gate logit gradients", w.L2.dl, A1, Ei};
+            pr[n++] = (moe_probe){"outer expert input gradients", w.dxo, A1, D};
+        }
+        pr[n++] = (moe_probe){"gate logit gradients", w.L1.dl, T, E1};
+    }
+    return n;
+}
+
+static const moe_layer_ops gs_ops = {gs_workspace_bytes, gs_forward, gs_backward, gs_probes};
 
 static moe_status check_gate_config(const moe_config *c) {
     const char *pol[2] = {moe_second_policy_name(c->second_policy_train), moe_second_policy_name(c->second_policy_eval)};

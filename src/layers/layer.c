@@ -336,10 +336,92 @@ static moe_status reserve(moe_layer *l, int64_t B, int64_t N) {
     return MOE_OK;
 }
 
-/* Validate, reserve, run. x (B,N,D) token-major; mask (B,N) or NULL. */
+/* ---------------------------------------------------------------- non-finite results */
+
+/* Parameter or buffer i of the saved tensors: params first, then buffers. */
+static moe_param *saved_tensor(moe_layer *l, int i) {
+    return i < l->n_params ? &l->params[i] : &l->buffers[i - l->n_params];
+}
+
+
+/* Largest |v| over the finite entries of v (n). */
+static float finite_absmax(const float *v, int64_t n) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        if (isfinite(v[i]) && fabsf(v[i]) > m) m = fabsf(v[i]);
+    return m;
+}
+
+/* The likely cause of a non-finite result, appended to msg (cap bytes): a
+ * non-finite parameter, or the first intermediate of the forward (backward)
+ * that holds a NaN or Inf, with the largest value that went into it. */
+static void explain_nonfinite(moe_layer *l, int backward, char *msg, size_t cap) {
+    size_t o = strlen(msg);
+    for (int i = 0; i < l->n_params + l->n_buffers; i++) {
+        const moe_param *p = saved_tensor(l, i);
+        int64_t bad = moe_find_nonfinite(p->data, p->numel);
+        if (bad >= 0) {
+            snprintf(msg + o, cap - o, ": parameter '%s' element %lld is %s (load or set finite weights)", p->name,
+                     (long long)bad, isnan(p->data[bad]) ? "NaN" : "Inf");
+            return;
+        }
+    }
+    moe_probe pr[MOE_MAX_PROBES];
+    int n = l->ops->probes ? l->ops->probes(l, backward, pr) : 0;
+    float before = 0.0f;
+    const char *before_name = backward ? "dy" : "x";
+    for (int i = 0; i < n; i++) {
+        int64_t cnt = pr[i].rows * pr[i].cols, bad = pr[i].v ? moe_find_nonfinite(pr[i].v, cnt) : -1;
+        if (bad >= 0) {
+            snprintf(msg + o, cap - o, ": float32 overflow; the first non-finite intermediate is the %s (row %lld "
+                     "col %lld is %s), whose inputs reach %.3g in the %s; scale the inputs down or lower the "
+                     "learning rate", pr[i].name, (long long)(bad / pr[i].cols), (long long)(bad % pr[i].cols),
+                     isnan(pr[i].v[bad]) ? "NaN" : "Inf", before, before_name);
+            return;
+        }
+        if (pr[i].v) before = finite_absmax(pr[i].v, cnt), before_name = pr[i].name;
+    }
+    snprintf(msg + o, cap - o, ": float32 overflow in the last step, whose inputs reach %.3g in the %s; scale the "
+             "inputs down or lower the learning rate", before, before_name);
+}
+
+/* MOE_ERR_NONFINITE naming element `bad` of tensor `name` (rows of `cols`)
+ * and the likely cause. */
+static moe_status nonfinite_result(moe_layer *l, int backward, const char *name, const float *v, int64_t bad,
+                                   int64_t cols) {
+    char msg[900];
+    snprintf(msg, sizeof msg, "%s[%lld][%lld] is %s although the %s and the parameters are finite", name,
+             (long long)(bad / cols), (long long)(bad % cols), isnan(v[bad]) ? "NaN" : "Inf",
+             backward ? "gradient dy" : "input x");
+    explain_nonfinite(l, backward, msg, sizeof msg);
+    return moe_err(MOE_ERR_NONFINITE, "%s", msg);
+}
+
+/* aux_loss of the topk router: which loss term left float32's range. */
+static moe_status nonfinite_aux(moe_layer *l, float aux) {
+    const moe_config *c = &l->cfg;
+    double zl = c->z_loss_coef * l->z_loss, bal = c->balance_coef * l->balance_loss;
+    if (l->cfg.type == MOE_LAYER_TOPK && (!isfinite((float)zl) || !isfinite((float)bal))) {
+        int z = !isfinite((float)zl);
+        return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: "
+                       "the %s overflowed float32 (%s = %.3g)%s%.3g", isnan(aux) ? "NaN" : "Inf",
+                       z ? "z-loss" : "balance loss", z ? "z_loss_coef * mean logsumexp(z)^2" : "balance_coef * "
+                       "balance", z ? zl : bal, z ? ": gate logits reach " : "", z ? sqrt(fabs(l->z_loss)) : 0.0);
+    }
+    char msg[900];
+    snprintf(msg, sizeof msg, "aux_loss is %s although the input x and the parameters are finite",
+             isnan(aux) ? "NaN" : "Inf");
+    explain_nonfinite(l, 0, msg, sizeof msg);
+    return moe_err(MOE_ERR_NONFINITE, "%s", msg);
+}
+
+/* Validate, reserve, run, check. x (B,N,D) token-major; mask (B,N) or NULL. */
 static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const float *x, const uint8_t *mask,
-                              int64_t B, int64_t N, int train) {
+                              int64_t B, int64_t N, int flags) {
     if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer, y or x");
+    if (flags & ~(MOE_TRAIN | MOE_NO_GRAD))
+        return moe_err(MOE_ERR_ARG, "forward flags 0x%x: only MOE_TRAIN (1) and MOE_NO_GRAD (2) are defined",
+                       (unsigned)flags);
     if (B <= 0 || N <= 0)
         return moe_err(MOE_ERR_ARG, "empty batch: x has %lld x %lld tokens; forward needs at least one row",
                        (long long)B, (long long)N);
@@ -361,32 +443,40 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
                        isnan(x[bad]) ? "NaN" : "Inf");
     moe_status st = reserve(l, B, N);
     if (st != MOE_OK) return st;
+    int train = flags & MOE_TRAIN;
     l->B = B;
     l->N = N;
     l->mask = mask;
+    l->keep = !(flags & MOE_NO_GRAD);
+    l->cached = 0;
     l->ops->forward(l, y, aux_loss, x, T, train);
     l->mask = NULL;
     l->forward_calls++;
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
-    l->cached = train ? 1 : 0;
+    /* the results, checked once: overflow from finite inputs must not pass silently */
+    if ((bad = moe_find_nonfinite(y, T * l->out_dim)) >= 0)
+        return nonfinite_result(l, 0, "y", y, bad, l->out_dim);
+    if (aux_loss && !isfinite(*aux_loss)) return nonfinite_aux(l, *aux_loss);
+    l->cached = l->keep;
+    l->cached_train = train;
     return MOE_OK;
 }
 
 moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t B,
-                                 int64_t N, int train) {
-    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, B, N, train);
+                                 int64_t N, int flags) {
+    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, B, N, flags);
 }
 
 moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss, const float *x, int64_t T,
-                             int train) {
-    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, 1, T, train);
+                             int flags) {
+    return moe_layer_forward_masked(l, y, aux_loss, x, NULL, 1, T, flags);
 }
 
 moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
-                                    const uint8_t *mask, int64_t B, int64_t N, int train) {
+                                    const uint8_t *mask, int64_t B, int64_t N, int flags) {
     moe_err_clear();
-    moe_status st = run_forward(l, y, aux_loss, x, mask, B, N, train);
+    moe_status st = run_forward(l, y, aux_loss, x, mask, B, N, flags);
     if (st == MOE_OK) l->image = 0;
     return st;
 }
@@ -406,7 +496,7 @@ static void transpose_batch(float *dst, const float *src, int64_t B, int64_t N, 
 }
 
 moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
-                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int train) {
+                                   const uint8_t *mask, int64_t B, int64_t h, int64_t w, int flags) {
     moe_err_clear();
     if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward_image: NULL layer, y or x");
     if (B <= 0 || h <= 0 || w <= 0)
@@ -431,19 +521,37 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
     }
     float *xt = l->img, *yt = l->img + T * D;
     transpose_batch(xt, x, B, N, D, 1);
-    moe_status st = run_forward(l, yt, aux_loss, xt, mask, B, N, train);
+    moe_status st = run_forward(l, yt, aux_loss, xt, mask, B, N, flags);
+    if (st != MOE_OK && st != MOE_ERR_NONFINITE) return st;
+    transpose_batch(y, yt, B, N, O, 0); /* also a non-finite y, to inspect */
     if (st != MOE_OK) return st;
-    transpose_batch(y, yt, B, N, O, 0);
     l->image = 1;
     return MOE_OK;
+}
+
+/* After a backward: dx (T,D) (NULL: not asked) and the parameter gradients. */
+static moe_status check_backward_results(moe_layer *l, const float *dx) {
+    int64_t bad;
+    if (dx && (bad = moe_find_nonfinite(dx, l->T * l->in_dim)) >= 0)
+        return nonfinite_result(l, 1, "dx", dx, bad, l->in_dim);
+    if ((bad = moe_find_nonfinite(l->gmem, l->n_weights)) < 0) return MOE_OK;
+    for (int i = 0; i < l->n_params; i++) {
+        const moe_param *p = &l->params[i];
+        if (bad < l->param_off[i] || bad >= l->param_off[i] + p->numel) continue;
+        char name[MOE_NAME_MAX + 8];
+        int64_t cols = p->ndim ? p->shape[p->ndim - 1] : 1;
+        snprintf(name, sizeof name, "grad.%s", p->name);
+        return nonfinite_result(l, 1, name, p->grad, bad - l->param_off[i], cols);
+    }
+    return moe_err(MOE_ERR_NONFINITE, "a parameter gradient is not finite"); /* not reached */
 }
 
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     moe_err_clear();
     if (!l || !dy) return moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL layer or dy");
     if (!l->cached)
-        return moe_err(MOE_ERR_STATE, "backward needs a train-mode forward first (the last forward "
-                                      "was eval mode, or there was none)");
+        return moe_err(MOE_ERR_STATE, "backward needs a forward that keeps its activations first (there was "
+                                      "none, it failed, it ran with MOE_NO_GRAD, or the routing changed since)");
     int64_t bad = moe_find_nonfinite(dy, l->T * l->out_dim);
     if (bad >= 0)
         return moe_err(MOE_ERR_NONFINITE, "dy[%lld][%lld] is %s: gradients must be finite",
@@ -455,11 +563,12 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
         float *dxt = l->img, *dyt = l->img + l->T * l->in_dim;
         transpose_batch(dyt, dy, B, N, l->out_dim, 1);
         l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
+        moe_status st = check_backward_results(l, dx ? dxt : NULL);
         if (dx) transpose_batch(dx, dxt, B, N, l->in_dim, 0);
-        return MOE_OK;
+        return st;
     }
     l->ops->backward(l, dx, dy, daux);
-    return MOE_OK;
+    return check_backward_results(l, dx);
 }
 
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
@@ -494,11 +603,6 @@ void moe_layer_set_rng_position(moe_layer *l, uint64_t pos) {
 }
 
 /* ---------------------------------------------------------------- load/save */
-
-/* Parameter or buffer i of the saved tensors: params first, then buffers. */
-static moe_param *saved_tensor(moe_layer *l, int i) {
-    return i < l->n_params ? &l->params[i] : &l->buffers[i - l->n_params];
-}
 
 moe_status moe_layer_load(moe_layer *l, const char *path) {
     moe_err_clear();

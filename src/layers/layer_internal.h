@@ -9,12 +9,26 @@
 
 #include "internal.h"
 
+/* One intermediate tensor of the last forward or backward, for naming where
+ * a non-finite value first appeared (layer.c, explain_nonfinite). */
+typedef struct {
+    const char  *name;   /* "gate logits", "expert pre-activations", ...         */
+    const float *v;      /* (rows, cols)                                         */
+    int64_t      rows, cols;
+} moe_probe;
+
+#define MOE_MAX_PROBES 16
+
 typedef struct {
     /* Workspace bytes needed for B groups of N tokens (0 or SIZE_MAX on size overflow). */
     size_t (*workspace_bytes)(const moe_layer *l, int64_t B, int64_t N);
     /* Inputs validated and workspace reserved before these run; they cannot fail. */
     void (*forward)(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train);
     void (*backward)(moe_layer *l, float *dx, const float *dy, float daux);
+    /* The intermediates of the last forward (backward == 0) or backward (1)
+     * in the order they are computed (at most MOE_MAX_PROBES); returns how
+     * many. Only read on the error path. */
+    int (*probes)(const moe_layer *l, int backward, moe_probe *out);
 } moe_layer_ops;
 
 #define MOE_NAME_MAX 64
@@ -57,7 +71,9 @@ struct moe_layer {
     int     image;             /* last forward was moe_layer_forward_image    */
     float  *img;               /* transposed image x/dx (T,D) then y/dy (T,O) */
     size_t  img_bytes;
-    int     cached;            /* last forward was train mode                 */
+    int     keep;              /* the running forward keeps what backward needs */
+    int     cached;            /* a backward may follow the last forward       */
+    int     cached_train;      /* ... which ran in train mode                  */
     char   *ws;                /* workspace (one allocation)                  */
     size_t  ws_bytes;
 };

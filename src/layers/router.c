@@ -109,10 +109,19 @@ static void pick_token(const moe_router *r, int32_t *ix, uint8_t *taken, uint8_t
     }
 }
 
-/* Combine weights of one token's K picks. */
+/* Combine weights of one token's K picks. Softmax scores renormalised over
+ * the picks are p_i / sum_j p_j = exp(z_i) / sum_j exp(z_j): a softmax over
+ * the picks' logits, computed as such so that picks whose p underflowed to 0
+ * (a forced expert, a selection bias, a group limit) still get their exact
+ * share instead of 0/0. Sigmoid scores are divided by sum + 1e-20, as
+ * DeepSeek-V3 does: picks whose scores all underflow get weight 0. */
+static int picks_softmax(const moe_router *r) {
+    return r->score == MOE_SCORE_TOPK_SOFTMAX || (r->score == MOE_SCORE_SOFTMAX && r->normalize);
+}
+
 static void pick_weights(const moe_router *r, float *w, const int32_t *ix, const float *z, const float *p) {
     int K = r->K;
-    if (r->score == MOE_SCORE_TOPK_SOFTMAX) {
+    if (picks_softmax(r)) {
         float m = z[ix[0]], s = 0.0f;
         for (int j = 1; j < K; j++) m = z[ix[j]] > m ? z[ix[j]] : m;
         for (int j = 0; j < K; j++) s += (w[j] = expf(z[ix[j]] - m));
@@ -121,7 +130,7 @@ static void pick_weights(const moe_router *r, float *w, const int32_t *ix, const
     }
     float s = 0.0f;
     for (int j = 0; j < K; j++) s += (w[j] = p[ix[j]]);
-    float den = !r->normalize ? 1.0f : r->score == MOE_SCORE_SIGMOID ? s + 1e-20f : s;
+    float den = !r->normalize ? 1.0f : s + 1e-20f; /* normalize: sigmoid here */
     for (int j = 0; j < K; j++) w[j] = w[j] / den * r->scale;
 }
 
@@ -199,14 +208,15 @@ void moe_router_forward(moe_router *r) {
                 r->pos[t * Ks + j] = keep ? 0 : -1;
                 r->dropped += !keep;
             }
-        /* P_e: mean router probability (sigmoid: s / sum of enabled s) */
+        /* P_e: mean router probability (sigmoid: the share s / (sum of enabled
+         * s + 1e-20), 0 for a token whose scores all underflow) */
         double *P = r->psum, bal = 0.0;
         memset(P, 0, (size_t)E * sizeof *P);
         for (int64_t t = b * N; t < (b + 1) * N; t++) {
             const float *p = r->p + t * E;
             double den = 1.0;
             if (r->score == MOE_SCORE_SIGMOID) {
-                den = 0.0;
+                den = 1e-20;
                 for (int e = 0; e < E; e++) den += r->enabled[e] ? p[e] : 0.0f;
             }
             for (int e = 0; e < E; e++) P[e] += r->enabled[e] ? p[e] / den : 0.0;
@@ -230,21 +240,22 @@ void moe_router_backward(const moe_router *r, float *dz, float *dp, const float 
         if (r->expert_choice) {
             for (int e = 0; e < E; e++)
                 if (ps[e] >= 0) dpt[e] += r->scale * dwt[e];
-        } else if (r->score == MOE_SCORE_TOPK_SOFTMAX) {
+        } else if (picks_softmax(r)) {
             const float *wt = r->w + t * Ks;
             float c = 0.0f;
             for (int j = 0; j < K; j++) c += wt[j] * (ps[j] >= 0 ? dwt[j] : 0.0f);
             /* dz_i = u_i (g_i - sum_j u_j g_j), u = w / scale, g = scale * dw */
             for (int j = 0; j < K; j++) dzt[ix[j]] += wt[j] * ((ps[j] >= 0 ? dwt[j] : 0.0f) - c / r->scale);
         } else {
-            /* w_j = scale * r_j / S (normalised) or scale * r_j, r_j = p[pick j] */
+            /* w_j = scale * r_j / S (normalised sigmoid, S = sum + 1e-20) or
+             * scale * r_j, r_j = p[pick j] */
             float S = 0.0f, c = 0.0f;
             for (int j = 0; j < K; j++) {
                 float g = ps[j] >= 0 ? dwt[j] : 0.0f;
                 S += p[ix[j]];
                 c += g * p[ix[j]];
             }
-            if (r->score == MOE_SCORE_SIGMOID) S += 1e-20f;
+            S += 1e-20f;
             for (int j = 0; j < K; j++) {
                 float g = ps[j] >= 0 ? dwt[j] : 0.0f;
                 dpt[ix[j]] += r->normalize ? r->scale * (g / S - c / (S * S)) : r->scale * g;
@@ -257,10 +268,11 @@ void moe_router_backward(const moe_router *r, float *dz, float *dp, const float 
             if (r->score != MOE_SCORE_SIGMOID) {
                 for (int e = 0; e < E; e++)
                     if (r->enabled[e]) dpt[e] += k * (float)load[e];
-            } else { /* q = s / sum s over enabled */
+            } else { /* q = s / (sum s over enabled + 1e-20), as the forward */
                 float sum = 0.0f, c = 0.0f;
                 for (int e = 0; e < E; e++)
                     if (r->enabled[e]) sum += p[e];
+                sum += 1e-20f;
                 for (int e = 0; e < E; e++)
                     if (r->enabled[e]) c += k * (float)load[e] * p[e] / sum;
                 for (int e = 0; e < E; e++)

@@ -311,7 +311,7 @@ static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int
     layout(l, B, N, l->ws, &w);
     soft_params p = params_of(l, l->wmem);
 
-    memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     /* token mask and normalised padded input */
     for (int64_t b = 0; b < B; b++)
         for (int64_t n = 0; n < Np; n++)
@@ -410,8 +410,8 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
         moe_sgemm(1, 0, J, D, N, 1.0f, w.Cw + b * Np * J, J, dy + b * N * D, D, 0.0f, w.tJ, D);
         slots_scatter(w.dye, w.tJ, b, &d);
     }
-    /* backward always follows a train-mode forward: the same dropout mask */
-    moe_ffn f = ffn_of(l, p, &g, l->cfg.dropout, *w.stream);
+    /* the forward's dropout mask (none after an eval-mode forward) */
+    moe_ffn f = ffn_of(l, p, &g, l->cached_train ? l->cfg.dropout : 0.0f, *w.stream);
     moe_ffn_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
 
     if (!d.dyn) memset(w.dK, 0, (size_t)(J * D) * sizeof(float));
@@ -496,7 +496,33 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     (void)daux;
 }
 
-static const moe_layer_ops soft_ops = {soft_workspace_bytes, soft_forward, soft_backward};
+static int soft_probes(const moe_layer *l, int backward, moe_probe *pr) {
+    soft_dims d = dims_of(l, l->B, l->N);
+    soft_ws w;
+    layout(l, d.B, d.N, l->ws, &w);
+    int64_t BS = d.dyn ? d.B * d.S : 0, nK = d.dyn ? BS * d.E : d.J;
+    int n = 0;
+    if (!backward) {
+        pr[n++] = (moe_probe){"normalised input", w.xn, d.B * d.Np, d.D};
+        if (d.dyn) pr[n++] = (moe_probe){"slot projections", w.P, BS, d.E * d.D};
+        pr[n++] = (moe_probe){"slot keys", w.K, nK, d.D};
+        pr[n++] = (moe_probe){"dispatch weights", w.Dw, d.B * d.Np, d.J};
+        pr[n++] = (moe_probe){"combine weights", w.Cw, d.B * d.Np, d.J};
+        pr[n++] = (moe_probe){"slot inputs", w.xs, d.R, d.D};
+        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, d.R, d.H2};
+        pr[n++] = (moe_probe){"expert activations", w.ha, d.R, d.H};
+        pr[n++] = (moe_probe){"expert outputs", w.ye, d.R, d.D};
+    } else {
+        pr[n++] = (moe_probe){"slot output gradients", w.dye, d.R, d.D};
+        pr[n++] = (moe_probe){"expert pre-activation gradients", w.dhpre, d.R, d.H2};
+        pr[n++] = (moe_probe){"slot input gradients", w.dxs, d.R, d.D};
+        pr[n++] = (moe_probe){"normalised input gradients", w.dxn, d.B * d.Np, d.D};
+        pr[n++] = (moe_probe){"slot key gradients", w.dK, nK, d.D};
+    }
+    return n;
+}
+
+static const moe_layer_ops soft_ops = {soft_workspace_bytes, soft_forward, soft_backward, soft_probes};
 
 /* ---------------------------------------------------------------- create */
 

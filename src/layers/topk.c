@@ -182,7 +182,7 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
     layout(l, l->B, l->N, l->ws, &w);
     topk_params p = params_of(l, l->wmem);
 
-    memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     const float *xg = x;
     if (train && c->jitter > 0) { /* Switch: gate input times U(1 - j, 1 + j) */
         uint64_t stream = moe_rng_u64(c->seed ^ 0x7a11e5c0de5ull, l->forward_calls);
@@ -245,7 +245,8 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
 
     moe_router r = router_of(l, &w, 1);
     moe_router_backward(&r, w.dz, w.dp, w.dw, daux * (float)c->balance_coef, daux * (float)c->z_loss_coef);
-    const float *xg = c->jitter > 0 ? w.xg : w.x;
+    int jittered = c->jitter > 0 && l->cached_train; /* jitter is train mode only */
+    const float *xg = jittered ? w.xg : w.x;
     moe_sgemm(1, 0, E, D, T, 1.0f, w.dz, E, xg, D, 1.0f, g.Wg, D);
     moe_colsum_acc(g.bg, w.dz, T, E);
     if (Ns && c->shared_gate) { /* dsg = dw * s (1 - s) */
@@ -258,14 +259,41 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     }
     if (dx) {
         moe_sgemm(0, 0, T, D, E, 1.0f, w.dz, E, p.Wg, D, 0.0f, dx, D);
-        if (c->jitter > 0) /* backward follows a train forward: noise is set */
+        if (jittered)
             for (int64_t i = 0; i < T * D; i++) dx[i] *= w.noise[i];
         if (Ns && c->shared_gate) moe_sgemm(0, 0, T, D, Ns, 1.0f, w.dsg, Ns, p.Gs, D, 1.0f, dx, D);
         moe_scatter_add(dx, w.dxe, w.pos, T, Ks, D);
     }
 }
 
-static const moe_layer_ops topk_ops = {topk_workspace_bytes, topk_forward, topk_backward};
+static int topk_probes(const moe_layer *l, int backward, moe_probe *pr) {
+    const moe_config *c = &l->cfg;
+    int64_t T = l->T, D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
+    int64_t E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l);
+    topk_ws w;
+    layout(l, l->B, l->N, l->ws, &w);
+    int64_t A = w.offsets[E + Ns];
+    int n = 0;
+    if (!backward) {
+        pr[n++] = (moe_probe){"gate logits", w.z, T, E};
+        pr[n++] = (moe_probe){"router probabilities", w.p, T, E};
+        pr[n++] = (moe_probe){"routing weights", w.w, T, Ks};
+        if (Ns && c->shared_gate) pr[n++] = (moe_probe){"shared-expert gates", w.sg, T, Ns};
+        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, A, H2};
+        pr[n++] = (moe_probe){"expert activations", w.ha, A, H};
+        pr[n++] = (moe_probe){"expert outputs", w.ye, A, D};
+    } else {
+        pr[n++] = (moe_probe){"expert output gradients", w.dye, A, D};
+        pr[n++] = (moe_probe){"routing-weight gradients", w.dw, T, Ks};
+        pr[n++] = (moe_probe){"expert activation gradients", w.dha, A, H};
+        pr[n++] = (moe_probe){"expert pre-activation gradients", w.dhpre, A, H2};
+        pr[n++] = (moe_probe){"expert input gradients", w.dxe, A, D};
+        pr[n++] = (moe_probe){"gate logit gradients", w.dz, T, E};
+    }
+    return n;
+}
+
+static const moe_layer_ops topk_ops = {topk_workspace_bytes, topk_forward, topk_backward, topk_probes};
 
 /* Router settings of a topk config that no other check covers. */
 static moe_status check_router(const moe_config *c) {

@@ -122,7 +122,7 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
         for (int64_t r = 0; r < reps; r++) {
             const float *xr = x + (r % pool) * tmax * D;
             double t0 = cli_now();
-            moe_status st = moe_layer_forward(l, y, NULL, xr, T, 0);
+            moe_status st = moe_layer_forward(l, y, NULL, xr, T, MOE_EVAL | MOE_NO_GRAD);
             t[r] = cli_now() - t0;
             if (st != MOE_OK) {
                 rc = cli_fail("bench", "decode", st);

@@ -50,8 +50,10 @@ static const char *usage_text =
     "                      and, with --grad-output, 'dx' and 'grad.<parameter name>' for\n"
     "                      every parameter\n"
     "  --grad-output FILE  tensor 'dy' (the shape of y) and optional scalar 'daux'\n"
-    "                      (default 1)\n"
-    "  --eval              eval mode (default: train mode)\n"
+    "                      (shape () or (1); default 1): runs the backward\n"
+    "  --eval              eval mode (default: train mode), as module.eval(): eval\n"
+    "                      policies and capacity, no dropout or jitter; with\n"
+    "                      --grad-output the backward follows the eval forward\n"
     "  --seed N            overrides the config's seed (init and random choices)\n"
     "  --threads N         threads (default: all cores)\n"
     "  --top-k K           topk: route each token to K experts instead of the config's top_k\n"
@@ -222,10 +224,6 @@ int cmd_forward(int argc, char **argv) {
         fprintf(stderr, "moe forward: --config, --input and --out are required\n\n%s", usage_text);
         return 2;
     }
-    if (dy_path && eval) {
-        fprintf(stderr, "moe forward: --grad-output needs train mode; drop --eval\n");
-        return 2;
-    }
     moe_set_num_threads((int)threads);
 
     int rc = 1;
@@ -284,8 +282,10 @@ int cmd_forward(int argc, char **argv) {
     float aux = 0.0f;
     int64_t N = image ? h * wd : x.ndim >= 2 ? x.shape[x.ndim - 2] : x.rows, B = N ? x.rows / N : 0;
     if (load_mask(&mask, x.f, x_path, B, N, image, h, wd)) goto done;
-    st = image ? moe_layer_forward_image(l, y, &aux, x.data, mask, B, h, wd, !eval)
-               : moe_layer_forward_masked(l, y, &aux, x.data, mask, B, N, !eval);
+    /* eval or train mode; activations kept only when a backward follows */
+    int flags = (eval ? MOE_EVAL : MOE_TRAIN) | (dy_path ? 0 : MOE_NO_GRAD);
+    st = image ? moe_layer_forward_image(l, y, &aux, x.data, mask, B, h, wd, flags)
+               : moe_layer_forward_masked(l, y, &aux, x.data, mask, B, N, flags);
     if (st != MOE_OK) {
         cli_fail("forward", "forward", st);
         goto done;

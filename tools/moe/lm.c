@@ -264,7 +264,8 @@ moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8
     for (int64_t l = 0; l < L; l++) {
         float *xl = m->x + l * T * D, *hl = m->h + l * T * D, *xn = xl + T * D, aux = 0;
         rmsnorm(hl, m->rinv + l * T, xl, m->gn + l * D, T, D);
-        st = moe_layer_forward_seq(m->layers[l], m->mo, &aux, hl, T / N, N, train);
+        /* eval (validation, sampling) keeps nothing for a backward */
+        st = moe_layer_forward_seq(m->layers[l], m->mo, &aux, hl, T / N, N, train ? MOE_TRAIN : MOE_EVAL | MOE_NO_GRAD);
         if (st != MOE_OK) return st;
         for (int64_t i = 0; i < T * D; i++) xn[i] = xl[i] + m->mo[i];
         m->aux += aux;
