@@ -354,9 +354,12 @@ static float finite_absmax(const float *v, int64_t n) {
 
 /* The likely cause of a non-finite result, appended to msg (cap bytes): a
  * non-finite parameter, or the first intermediate of the forward (backward)
- * that holds a NaN or Inf, with the largest value that went into it. */
-static void explain_nonfinite(moe_layer *l, int backward, char *msg, size_t cap) {
+ * that holds a NaN or Inf, with the largest magnitudes of the call's input
+ * in (n_in: x or dy) and of the parameters. */
+static void explain_nonfinite(moe_layer *l, int backward, const float *in, int64_t n_in, char *msg, size_t cap) {
     size_t o = strlen(msg);
+    float pmax = 0.0f;
+    const char *pname = "";
     for (int i = 0; i < l->n_params + l->n_buffers; i++) {
         const moe_param *p = saved_tensor(l, i);
         int64_t bad = moe_find_nonfinite(p->data, p->numel);
@@ -365,53 +368,55 @@ static void explain_nonfinite(moe_layer *l, int backward, char *msg, size_t cap)
                      (long long)bad, isnan(p->data[bad]) ? "NaN" : "Inf");
             return;
         }
+        float m = finite_absmax(p->data, p->numel);
+        if (m > pmax) pmax = m, pname = p->name;
     }
     moe_probe pr[MOE_MAX_PROBES];
     int n = l->ops->probes ? l->ops->probes(l, backward, pr) : 0;
-    float before = 0.0f;
-    const char *before_name = backward ? "dy" : "x";
-    for (int i = 0; i < n; i++) {
-        int64_t cnt = pr[i].rows * pr[i].cols, bad = pr[i].v ? moe_find_nonfinite(pr[i].v, cnt) : -1;
-        if (bad >= 0) {
-            snprintf(msg + o, cap - o, ": float32 overflow; the first non-finite intermediate is the %s (row %lld "
-                     "col %lld is %s), whose inputs reach %.3g in the %s; scale the inputs down or lower the "
-                     "learning rate", pr[i].name, (long long)(bad / pr[i].cols), (long long)(bad % pr[i].cols),
-                     isnan(pr[i].v[bad]) ? "NaN" : "Inf", before, before_name);
-            return;
-        }
-        if (pr[i].v) before = finite_absmax(pr[i].v, cnt), before_name = pr[i].name;
+    const char *where = "", *kind = "Inf";
+    int64_t row = 0, col = 0;
+    for (int i = 0; i < n && !*where; i++) {
+        int64_t bad = pr[i].v ? moe_find_nonfinite(pr[i].v, pr[i].rows * pr[i].cols) : -1;
+        if (bad >= 0)
+            where = pr[i].name, row = bad / pr[i].cols, col = bad % pr[i].cols, kind = isnan(pr[i].v[bad]) ? "NaN" : "Inf";
     }
-    snprintf(msg + o, cap - o, ": float32 overflow in the last step, whose inputs reach %.3g in the %s; scale the "
-             "inputs down or lower the learning rate", before, before_name);
+    if (*where) {
+        int w = snprintf(msg + o, cap - o, ": the first non-finite intermediate is the %s (row %lld col %lld is %s)",
+                         where, (long long)row, (long long)col, kind);
+        o += w > 0 && (size_t)w < cap - o ? (size_t)w : 0;
+    }
+    snprintf(msg + o, cap - o, ": float32 overflow%s; |%s| reaches %.3g and the parameters %.3g (in '%s'): scale "
+             "them down or lower the learning rate", strcmp(kind, "NaN") ? "" : " (or 0/0 after underflow)",
+             backward ? "dy" : "x", finite_absmax(in, n_in), pmax, pname);
 }
 
 /* MOE_ERR_NONFINITE naming element `bad` of tensor `name` (rows of `cols`)
  * and the likely cause. */
-static moe_status nonfinite_result(moe_layer *l, int backward, const char *name, const float *v, int64_t bad,
-                                   int64_t cols) {
+static moe_status nonfinite_result(moe_layer *l, int backward, const float *in, int64_t n_in, const char *name,
+                                   const float *v, int64_t bad, int64_t cols) {
     char msg[900];
     snprintf(msg, sizeof msg, "%s[%lld][%lld] is %s although the %s and the parameters are finite", name,
              (long long)(bad / cols), (long long)(bad % cols), isnan(v[bad]) ? "NaN" : "Inf",
              backward ? "gradient dy" : "input x");
-    explain_nonfinite(l, backward, msg, sizeof msg);
+    explain_nonfinite(l, backward, in, n_in, msg, sizeof msg);
     return moe_err(MOE_ERR_NONFINITE, "%s", msg);
 }
 
 /* aux_loss of the topk router: which loss term left float32's range. */
-static moe_status nonfinite_aux(moe_layer *l, float aux) {
+static moe_status nonfinite_aux(moe_layer *l, float aux, const float *x) {
     const moe_config *c = &l->cfg;
     double zl = c->z_loss_coef * l->z_loss, bal = c->balance_coef * l->balance_loss;
-    if (l->cfg.type == MOE_LAYER_TOPK && (!isfinite((float)zl) || !isfinite((float)bal))) {
-        int z = !isfinite((float)zl);
-        return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: "
-                       "the %s overflowed float32 (%s = %.3g)%s%.3g", isnan(aux) ? "NaN" : "Inf",
-                       z ? "z-loss" : "balance loss", z ? "z_loss_coef * mean logsumexp(z)^2" : "balance_coef * "
-                       "balance", z ? zl : bal, z ? ": gate logits reach " : "", z ? sqrt(fabs(l->z_loss)) : 0.0);
-    }
+    const char *what = isnan(aux) ? "NaN" : "Inf";
+    if (l->cfg.type == MOE_LAYER_TOPK && !isfinite((float)zl))
+        return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: the "
+                       "z-loss overflowed float32 (z_loss_coef * mean logsumexp(z)^2 = %.3g): gate logits reach "
+                       "%.3g; scale the gate input or weights down", what, zl, sqrt(fabs(l->z_loss)));
+    if (l->cfg.type == MOE_LAYER_TOPK && !isfinite((float)bal))
+        return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: the "
+                       "balance loss is %.3g", what, bal);
     char msg[900];
-    snprintf(msg, sizeof msg, "aux_loss is %s although the input x and the parameters are finite",
-             isnan(aux) ? "NaN" : "Inf");
-    explain_nonfinite(l, 0, msg, sizeof msg);
+    snprintf(msg, sizeof msg, "aux_loss is %s although the input x and the parameters are finite", what);
+    explain_nonfinite(l, 0, x, l->T * l->in_dim, msg, sizeof msg);
     return moe_err(MOE_ERR_NONFINITE, "%s", msg);
 }
 
@@ -456,8 +461,8 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
     l->T = T;
     /* the results, checked once: overflow from finite inputs must not pass silently */
     if ((bad = moe_find_nonfinite(y, T * l->out_dim)) >= 0)
-        return nonfinite_result(l, 0, "y", y, bad, l->out_dim);
-    if (aux_loss && !isfinite(*aux_loss)) return nonfinite_aux(l, *aux_loss);
+        return nonfinite_result(l, 0, x, T * l->in_dim, "y", y, bad, l->out_dim);
+    if (aux_loss && !isfinite(*aux_loss)) return nonfinite_aux(l, *aux_loss, x);
     l->cached = l->keep;
     l->cached_train = train;
     return MOE_OK;
@@ -529,11 +534,11 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
     return MOE_OK;
 }
 
-/* After a backward: dx (T,D) (NULL: not asked) and the parameter gradients. */
-static moe_status check_backward_results(moe_layer *l, const float *dx) {
-    int64_t bad;
+/* After a backward from dy (T,O): dx (T,D) (NULL: not asked) and the parameter gradients. */
+static moe_status check_backward_results(moe_layer *l, const float *dx, const float *dy) {
+    int64_t bad, n_dy = l->T * l->out_dim;
     if (dx && (bad = moe_find_nonfinite(dx, l->T * l->in_dim)) >= 0)
-        return nonfinite_result(l, 1, "dx", dx, bad, l->in_dim);
+        return nonfinite_result(l, 1, dy, n_dy, "dx", dx, bad, l->in_dim);
     if ((bad = moe_find_nonfinite(l->gmem, l->n_weights)) < 0) return MOE_OK;
     for (int i = 0; i < l->n_params; i++) {
         const moe_param *p = &l->params[i];
@@ -541,7 +546,7 @@ static moe_status check_backward_results(moe_layer *l, const float *dx) {
         char name[MOE_NAME_MAX + 8];
         int64_t cols = p->ndim ? p->shape[p->ndim - 1] : 1;
         snprintf(name, sizeof name, "grad.%s", p->name);
-        return nonfinite_result(l, 1, name, p->grad, bad - l->param_off[i], cols);
+        return nonfinite_result(l, 1, dy, n_dy, name, p->grad, bad - l->param_off[i], cols);
     }
     return moe_err(MOE_ERR_NONFINITE, "a parameter gradient is not finite"); /* not reached */
 }
@@ -563,12 +568,12 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
         float *dxt = l->img, *dyt = l->img + l->T * l->in_dim;
         transpose_batch(dyt, dy, B, N, l->out_dim, 1);
         l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
-        moe_status st = check_backward_results(l, dx ? dxt : NULL);
+        moe_status st = check_backward_results(l, dx ? dxt : NULL, dyt);
         if (dx) transpose_batch(dx, dxt, B, N, l->in_dim, 0);
         return st;
     }
     l->ops->backward(l, dx, dy, daux);
-    return check_backward_results(l, dx);
+    return check_backward_results(l, dx, dy);
 }
 
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap) {

@@ -12,6 +12,7 @@
  * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k, A = T*K.
  */
 #include "cli.h"
+#include "ops.h" /* moe_find_nonfinite: the library's own result check, timed for its share */
 
 #include <cblas.h>
 #ifdef _OPENMP
@@ -341,6 +342,18 @@ int cmd_bench(int argc, char **argv) {
     qsort(tm, (size_t)iters, sizeof *tm, cmp_double);
     qsort(td, (size_t)iters, sizeof *td, cmp_double);
     double t_moe = tm[iters / 2], t_dense = td[iters / 2];
+    /* the share of the result checks (README "Reliability"): the library's own
+     * scan of y, dx and every gradient, timed alone on the same buffers */
+    int64_t n_checked = 2 * (int64_t)nx + moe_layer_num_weights(l);
+    for (int64_t it = 0; it < iters; it++) {
+        double t0 = cli_now();
+        int64_t bad = moe_find_nonfinite(y, (int64_t)nx) + moe_find_nonfinite(dx, (int64_t)nx);
+        for (int i = 0; i < moe_layer_num_params(l); i++)
+            bad += moe_find_nonfinite(moe_layer_param(l, i)->grad, moe_layer_param(l, i)->numel);
+        td[it] = cli_now() - t0 + (bad == -2 - moe_layer_num_params(l) ? 0.0 : 1e9); /* all finite */
+    }
+    qsort(td, (size_t)iters, sizeof *td, cmp_double);
+    double t_check = td[iters / 2];
     /* useful FLOPs: the rows the experts ran (mean over the timed calls for
      * the layer; the warm-up's count for the dense baseline) */
     double gf_moe = rows * per_row / t_moe * 1e-9, gf_dense = (double)A * per_row / t_dense * 1e-9;
@@ -349,11 +362,11 @@ int cmd_bench(int argc, char **argv) {
         printf("{\"layer\": \"%s\", \"expert\": \"%s\", \"T\": %lld, \"B\": %lld, \"D\": %lld, \"H\": %lld, "
                "\"E\": %lld, \"K\": %lld, \"rows\": %.1f, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, "
                "\"tokens_per_s\": %.1f, \"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, "
-               "\"ratio\": %.3f}\n",
+               "\"ratio\": %.3f, \"check_seconds\": %.6f}\n",
                moe_layer_type_name(type), kn, (long long)T, (long long)B, (long long)D, (long long)H,
                (long long)(type == MOE_LAYER_HIERARCHICAL ? E * Ei : E), (long long)(topk ? K : 2), rows,
                (long long)threads, (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense,
-               gf_moe / gf_dense);
+               gf_moe / gf_dense, t_check);
     } else {
         printf("forward+backward, fp32, %lld threads, median of %lld\n", (long long)threads, (long long)iters);
         printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
@@ -381,6 +394,8 @@ int cmd_bench(int argc, char **argv) {
                gf_moe / gf_dense);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
                gf_dense, t_dense * 1e3, 1.0);
+        printf("result checks (y, dx, every gradient: %.1fM floats): %.2f ms per step, %.2f%% of forward+backward\n",
+               (double)n_checked * 1e-6, t_check * 1e3, 100.0 * t_check / t_moe);
         if (soft)
             printf("useful work per call: %.1f GFLOP (experts %.0f%%, slot logits/dispatch/combine%s %.0f%%)\n",
                    soft_flops * 1e-9, 100.0 * (1.0 - 3.0 * soft_route / soft_flops),
