@@ -100,6 +100,28 @@ float moe_rng_uniform(uint64_t seed, uint64_t counter) {
  * public header does not depend on cblas.h. */
 void openblas_set_num_threads(int n);
 
+static double g_check_seconds;
+
+double moe__check_clock(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return 0.0;
+#endif
+}
+
+void moe__check_add(double seconds) {
+#pragma omp atomic
+    g_check_seconds += seconds;
+}
+
+double moe__check_seconds(void) {
+    double s;
+#pragma omp atomic read
+    s = g_check_seconds;
+    return s;
+}
+
 int moe_set_num_threads(int n) {
 #ifdef _OPENMP
     if (n <= 0) n = omp_get_num_procs();

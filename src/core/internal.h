@@ -37,6 +37,14 @@ void  moe_free(void *p);
 void    moe__fault_alloc(int64_t n);
 int64_t moe__alloc_count(void);
 
+/* Time spent in the result checks (the NaN/Inf scans of y, dx and the
+ * gradients, README "Reliability"), in thread-seconds, for `moe bench` to
+ * show their share. moe__check_clock() reads a clock (0 without OpenMP);
+ * moe__check_add adds one scan's seconds (thread-safe). */
+double moe__check_clock(void);
+void   moe__check_add(double seconds);
+double moe__check_seconds(void);
+
 /* Overflow-checked size arithmetic: return 0 on overflow, 1 on success. */
 static inline int moe_mul_size(size_t *out, size_t a, size_t b) {
     if (a != 0 && b > SIZE_MAX / a) return 0;

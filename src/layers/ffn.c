@@ -35,6 +35,7 @@ typedef struct {
     const moe_ffn *f;
     const float *xe, *hpre, *ha, *dye;
     float *hpre_w, *ha_w, *ye, *dha, *dhpre, *dxe;
+    int grad_bad;  /* backward: set when a gradient holds a NaN or Inf */
 } ffn_args;
 
 static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
@@ -62,6 +63,10 @@ static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {
     moe_colsum_acc(f->db2 + e * D, dy, n, D);
     /* dW2 (D,H) += dye^T ha ; dha (n,H) = dye W2 */
     moe_sgemm(1, 0, D, H, n, 1.0f, dy, D, h, H, 1.0f, f->dW2 + e * D * H, H);
+    /* each gradient scanned right after it is written, while in cache */
+    double t0 = moe__check_clock();
+    int bad = moe_any_nonfinite(f->db2 + e * D, D) | moe_any_nonfinite(f->dW2 + e * D * H, D * H);
+    double tc = moe__check_clock() - t0;
     moe_sgemm(0, 0, n, H, D, 1.0f, dy, D, f->W2 + e * D * H, H, 0.0f, dh, H);
     /* through dropout: the same mask, the same scale (regenerated from the stream) */
     dropout_rows(a->dha, r0, n, H, f->dropout, f->stream);
@@ -70,6 +75,14 @@ static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {
     /* dW1 (H2,D) += dhpre^T xe ; db1 += colsum ; dxe (n,D) = dhpre W1 */
     moe_sgemm(1, 0, H2, D, n, 1.0f, dhp, H2, x, D, 1.0f, f->dW1 + e * H2 * D, D);
     moe_colsum_acc(f->db1 + e * H2, dhp, n, H2);
+    t0 = moe__check_clock();
+    bad |= moe_any_nonfinite(f->dW1 + e * H2 * D, H2 * D) | moe_any_nonfinite(f->db1 + e * H2, H2);
+    moe__check_add(tc + moe__check_clock() - t0);
+    if (bad) {
+        ffn_args *w = ctx;
+#pragma omp atomic write
+        w->grad_bad = 1;
+    }
     if (a->dxe) moe_sgemm(0, 0, n, D, H2, 1.0f, dhp, H2, f->W1 + e * H2 * D, D, 0.0f, a->dxe + r0 * D, D);
 }
 
@@ -101,12 +114,13 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
 
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
                      float *ye) {
-    ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL};
+    ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL, 0};
     moe_each_expert(offsets, f->E, expert_forward, &a);
 }
 
-void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,
-                      const float *ha, const float *dye, float *dha, float *dhpre, float *dxe) {
-    ffn_args a = {f, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe};
+int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,
+                     const float *ha, const float *dye, float *dha, float *dhpre, float *dxe) {
+    ffn_args a = {f, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe, 0};
     moe_each_expert(offsets, f->E, expert_backward, &a);
+    return a.grad_bad;
 }

@@ -39,8 +39,10 @@ static inline int64_t moe_ffn_h2(const moe_ffn *f) { return f->kind == MOE_EXPER
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe,
                      float *hpre, float *ha, float *ye);
 /* Backward from dye (R,D): parameter gradients accumulate, dha (R,H) and
- * dhpre (R,H2) are scratch, dxe (R,D) written (skipped when NULL). */
-void moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
+ * dhpre (R,H2) are scratch, dxe (R,D) written (skipped when NULL). Returns 1
+ * if a gradient it accumulated into holds a NaN or Inf (each expert's are
+ * scanned in its task right after they are written, while in cache), else 0. */
+int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
                       const float *hpre, const float *ha, const float *dye,
                       float *dha, float *dhpre, float *dxe);
 

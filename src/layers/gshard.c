@@ -148,6 +148,7 @@ typedef struct {
     const moe_config *c;
     const gs_ws *w;
     const gs_params *p, *g;
+    int grad_bad;  /* backward: set when an expert gradient holds a NaN or Inf */
 } gs_experts;
 
 /* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k]. */
@@ -167,23 +168,36 @@ static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     int64_t D = a->c->input_dim, H = hidden(a->c);
     /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
     moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
+    double t0 = moe__check_clock();
+    int bad = moe_any_nonfinite(a->g->w2 + k * H * D, H * D); /* scanned while in cache */
+    double tc = moe__check_clock() - t0;
     moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, a->p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
     moe_act_backward(w->dha + r0 * H, w->dha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation,
                      a->c->leaky_slope);
     /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
     moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, a->g->w1 + k * D * H, H);
+    t0 = moe__check_clock();
+    bad |= moe_any_nonfinite(a->g->w1 + k * D * H, D * H);
+    moe__check_add(tc + moe__check_clock() - t0);
+    if (bad) {
+        gs_experts *wa = ctx;
+#pragma omp atomic write
+        wa->grad_bad = 1;
+    }
     moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
 }
 
 static void experts_forward(const moe_layer *l, const gs_ws *w, const gs_params *p, const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, NULL};
+    gs_experts a = {&l->cfg, w, p, NULL, 0};
     moe_each_expert(off, nk, expert_forward, &a);
 }
 
-static void experts_backward(const moe_layer *l, const gs_ws *w, const gs_params *p, const gs_params *g,
-                             const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, g};
+/* Returns 1 if an expert gradient holds a NaN or Inf. */
+static int experts_backward(const moe_layer *l, const gs_ws *w, const gs_params *p, const gs_params *g,
+                            const int64_t *off, int nk) {
+    gs_experts a = {&l->cfg, w, p, g, 0};
     moe_each_expert(off, nk, expert_backward, &a);
+    return a.grad_bad;
 }
 
 /* Gate settings of this mode into a level. */
@@ -275,14 +289,14 @@ static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
 
     if (!is_hier(l)) {
         moe_combine_backward(w.dye, w.L1.dgate, dy, w.ye, g1->gate, g1->pos, T, 2, D);
-        experts_backward(l, &w, &p, &g, g1->offsets, E1);
+        l->grad_bad = experts_backward(l, &w, &p, &g, g1->offsets, E1);
     } else {
         moe_top2 *g2 = &w.L2.g;
         int64_t A1 = g1->offsets[E1];
         g2->R = A1, g2->Ng = outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
         moe_combine_backward(w.dye, w.L2.dgate, w.dyo, w.ye, g2->gate, g2->pos, A1, 2, D);
-        experts_backward(l, &w, &p, &g, g2->offsets, E1 * Ei);
+        l->grad_bad = experts_backward(l, &w, &p, &g, g2->offsets, E1 * Ei);
         memset(w.dxo, 0, (size_t)(A1 * D) * sizeof(float));
         moe_scatter_add(w.dxo, w.dxe, g2->pos, A1, 2, D);
         moe_top2_backward(g2, w.L2.dl, w.L2.dgate, dloss);
@@ -399,6 +413,7 @@ moe_status moe__gshard_create(moe_layer *l) {
         o += E1 * Ei * H * D;
     }
     if (st == MOE_OK) st = moe__layer_alloc(l, o);
+    l->grad_hi = o, l->grad_lo = o - 2 * E1 * Ei * D * H; /* experts.w1, w2: checked in their tasks */
     return st;
 }
 

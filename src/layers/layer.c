@@ -338,6 +338,16 @@ static moe_status reserve(moe_layer *l, int64_t B, int64_t N) {
 
 /* ---------------------------------------------------------------- non-finite results */
 
+/* Threads of the library's parallel regions (the result checks' clock counts
+ * thread-seconds: a threaded scan's wall time times this). */
+static int moe_layer_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Parameter or buffer i of the saved tensors: params first, then buffers. */
 static moe_param *saved_tensor(moe_layer *l, int i) {
     return i < l->n_params ? &l->params[i] : &l->buffers[i - l->n_params];
@@ -460,7 +470,10 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
     /* the results, checked once: overflow from finite inputs must not pass silently */
-    if ((bad = moe_find_nonfinite(y, T * l->out_dim)) >= 0)
+    double t0 = moe__check_clock();
+    bad = moe_find_nonfinite(y, T * l->out_dim);
+    moe__check_add((moe__check_clock() - t0) * moe_layer_threads());
+    if (bad >= 0)
         return nonfinite_result(l, 0, x, T * l->in_dim, "y", y, bad, l->out_dim);
     if (aux_loss && !isfinite(*aux_loss)) return nonfinite_aux(l, *aux_loss, x);
     l->cached = l->keep;
@@ -537,6 +550,13 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
 /* After a backward from dy (T,O): dx (T,D) (NULL: not asked) and the parameter gradients. */
 static moe_status check_backward_results(moe_layer *l, const float *dx, const float *dy) {
     int64_t bad, n_dy = l->T * l->out_dim;
+    double t0 = moe__check_clock();
+    /* the experts' gradients were scanned in their tasks (grad_bad); dx and the rest here */
+    int ok = (!dx || moe_find_nonfinite(dx, l->T * l->in_dim) < 0) && !l->grad_bad &&
+             moe_find_nonfinite(l->gmem, l->grad_lo) < 0 &&
+             moe_find_nonfinite(l->gmem + l->grad_hi, l->n_weights - l->grad_hi) < 0;
+    moe__check_add((moe__check_clock() - t0) * moe_layer_threads());
+    if (ok) return MOE_OK;
     if (dx && (bad = moe_find_nonfinite(dx, l->T * l->in_dim)) >= 0)
         return nonfinite_result(l, 1, dy, n_dy, "dx", dx, bad, l->in_dim);
     if ((bad = moe_find_nonfinite(l->gmem, l->n_weights)) < 0) return MOE_OK;
@@ -567,11 +587,13 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
         int64_t N = l->N, B = l->B;
         float *dxt = l->img, *dyt = l->img + l->T * l->in_dim;
         transpose_batch(dyt, dy, B, N, l->out_dim, 1);
+        l->grad_bad = 0;
         l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
         moe_status st = check_backward_results(l, dx ? dxt : NULL, dyt);
         if (dx) transpose_batch(dx, dxt, B, N, l->in_dim, 0);
         return st;
     }
+    l->grad_bad = 0;
     l->ops->backward(l, dx, dy, daux);
     return check_backward_results(l, dx, dy);
 }

@@ -71,6 +71,11 @@ struct moe_layer {
     int     image;             /* last forward was moe_layer_forward_image    */
     float  *img;               /* transposed image x/dx (T,D) then y/dy (T,O) */
     size_t  img_bytes;
+    /* gradients gmem[grad_lo, grad_hi) (the experts') are scanned for NaN/Inf
+     * by the backward itself, each expert's in its task while in cache; it
+     * sets grad_bad when it finds one. layer.c scans the rest. */
+    int64_t grad_lo, grad_hi;
+    int     grad_bad;
     int     keep;              /* the running forward keeps what backward needs */
     int     cached;            /* a backward may follow the last forward       */
     int     cached_train;      /* ... which ran in train mode                  */

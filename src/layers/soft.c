@@ -412,7 +412,7 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     }
     /* the forward's dropout mask (none after an eval-mode forward) */
     moe_ffn f = ffn_of(l, p, &g, l->cached_train ? l->cfg.dropout : 0.0f, *w.stream);
-    moe_ffn_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
+    l->grad_bad = moe_ffn_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
 
     if (!d.dyn) memset(w.dK, 0, (size_t)(J * D) * sizeof(float));
     for (int64_t b = 0; b < B; b++) {
@@ -591,5 +591,6 @@ moe_status moe__soft_create(moe_layer *l) {
         if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_d, o.b2 + e * D, H);
     }
     if (st == MOE_OK) st = moe__layer_alloc(l, o.end);
+    l->grad_lo = o.W1, l->grad_hi = o.end; /* the bank's gradients: checked by moe_ffn_backward */
     return st;
 }

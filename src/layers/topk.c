@@ -241,7 +241,7 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
     /* combine: dye = w * dy per routed row, dw = <dy, ye> */
     moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, Ks, D);
     moe_ffn f = ffn_of(c, p, g);
-    moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
+    l->grad_bad = moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
 
     moe_router r = router_of(l, &w, 1);
     moe_router_backward(&r, w.dz, w.dp, w.dw, daux * (float)c->balance_coef, daux * (float)c->z_loss_coef);
@@ -401,6 +401,7 @@ moe_status moe__topk_create(moe_layer *l) {
     int64_t s_gs[2] = {Ns, D};
     if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
+    l->grad_lo = o[P_W1], l->grad_hi = o[P_WG]; /* the bank's gradients: checked by moe_ffn_backward */
     if (st == MOE_OK && c->expert_bias) { /* state buffer, zeros as DeepSeek-V3 starts it */
         l->bmem = moe_calloc((size_t)E * sizeof(float));
         if (!l->bmem) return moe_err(MOE_ERR_NOMEM, "cannot allocate the expert bias");

@@ -76,7 +76,10 @@ void moe_combine_backward(float *dye, float *dw, const float *dy, const float *y
 /* dx (T,D) += sum_j dxe[pos[t,j]]. */
 void moe_scatter_add(float *dx, const float *dxe, const int32_t *pos, int64_t T, int K, int64_t D);
 
-/* Index of the first non-finite value in v (n), or -1 if all are finite. */
+/* Index of the first non-finite value in v (n), or -1 if all are finite
+ * (threaded over chunks). */
 int64_t moe_find_nonfinite(const float *v, int64_t n);
+/* 1 if v (n) holds a NaN or Inf, else 0; on the calling thread (for tasks). */
+int     moe_any_nonfinite(const float *v, int64_t n);
 
 #endif

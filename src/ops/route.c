@@ -139,20 +139,28 @@ void moe_scatter_add(float *dx, const float *dxe, const int32_t *pos, int64_t T,
     }
 }
 
-int64_t moe_find_nonfinite(const float *v, int64_t n) {
-    /* Fast pass: NaN and Inf are the floats whose exponent bits are all ones;
-     * an OR over those tests vectorises (isfinite with the index does not).
-     * Run on every forward's y and backward's gradients, so it must cost
-     * little beside the GEMMs; the index is found only when something is bad. */
+/* NaN and Inf are the floats whose exponent bits are all ones; an OR over
+ * that test vectorises (isfinite with an index does not). These scans run on
+ * every forward's y and every backward's gradients, so they must cost little
+ * beside the GEMMs (README "Reliability"). */
+int moe_any_nonfinite(const float *v, int64_t n) {
     uint32_t bad = 0;
-#pragma omp parallel for simd schedule(static) reduction(| : bad) if (n > 65536)
+#pragma omp simd reduction(| : bad)
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, v + i, sizeof u);
         bad |= (u & 0x7f800000u) == 0x7f800000u;
     }
+    return bad != 0;
+}
+
+int64_t moe_find_nonfinite(const float *v, int64_t n) {
+    int bad = 0;
+    const int64_t chunk = 1 << 16;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 2 * chunk)
+    for (int64_t c = 0; c < n; c += chunk) bad |= moe_any_nonfinite(v + c, n - c < chunk ? n - c : chunk);
     if (!bad) return -1;
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; i < n; i++) /* only on the error path: the index */
         if (!isfinite(v[i])) return i;
     return -1;
 }
