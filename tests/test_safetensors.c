@@ -224,8 +224,10 @@ static void test_convert(void) {
     CHECK_MSG("'f' has shape (1, 3), expected (1, 4)");
     CHECK_STATUS(moe_st_read_f32(out, f, "f", 1, (const int64_t[]){3}), MOE_ERR_SHAPE);
     CHECK_MSG("expected (3)");
-    CHECK_STATUS(moe_st_read_f32(out, f, "f", 0, NULL), MOE_ERR_SHAPE);
+    CHECK_STATUS(moe_st_read_f32(out, f, "f", 0, NULL), MOE_ERR_SHAPE); /* (1, 3) is no scalar */
     CHECK_MSG("expected ()");
+    CHECK_STATUS(moe_st_read_f32(out, f, "h", 0, NULL), MOE_ERR_SHAPE); /* nor (11) */
+    CHECK_STATUS(moe_st_read_f32(out, f, "nan", 0, NULL), MOE_ERR_SHAPE); /* nor (2) */
     CHECK_STATUS(moe_st_read_f32(out, f, "gate.weight", -1, NULL), MOE_ERR_NOTFOUND);
     CHECK_MSG("'gate.weight'");
     CHECK_STATUS(moe_st_read_f32(out, f, "i", -1, NULL), MOE_ERR_UNSUPPORTED);
@@ -254,6 +256,11 @@ static void test_convert(void) {
         CHECK(out[0] == 1.0f, "unaligned F32 %g", out[0]);
         CHECK_STATUS(moe_st_read_f32(out, f, "y", -1, NULL), MOE_OK);
         CHECK(out[0] == -2.0f, "unaligned F16 %g", out[0]);
+        /* a scalar saved as shape (1) (torch.tensor([1.0])) reads as a scalar */
+        CHECK_STATUS(moe_st_read_f32(out, f, "x", 0, NULL), MOE_OK);
+        CHECK(out[0] == 1.0f, "scalar from shape (1): %g", out[0]);
+        CHECK_STATUS(moe_st_read_f32(out, f, "y", 0, NULL), MOE_OK);
+        CHECK(out[0] == -2.0f, "F16 scalar from shape (1): %g", out[0]);
         moe_st_close(f);
     }
     free(b);
