@@ -18,11 +18,18 @@ the Co capacity slots of one outer expert for one sequence), per row:
   loss = E^2 * mean over (groups, E) of mean_rows(raw * sure) * mean_rows(m1)
          (m1 before capacity trimming)
   policy on m2: all | none | threshold: keep if g2 > t (per row; the seed's line
-  does not broadcast, we implement its intent) | random: keep if u < g2 / max(t, eps)
+  does not broadcast, we implement its intent) | random: keep if u < g2 / max(t, eps),
+  u drawn as libmoe draws it (below), so the random policy is reproduced exactly
   capacity C = max(min(N, floor(N * cf / E)), 4), cf by module.training;
   positions: first choices in row order, then second choices after the kept first
   choices of that expert; a position >= C is dropped (contributes nothing).
 Gradients flow through g1, g2 and the loss's proxy (autograd of this formulation).
+
+libmoe's random draws (README: gshard): a counter-based splitmix64 keyed by the config's
+"seed" (default 0) and the number of forwards so far (0 in `moe forward`): the outer gate
+draws u = uniform(stream, b*N + n), stream = u64(seed, 0x3000000 + 2*calls); the inner
+gate of the hierarchical layer uniform(stream + 1, (eo*B + b)*Co + c). In both, the counter
+is the row-major index of the row in this formulation's (*outer, B, N) layout.
 
 Everything here is autograd-friendly and dtype-generic; the parity harness runs
 it in float64 on libmoe's float32 weights and inputs.
@@ -38,6 +45,8 @@ import torch.nn.functional as F
 from reference import make_activation
 
 EPS = 1e-9
+MASK64 = (1 << 64) - 1
+STREAM_GSHARD = 0x3000000  # libmoe's counter offset of the gshard/hierarchical streams
 MIN_CAPACITY = 4
 POLICIES = ("all", "none", "threshold", "random")
 TYPES = ("gshard", "hierarchical")
@@ -50,6 +59,20 @@ def capacity(group_size, factor, num_experts):
 
 def _exclusive_cumsum(m, dim):
     return torch.cumsum(m, dim=dim) - m
+
+
+def rng_u64(seed, counter):
+    """libmoe's stateless generator: splitmix64's finaliser over a mix of seed and counter
+    (64-bit wrap-around arithmetic, written with python ints)."""
+    z = (seed * 0xD1342543DE82EF95 + counter * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def rng_uniform(seed, counter):
+    """Element `counter` of stream `seed` in [0, 1): the top 24 bits, exact in float32 and float64."""
+    return (rng_u64(seed, counter) >> 40) * 2.0 ** -24
 
 
 class Top2Gating(nn.Module):
@@ -66,8 +89,18 @@ class Top2Gating(nn.Module):
         self.w_gating = nn.Parameter(torch.randn(*outer_dims, dim, num_gates))
         self.modes = {True: (second_policy_train, second_threshold_train, capacity_factor_train),
                       False: (second_policy_eval, second_threshold_eval, capacity_factor_eval)}
-        self.generator = None  # torch.Generator for the random policy (None: global RNG)
+        self.rng_seed, self.rng_calls = 0, 0  # libmoe's config seed and forwards so far
+        self.rng_level = 0     # 0: the outer (or only) gate, 1: the inner gate (stream + 1)
         self.last = None       # the latest Routing, for stats and knife-edge checks
+
+    def stream(self):
+        """The random policy's stream at this level, as libmoe keys it."""
+        return (rng_u64(self.rng_seed, STREAM_GSHARD + 2 * self.rng_calls) + self.rng_level) & MASK64
+
+    def uniforms(self, shape, dtype):
+        """u for every row of `shape` (*outer, B, N): counter = the row-major row index."""
+        st, n = self.stream(), math.prod(shape)
+        return torch.tensor([rng_uniform(st, i) for i in range(n)], dtype=dtype).reshape(shape)
 
     def route(self, x, importance=None):
         E, N = self.num_gates, x.shape[-2]
@@ -103,7 +136,7 @@ class Top2Gating(nn.Module):
         elif policy == "threshold":
             keep = (g2 > threshold).to(raw.dtype)
         else:
-            u = torch.rand(g2.shape, generator=self.generator, dtype=raw.dtype)
+            u = self.uniforms(g2.shape, raw.dtype)
             keep = (u < g2 / max(threshold, self.eps)).to(raw.dtype)
         m2 = cand2 * keep.detach().unsqueeze(-1)
 
@@ -120,6 +153,7 @@ class Top2Gating(nn.Module):
         self.last = SimpleNamespace(
             raw=raw.detach(), first=first, second=second, sure=sure, alive=alive,
             g1=g1.detach(), g2=g2.detach(), cand2=cand2, policy=policy, threshold=threshold,
+            u=u if policy == "random" else None, kept2=int((cand2 * keep.unsqueeze(-1)).sum()),
             capacity=C, combine=combine, dispatch=(combine != 0).to(raw.dtype), loss=loss,
             counts=(keep1 + keep2).sum(dim=(-3, -2)).long(),  # (*o, E)
             dropped=int((m1 - keep1).sum() + (m2 - keep2).sum()))
@@ -153,12 +187,13 @@ GATE_KEYS = ("second_policy_train", "second_policy_eval", "second_threshold_trai
 class GShardMoE(nn.Module):
     def __init__(self, dim, num_experts=16, hidden_dim=None, activation="relu", second_policy_train="random",
                  second_policy_eval="random", second_threshold_train=0.2, second_threshold_eval=0.2,
-                 capacity_factor_train=1.25, capacity_factor_eval=2.0, loss_coef=1e-2):
+                 capacity_factor_train=1.25, capacity_factor_eval=2.0, loss_coef=1e-2, seed=0):
         super().__init__()
         kw = dict(zip(GATE_KEYS, (second_policy_train, second_policy_eval, second_threshold_train,
                                   second_threshold_eval, capacity_factor_train, capacity_factor_eval)))
         self.num_experts, self.loss_coef = num_experts, loss_coef
         self.gate = Top2Gating(dim, num_experts, **kw)
+        self.gate.rng_seed = seed
         self.experts = Experts(dim, (num_experts,), hidden_dim or 4 * dim, activation)
         self.stats = None
 
@@ -176,7 +211,7 @@ class GShardMoE(nn.Module):
 class HierarchicalMoE(nn.Module):
     def __init__(self, dim, num_experts=(4, 4), hidden_dim=None, activation="relu", second_policy_train="random",
                  second_policy_eval="random", second_threshold_train=0.2, second_threshold_eval=0.2,
-                 capacity_factor_train=1.25, capacity_factor_eval=2.0, loss_coef=1e-2):
+                 capacity_factor_train=1.25, capacity_factor_eval=2.0, loss_coef=1e-2, seed=0):
         super().__init__()
         if len(num_experts) != 2:
             raise ValueError("hierarchical num_experts must be a pair (outer, inner)")
@@ -186,6 +221,8 @@ class HierarchicalMoE(nn.Module):
         self.loss_coef = loss_coef
         self.gate_outer = Top2Gating(dim, self.eo, **kw)
         self.gate_inner = Top2Gating(dim, self.ei, outer_dims=(self.eo,), **kw)
+        self.gate_outer.rng_seed = self.gate_inner.rng_seed = seed
+        self.gate_inner.rng_level = 1
         self.experts = Experts(dim, (self.eo, self.ei), hidden_dim or 4 * dim, activation)
         self.stats = None
 
@@ -210,7 +247,8 @@ CONFIG_KEYS = ("dim", "num_experts", "hidden_dim", "activation") + GATE_KEYS + (
 
 def build(config):
     """Module from a libmoe config dict {"type": "gshard"|"hierarchical", "dim", ...};
-    missing keys take the seed defaults, "seed" is ignored, unknown keys are errors."""
+    missing keys take the seed defaults, "seed" keys the random policy's draws (the caller
+    seeds torch for the init), unknown keys are errors."""
     kind = config.get("type")
     if kind not in TYPES:
         raise ValueError(f"config type must be 'gshard' or 'hierarchical', got {kind!r}")
@@ -220,6 +258,7 @@ def build(config):
     if "dim" not in config:
         raise ValueError(f"{kind} config needs 'dim'")
     kw = {k: config[k] for k in CONFIG_KEYS if k in config}
+    kw["seed"] = int(config.get("seed", 0))
     if kind == "hierarchical":
         kw["num_experts"] = tuple(kw.get("num_experts", (4, 4)))
         return HierarchicalMoE(**kw)
@@ -232,7 +271,7 @@ def gates(model):
 
 def outputs(model, x, dy=None, daux=1.0, train=True, dtype=torch.float64):
     """Reference results as libmoe's `moe forward` writes them: y, aux_loss, stats.*
-    and, for train with dy, dx and grad.<name> of sum(y * dy) + daux * aux_loss.
+    and, with dy (in either mode), dx and grad.<name> of sum(y * dy) + daux * aux_loss.
     The model is copied and cast to dtype; its train/eval mode is set from `train`."""
     m = copy.deepcopy(model).to(dtype).train(train)
     xr = x.to(dtype).requires_grad_(dy is not None)
@@ -253,9 +292,10 @@ def knife_edges(model, x, train, margin=1e-4):
     """Reasons why float32 could route x differently from float64 (empty: safe).
     Checks, on every row that matters at each gate level: the top-1/top-2 raw gates
     (and top-2/top-3 where a second choice exists) closer than `margin` relative;
-    the normalised g2 within `margin` of the threshold (threshold policy); a second
-    raw gate below 1e-30 (float32 underflow); and (hierarchical) an outer gate value
-    of a kept slot within `margin` of 0.5 (the importance split)."""
+    the normalised g2 within `margin` of the threshold (threshold policy) or g2 / t
+    within `margin` of the row's draw u (random policy); a second raw gate below 1e-30
+    (float32 underflow); and (hierarchical) an outer gate value of a kept slot within
+    `margin` of 0.5 (the importance split)."""
     m = copy.deepcopy(model).double().train(train)
     with torch.no_grad():
         m(x.double())
@@ -274,11 +314,22 @@ def knife_edges(model, x, train, margin=1e-4):
         cand = r.cand2.sum(-1) > 0
         if r.policy == "threshold" and bool(((r.g2 - r.threshold).abs() < margin)[cand].any()):
             why.append(f"level {level}: normalised g2 within {margin:g} of threshold {r.threshold}")
+        if r.policy == "random" and bool(((r.g2 / max(r.threshold, EPS) - r.u).abs() < margin)[cand].any()):
+            why.append(f"level {level}: g2 / {r.threshold} within {margin:g} of the random draw")
         if level == 0 and isinstance(m, HierarchicalMoE):
             c = r.combine[r.combine != 0]
             if bool(((c - 0.5).abs() < margin).any()):
                 why.append(f"outer gate value within {margin:g} of 0.5")
     return why
+
+
+def second_choices(model, x, train):
+    """(second-choice candidates, of them kept by the policy before capacity), summed over
+    the gate levels of one forward of x in the given mode."""
+    m = copy.deepcopy(model).double().train(train)
+    with torch.no_grad():
+        m(x.double())
+    return sum(int(g.last.cand2.sum()) for g in gates(m)), sum(g.last.kept2 for g in gates(m))
 
 
 def draw_input(model, B, N, skew, train, gen, tries=200):
@@ -300,8 +351,9 @@ def draw_input(model, B, N, skew, train, gen, tries=200):
 
 # ---------------------------------------------------------------- index-based loops (self-test)
 
-def _loop_group(rows, w, imp, gate, eps=EPS):
-    """One group by explicit loops. rows (R, D), w (D, E), imp: list or None.
+def _loop_group(rows, w, imp, gate, first, eps=EPS):
+    """One group by explicit loops. rows (R, D), w (D, E), imp: list or None; the random
+    policy draws rng_uniform(gate.stream(), first + r) for row r (libmoe's counter).
     Returns (kept [(row, expert, position, gate)], sum_e proxy*density, dropped)."""
     policy, t, factor = gate.modes[gate.training]
     R, E = rows.shape[0], w.shape[1]
@@ -326,7 +378,10 @@ def _loop_group(rows, w, imp, gate, eps=EPS):
         g1, g2 = a / s, b / s
         if sure:
             firsts.append((r, i1, g1))
-        keep2 = {"all": True, "none": False, "threshold": float(g2) > t}[policy]
+        if policy == "random":
+            keep2 = rng_uniform(gate.stream(), first + r) < float(g2) / max(t, eps)
+        else:
+            keep2 = {"all": True, "none": False, "threshold": float(g2) > t}[policy]
         if alive and keep2 and i2 is not None:
             seconds.append((r, i2, g2))
     fill, kept, dropped = [0] * E, [], 0
@@ -341,7 +396,7 @@ def _loop_group(rows, w, imp, gate, eps=EPS):
 
 def loop_forward(model, x):
     """(y, aux, expert_counts list, dropped) of `model` on x (B, N, D), computed row by
-    row from the definition; no dense (B,N,E,C) tensors. Policies all/none/threshold."""
+    row from the definition; no dense (B,N,E,C) tensors. Every policy."""
     B, N, D = x.shape
     ex = model.experts
 
@@ -352,7 +407,7 @@ def loop_forward(model, x):
     if isinstance(model, GShardMoE):
         E, lsum, dropped, counts = model.num_experts, 0.0, 0, [0] * model.num_experts
         for b in range(B):
-            kept, ls, dr = _loop_group(x[b], model.gate.w_gating, None, model.gate)
+            kept, ls, dr = _loop_group(x[b], model.gate.w_gating, None, model.gate, b * N)
             lsum, dropped = lsum + ls, dropped + dr
             for r, e, _, g in kept:
                 ys[b][r] = ys[b][r] + g * expert(e, x[b, r])
@@ -363,13 +418,14 @@ def loop_forward(model, x):
         lo, li, dropped, counts = 0.0, 0.0, 0, [0] * (Eo * Ei)
         Co = capacity(N, model.gate_outer.modes[model.training][2], Eo)
         for b in range(B):
-            kept, ls, dr = _loop_group(x[b], model.gate_outer.w_gating, None, model.gate_outer)
+            kept, ls, dr = _loop_group(x[b], model.gate_outer.w_gating, None, model.gate_outer, b * N)
             lo, dropped = lo + ls, dropped + dr
             for eo in range(Eo):
                 slots = {c: (r, g) for r, e, c, g in kept if e == eo}
                 buf = torch.stack([x[b, slots[c][0]] if c in slots else x.new_zeros(D) for c in range(Co)])
                 imp = [0.0 if c not in slots else (1.0 if float(slots[c][1]) > 0.5 else 0.5) for c in range(Co)]
-                kin, ls, dr = _loop_group(buf, model.gate_inner.w_gating[eo], imp, model.gate_inner)
+                kin, ls, dr = _loop_group(buf, model.gate_inner.w_gating[eo], imp, model.gate_inner,
+                                          (eo * B + b) * Co)
                 li, dropped = li + ls, dropped + dr
                 for c, f, _, g in kin:
                     r, go = slots[c]
@@ -406,6 +462,13 @@ def self_checks(check):
         (dict(type="gshard", dim=6, num_experts=1, hidden_dim=8, second_policy_train="all",
               capacity_factor_train=0.5), 2, 9, 0.0, True),
         (dict(type="hierarchical", dim=6, num_experts=[2, 1], hidden_dim=8, second_policy_train="all"), 2, 11, 0.0, True),
+        # the random policy with libmoe's draws, both levels, both modes, a non-default seed
+        (dict(type="gshard", dim=8, num_experts=4, hidden_dim=12, second_policy_train="random",
+              second_threshold_train=0.5, seed=11), 2, 13, 0.0, True),
+        (dict(type="gshard", dim=6, num_experts=3, hidden_dim=10, second_policy_eval="random",
+              second_threshold_eval=0.6, capacity_factor_eval=1.0), 2, 15, 2.0, False),
+        (dict(type="hierarchical", dim=8, num_experts=[2, 3], hidden_dim=12, second_policy_eval="random",
+              second_threshold_eval=0.5, seed=5), 2, 14, 0.0, False),
     ]
     for i, (cfg, B, N, skew, train) in enumerate(specs):
         torch.manual_seed(50 + i)
@@ -429,6 +492,9 @@ def self_checks(check):
         a, b = res
         bad = [k for k in a if k not in ("counts", "dropped") and not torch.allclose(a[k], b[k], rtol=1e-10, atol=1e-12)]
         bad += [k for k in ("counts", "dropped") if a[k] != b[k]]
+        cand, kept = second_choices(model, x, train)
+        if "random" in (cfg.get("second_policy_train"), cfg.get("second_policy_eval")) and not 0 < kept < cand:
+            bad.append(f"the random policy keeps {kept} of {cand} second choices: it decides nothing")
         check(not bad, f"{cfg['type']}: dense one-hot formulation == index-based loops (y, aux, dx, grads, stats) "
               f"case {i} ({'train' if train else 'eval'}, dropped {a['dropped']})", f"differs in {bad}")
 
@@ -441,6 +507,21 @@ def self_checks(check):
             check(ok, f"{cfg['type']}: seed defaults, random policy, B=1: forward + backward run", "bad grads")
         except Exception as exc:  # noqa: BLE001 - report any failure as a check
             check(False, f"{cfg['type']}: seed defaults, random policy, B=1: forward + backward run", repr(exc))
+
+    # libmoe's generator: 24-bit uniforms, about uniform, a stream per seed, calls and level
+    us = [rng_uniform(rng_u64(0, STREAM_GSHARD), i) for i in range(4000)]
+    g = Top2Gating(4, 3)
+    s0 = g.stream()
+    g.rng_level = 1
+    s1 = g.stream()
+    g.rng_seed, g.rng_level = 7, 0
+    s7 = g.stream()
+    g.rng_seed, g.rng_calls = 0, 1
+    s_next = g.stream()
+    ok = all(0.0 <= u < 1.0 and (u * 2 ** 24).is_integer() for u in us) and abs(sum(us) / len(us) - 0.5) < 0.02
+    ok = ok and s1 == (s0 + 1) & MASK64 and len({s0, s7, s_next}) == 3 and s0 == rng_u64(0, STREAM_GSHARD)
+    check(ok, "gshard: libmoe's draws are 24-bit uniforms (mean 0.5) keyed by seed, forward count and level",
+          f"mean {sum(us) / len(us):.4f}")
 
     torch.manual_seed(9)  # random policy with t -> 0 keeps every second choice: equals 'all'
     m = build(dict(type="gshard", dim=8, num_experts=4, second_policy_train="random", second_threshold_train=0.0))

@@ -30,7 +30,8 @@ aux = balance_coef * balance + z_loss_coef * zloss (a layer has aux only if a co
   zloss = mean over T of logsumexp(z_t over all E)^2;
   balance (token choice) = mean over groups of E' * sum_e f_e * P_e, f_e = share of the
   group's N*K picks (before capacity) going to e (a constant), P_e = mean over the group of
-  q[:, e], q = p (softmax scores) or s / sum over enabled s (sigmoid), E' enabled experts.
+  q[:, e], q = p (softmax scores) or s / (sum over enabled s + 1e-20) (sigmoid: as libmoe,
+  finite when every s underflows), E' enabled experts.
 The routing decisions are constants for autograd; everything else is differentiated.
 """
 import copy
@@ -255,7 +256,7 @@ class RouterMoE(nn.Module):
             sig = torch.sigmoid(z)
             p = sig
             on = sig * en.to(z.dtype)
-            q = on / on.sum(dim=-1, keepdim=True)
+            q = on / (on.sum(dim=-1, keepdim=True) + 1e-20)  # guarded: every s may underflow to 0
         else:
             p = torch.softmax(z.masked_fill(~en, -math.inf), dim=-1)    # disabled: exactly 0
             q = p

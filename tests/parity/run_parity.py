@@ -4,17 +4,21 @@
 For each case: build the reference module (reference.py) from a seeded torch RNG,
 save its config, weights, input x and output gradient dy, run
     moe forward --config LAYER.json --weights W.safetensors --input X.safetensors
-                --out OUT.safetensors [--grad-output DY.safetensors | --eval]
-and compare OUT's `y`, `dx` and `grad.<param>` with PyTorch autograd.
+                --out OUT.safetensors [--eval] [--grad-output DY.safetensors]
+and compare OUT's `y`, `dx` and `grad.<param>` with PyTorch autograd. Mode and gradients
+are independent: a case runs in train or eval mode (module.train()/.eval()), and with
+--grad-output (the backward follows that mode's forward, as `m.eval(); m(x).backward(dy)`)
+or without (forward only, as under torch.no_grad()).
 
 The reference runs in float64 on the same float32 weights and inputs, so the
 tolerance (rtol 1e-4, atol 1e-5) measures only libmoe's float32 error.
 Top-k inputs are drawn so that no token's k-th and (k+1)-th gate logits are
 within 1e-4: near ties could legitimately route differently in float32.
 gshard/hierarchical (reference_gshard.py) also compare aux_loss and, exactly,
-stats.expert_counts and stats.dropped; the backward is of sum(y*dy) + daux*aux_loss;
-their inputs are redrawn while any routing decision is float32-fragile
-(reference_gshard.knife_edges).
+stats.expert_counts and stats.dropped; the backward is of sum(y*dy) + daux*aux_loss
+(daux saved with shape () or (1)); their inputs are redrawn while any routing decision is
+float32-fragile (reference_gshard.knife_edges). The random second policy is reproduced
+exactly: the reference draws libmoe's counter-based uniforms (reference_gshard.rng_uniform).
 
 Usage (from anywhere; needs Debian's python3-torch, run as /usr/bin/python3):
     /usr/bin/python3 tests/parity/run_parity.py              # needs build/moe (make)
@@ -117,7 +121,18 @@ def train_cases():
     return cases
 
 
-EVAL_CASES = [topk(32, 64, 6, 2, 20, "gelu"), dense(24, 40, 4, 12)]
+# (cfg, T, grad): eval mode with the backward, and one forward-only case (no --grad-output)
+EVAL_CASES = [
+    (*topk(32, 64, 6, 2, 20, "gelu"), True),
+    (*topk(24, 48, 5, 3, 17, expert="swiglu"), True),
+    (*topk(16, 24, 4, 1, 9, "leaky_relu", leaky_slope=0.2), True),
+    (*dense(24, 40, 4, 12), True),
+    (*topk(32, 64, 6, 2, 20, "gelu"), False),
+]
+
+
+def mode_label(train, grad):
+    return ("" if train else "eval ") + ("" if grad else "forward-only ")
 
 
 def describe(cfg, T):
@@ -166,12 +181,12 @@ def make_case(cfg, T, seed, d):
     return model, x, dy
 
 
-def reference_outputs(model, x, dy, dtype=torch.float64):
-    """{'y', 'dx', 'grad.<name>'} from torch autograd (only 'y' if dy is None)."""
-    m = copy.deepcopy(model).to(dtype)
+def reference_outputs(model, x, dy, dtype=torch.float64, train=True):
+    """{'y', 'dx', 'grad.<name>'} from torch autograd in train or eval mode (only 'y',
+    under no_grad, if dy is None)."""
+    m = copy.deepcopy(model).to(dtype).train(train)
     xr = x.to(dtype).requires_grad_()
     if dy is None:
-        m.eval()
         with torch.no_grad():
             return {"y": m(xr)}
     y = m(xr)
@@ -221,12 +236,14 @@ def compare(ours, want, model=None, x=None):
     return problems
 
 
-def write_case(d, cfg, model, x, dy, daux):
-    """LAYER.json, W, X and DY (with 'daux' unless None) in d; returns daux (default 1)."""
+def write_case(d, cfg, model, x, dy, daux, daux_shape=()):
+    """LAYER.json, W, X and DY (with 'daux' unless None, saved with shape () or (1), as
+    torch.tensor(v) or torch.tensor([v])) in d; returns daux (default 1)."""
     (d / "LAYER.json").write_text(json.dumps(cfg))
     stio.save(d / "W.safetensors", model.state_dict())
     stio.save(d / "X.safetensors", {"x": x})
-    stio.save(d / "DY.safetensors", {"dy": dy, **({} if daux is None else {"daux": torch.tensor(daux)})})
+    extra = {} if daux is None else {"daux": torch.tensor(daux).reshape(daux_shape)}
+    stio.save(d / "DY.safetensors", {"dy": dy, **extra})
     return 1.0 if daux is None else daux
 
 
@@ -250,31 +267,32 @@ def run_moe(moe, args):
     return p.returncode, p.stdout + p.stderr
 
 
-def forward_args(d, train):
+def forward_args(d, train, grad):
+    """`moe forward` on the case in d: eval mode unless train; the backward when grad."""
     a = ["forward", "--config", str(d / "LAYER.json"), "--weights", str(d / "W.safetensors"),
          "--input", str(d / "X.safetensors"), "--out", str(d / "OUT.safetensors")]
-    return a + (["--grad-output", str(d / "DY.safetensors")] if train else ["--eval"])
+    return a + ([] if train else ["--eval"]) + (["--grad-output", str(d / "DY.safetensors")] if grad else [])
 
 
-def torch_f32_tool(d, train):
+def torch_f32_tool(d, train, grad):
     """Stand-in for the binary (--self-test): the reference in float32, reading and
     writing the same files. Exercises everything but the C code."""
     cfg = json.loads((d / "LAYER.json").read_text())
     model = (refg if cfg["type"] in refg.TYPES else ref).build(cfg)
     model.load_state_dict(stio.load(d / "W.safetensors"))
     x = stio.load(d / "X.safetensors")["x"]
-    dyf = stio.load(d / "DY.safetensors") if train else {}
+    dyf = stio.load(d / "DY.safetensors") if grad else {}
     if cfg["type"] in refg.TYPES:
         out = refg.outputs(model, x, dyf.get("dy"), float(dyf.get("daux", 1.0)), train, torch.float32)
     else:
-        out = reference_outputs(model, x, dyf.get("dy"), torch.float32)
+        out = reference_outputs(model, x, dyf.get("dy"), torch.float32, train)
     stio.save(d / "OUT.safetensors", out)
     return 0, ""
 
 
-def run_tool(tally, tool, d, train, what):
+def run_tool(tally, tool, d, train, grad, what):
     """Run the tool on the case in d; OUT's tensors, or None after recording a failure."""
-    rc, log = tool(d, train)
+    rc, log = tool(d, train, grad)
     if rc != 0:
         how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
         tally.check(False, what, f"moe forward {how}")
@@ -294,34 +312,43 @@ def report(tally, what, problems):
         print(f"     {p}")
 
 
-def parity_case(tally, tool, cfg, T, seed, train=True):
-    what = ("" if train else "eval ") + describe(cfg, T)
+def parity_case(tally, tool, cfg, T, seed, train=True, grad=True):
+    what = mode_label(train, grad) + describe(cfg, T)
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
         d = Path(tmp)
         model, x, dy = make_case(cfg, T, seed, d)
-        ours = run_tool(tally, tool, d, train, what)
+        ours = run_tool(tally, tool, d, train, grad, what)
         if ours is not None:
-            report(tally, what, compare(ours, reference_outputs(model, x, dy if train else None), model, x))
+            want = reference_outputs(model, x, dy if grad else None, train=train)
+            problems = compare(ours, want, model, x)
+            if not grad:  # forward only: nothing of a backward may be written
+                problems += [f"forward-only OUT has '{k}'" for k in ours if k == "dx" or k.startswith("grad.")]
+            report(tally, what, problems)
 
 
 # ------------------------------------------------------------------ gshard / hierarchical
 # x is (B, N, D); groups are the sequences. A case sets policy, threshold and capacity
-# factor of the mode it tests and gives the other mode different ones (policy random),
-# so using the wrong mode's settings shows. Gates are scaled by gscale (default
+# factor of the mode it tests and gives the other mode different ones (policy random, or
+# all where the case tests random), so using the wrong mode's settings shows (the
+# self-test checks that it would, case by case). Gates are scaled by gscale (default
 # 1/sqrt(D): logits ~ N(0,1)); skew > 0 routes most tokens to one expert (refg.draw_input).
+# grad False: forward only (no --grad-output). daux1: daux saved with shape (1).
+# seed: the config's seed, which keys libmoe's random draws (and the reference's).
 
 def gs(kind, D, E, B, N, H=None, act="relu", pol="all", t=0.2, cf=1.25, train=True,
-       skew=0.0, gscale=None, daux=None, coef=None):
+       skew=0.0, gscale=None, daux=None, coef=None, grad=True, daux1=False, seed=None):
     mode, other = ("train", "eval") if train else ("eval", "train")
     cfg = dict(type=kind, dim=D, num_experts=E, activation=act)
     if H is not None:
         cfg["hidden_dim"] = H
     cfg.update({f"second_policy_{mode}": pol, f"second_threshold_{mode}": t, f"capacity_factor_{mode}": cf,
-                f"second_policy_{other}": "random", f"second_threshold_{other}": 0.35,
-                f"capacity_factor_{other}": 1.5 if cf == 2.0 else 2.0})
+                f"second_policy_{other}": "all" if pol == "random" else "random",
+                f"second_threshold_{other}": 0.8, f"capacity_factor_{other}": 1.5 if cf == 2.0 else 2.0})
     if coef is not None:
         cfg["loss_coef"] = coef
-    return dict(cfg=cfg, B=B, N=N, train=train, skew=skew, gscale=gscale, daux=daux)
+    if seed is not None:
+        cfg["seed"] = seed
+    return dict(cfg=cfg, B=B, N=N, train=train, grad=grad, skew=skew, gscale=gscale, daux=daux, daux1=daux1)
 
 
 GS_CASES = [
@@ -336,9 +363,16 @@ GS_CASES = [
     gs("gshard", 24, 3, 1, 50, 16, "gelu", "threshold", 0.3, 2.0, gscale=1.0),  # seed's gate init
     gs("gshard", 40, 10, 2, 29, 24, "silu", "none", cf=3.0, skew=2.0, coef=0.05),
     gs("gshard", 12, 1, 2, 9, 16, "gelu", cf=0.5),                        # one expert, capacity 4
+    gs("gshard", 16, 4, 2, 20, 24, pol="random", t=0.5, seed=7),          # libmoe's draws
+    gs("gshard", 32, 4, 2, 48, 40, cf=1.0, skew=3.0, daux=2.5, daux1=True),  # daux shape (1)
     gs("gshard", 24, 6, 2, 30, 36, pol="threshold", t=0.25, cf=2.0, train=False),
     gs("gshard", 16, 4, 3, 40, 24, "gelu", cf=0.5, skew=3.0, train=False),
     gs("gshard", 32, 12, 2, 7, 16, pol="none", train=False),
+    gs("gshard", 20, 5, 2, 25, 28, "silu", "all", cf=1.5, train=False, daux=0.7),
+    gs("gshard", 16, 4, 2, 24, 32, pol="random", t=0.5, cf=2.0, train=False, seed=3),
+    gs("gshard", 24, 6, 3, 30, 24, "gelu", "random", 0.6, 1.0, train=False, skew=2.5, daux=0.7),
+    gs("gshard", 12, 1, 2, 9, 16, "leaky_relu", "random", 0.5, cf=0.5, train=False),  # E = 1: no second
+    gs("gshard", 16, 4, 2, 24, 32, pol="random", t=0.5, cf=2.0, train=False, seed=3, grad=False),
     gs("hierarchical", 16, [2, 3], 2, 20, 24),
     gs("hierarchical", 24, [4, 4], 2, 48, 32, "gelu", "threshold", 0.2, 2.0),
     gs("hierarchical", 20, [2, 3], 3, 40, 28, pol="none", cf=1.0, skew=3.0, daux=0.7),
@@ -348,9 +382,14 @@ GS_CASES = [
     gs("hierarchical", 12, [2, 5], 3, 31, 20, "silu", "threshold", 0.3, 1.5, daux=0.7),
     gs("hierarchical", 48, [3, 3], 2, 33, 16, "gelu", cf=4.0, gscale=0.5, coef=0.05),
     gs("hierarchical", 16, [3, 1], 2, 21, 24, "leaky_relu", "threshold", 0.3),   # one inner expert
+    gs("hierarchical", 16, [2, 3], 2, 24, 24, pol="random", t=0.5, seed=5),
     gs("hierarchical", 16, [2, 3], 2, 24, 24, pol="threshold", t=0.2, cf=2.0, train=False),
     gs("hierarchical", 24, [4, 4], 2, 40, 32, cf=1.0, skew=3.0, train=False),
     gs("hierarchical", 16, [3, 3], 3, 17, 20, "leaky_relu", "none", train=False),
+    gs("hierarchical", 16, [2, 3], 2, 24, 24, pol="random", t=0.5, cf=1.5, train=False, seed=9),
+    gs("hierarchical", 20, [3, 2], 2, 30, 24, "gelu", "random", 0.6, 1.0, train=False, skew=2.5,
+       daux=2.5, daux1=True),                                             # daux shape (1), eval
+    gs("hierarchical", 12, [2, 2], 2, 16, 20, "silu", "all", cf=1.25, train=False, coef=0.05),
 ]
 
 
@@ -363,11 +402,14 @@ def describe_gs(c):
         co = refg.capacity(c["N"], cf, E[0])
         caps = f"Co={co} Ci={refg.capacity(co, cf, E[1])}"
     s = (f"{cfg['type']} D={cfg['dim']} H={cfg.get('hidden_dim', 4 * cfg['dim'])} E={E} B={c['B']} N={c['N']} "
-         f"act={cfg['activation']} {pol}" + (f"({cfg[f'second_threshold_{mode}']})" if pol == "threshold" else "")
+         f"act={cfg['activation']} {pol}"
+         + (f"({cfg[f'second_threshold_{mode}']})" if pol in ("threshold", "random") else "")
          + f" cf={cf} {caps}")
     for k in ("skew", "gscale", "daux"):
         s += f" {k}={c[k]}" if c[k] else ""
-    return s + (f" coef={cfg['loss_coef']}" if "loss_coef" in cfg else "")
+    s += " daux(1)" if c["daux1"] else ""
+    s += f" seed={cfg['seed']}" if "seed" in cfg else ""
+    return mode_label(c["train"], c["grad"]) + s + (f" coef={cfg['loss_coef']}" if "loss_coef" in cfg else "")
 
 
 def make_gs_case(c, seed, d):
@@ -381,46 +423,88 @@ def make_gs_case(c, seed, d):
     gen = torch.Generator().manual_seed(seed + 1)
     x = refg.draw_input(model, B, N, c["skew"], c["train"], gen)
     dy = torch.randn(B, N, D, generator=gen)
-    return model, x, dy, write_case(d, cfg, model, x, dy, c["daux"])
+    return model, x, dy, write_case(d, cfg, model, x, dy, c["daux"], (1,) if c["daux1"] else ())
+
+
+def check_exact_stats(ours, want):
+    """Routing statistics (int64, exact): failure strings."""
+    problems = []
+    for k, w in want.items():
+        o = ours.get(k)
+        if o is None:
+            problems.append(f"OUT lacks {k}")
+        elif o.dtype != torch.int64 or tuple(o.shape) != tuple(w.shape) or not torch.equal(o, w):
+            problems.append(f"{k} {o.dtype} {list(o.shape)} {o.tolist()}, want int64 {list(w.shape)} {w.tolist()}")
+    return problems
+
+
+def gs_problems(ours, want):
+    """compare() of the float outputs plus the exact stats; want is not modified."""
+    want = dict(want)
+    stats = {k: want.pop(k) for k in ("stats.expert_counts", "stats.dropped")}
+    problems = compare(ours, want)
+    problems += check_exact_stats(ours, stats)
+    return problems
 
 
 def gs_parity_case(tally, tool, c, seed):
-    train = c["train"]
+    train, grad = c["train"], c["grad"]
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
         d = Path(tmp)
         model, x, dy, daux = make_gs_case(c, seed, d)
-        want = refg.outputs(model, x, dy if train else None, daux, train)
+        want = refg.outputs(model, x, dy if grad else None, daux, train)
         dropped = int(want["stats.dropped"])
-        what = ("" if train else "eval ") + describe_gs(c) + f" [dropped {dropped}]"
-        ours = run_tool(tally, tool, d, train, what)
+        what = describe_gs(c) + f" [dropped {dropped}]"
+        ours = run_tool(tally, tool, d, train, grad, what)
         if ours is None:
             return
-        stats = {k: want.pop(k) for k in ("stats.expert_counts", "stats.dropped")}
-        problems = compare(ours, want)
-        for k, w in stats.items():  # routing statistics: exact
-            o = ours.get(k)
-            if o is None:
-                problems.append(f"OUT lacks {k}")
-            elif o.dtype != torch.int64 or tuple(o.shape) != tuple(w.shape) or not torch.equal(o, w):
-                problems.append(f"{k} {o.dtype} {list(o.shape)} {o.tolist()}, want int64 {list(w.shape)} {w.tolist()}")
+        problems = gs_problems(ours, want)
+        if not grad:
+            problems += [f"forward-only OUT has '{k}'" for k in ours if k == "dx" or k.startswith("grad.")]
         if c["skew"] and dropped == 0:
             problems.append("skewed case drops nothing: it does not test capacity overflow")
+        cand, kept = refg.second_choices(model, x, train)
+        pol = c["cfg"]["second_policy_" + ("train" if train else "eval")]
+        if pol == "random" and c["cfg"]["num_experts"] != 1 and not 0 < kept < cand:
+            problems.append(f"the random policy keeps {kept} of {cand} second choices: it decides nothing")
         report(tally, what, problems)
+
+
+def gs_sensitivity(tally):
+    """Self-test: each gshard/hierarchical case would catch a tool that used the other mode's
+    settings, and each case with daux would catch one that read daux as 1."""
+    for i, c in enumerate(GS_CASES):
+        with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+            model, x, dy, daux = make_gs_case(c, 3000 + i, Path(tmp))
+        dyg = dy if c["grad"] else None
+        want = refg.outputs(model, x, dyg, daux, c["train"])
+        wrong = refg.outputs(model, x, dyg, daux, not c["train"], torch.float32)
+        tally.check(bool(gs_problems(wrong, want)), f"self-test: the other mode's settings are caught: "
+                    f"{describe_gs(c)}", "train and eval give the same results")
+        if c["daux"] and c["grad"]:
+            wrong = refg.outputs(model, x, dy, 1.0, c["train"], torch.float32)
+            tally.check(bool(gs_problems(wrong, want)), f"self-test: daux read as 1 is caught: {describe_gs(c)}",
+                        "not caught")
 
 
 # ------------------------------------------------------------------ CLI errors
 
-def expect_error(tally, moe, what, d, needle, fold_case=False):
-    """`moe forward --eval` on the case in d must fail cleanly (no signal), its output naming
-    needle (None: any message; fold_case: compared in lower case)."""
-    rc, log = run_moe(moe, forward_args(d, train=False))
+def expect_error(tally, moe, what, d, needle, fold_case=False, train=False, grad=False, flags=(), code=None):
+    """`moe forward` on the case in d (default: --eval, no --grad-output) must fail cleanly
+    (no signal; exit status `code` when given), its output naming needle (None: any
+    message; a list: every one of them; fold_case: compared in lower case)."""
+    rc, log = run_moe(moe, forward_args(d, train, grad) + list(flags))
+    needles = [] if needle is None else [needle] if isinstance(needle, str) else list(needle)
+    text = log.lower() if fold_case else log
+    lacks = [n for n in needles if n not in text]
     if rc == 0:
         tally.check(False, what, "moe forward succeeded")
     elif rc < 0:
         tally.check(False, what, f"moe forward killed by signal {-rc}: {log.strip()[:300]}")
+    elif code is not None and rc != code:
+        tally.check(False, what, f"moe forward exited {rc}, want {code}: {log.strip()[:300]}")
     else:
-        text = log.lower() if fold_case else log
-        tally.check(needle is None or needle in text, what, f"output lacks '{needle}': {log.strip()[:300]}")
+        tally.check(not lacks, what, f"output lacks {lacks}: {log.strip()[:300]}")
 
 
 def error_cases(tally, moe):
@@ -624,6 +708,7 @@ def main():
         modules_vs_naive(tally)
         dense_quirk(tally)
         refg.self_checks(tally.check)
+        gs_sensitivity(tally)
         print("-- parity cases with a float32 PyTorch stand-in for the binary:")
         tool = torch_f32_tool
     else:
@@ -631,13 +716,13 @@ def main():
         if moe is None:
             return 1
 
-        def tool(d, train):
-            return run_moe(moe, forward_args(d, train))
+        def tool(d, train, grad):
+            return run_moe(moe, forward_args(d, train, grad))
 
     for i, (cfg, T) in enumerate(train_cases()):
         parity_case(tally, tool, cfg, T, 1000 + i)
-    for i, (cfg, T) in enumerate(EVAL_CASES):
-        parity_case(tally, tool, cfg, T, 2000 + i, train=False)
+    for i, (cfg, T, grad) in enumerate(EVAL_CASES):
+        parity_case(tally, tool, cfg, T, 2000 + i, train=False, grad=grad)
     for i, c in enumerate(GS_CASES):
         gs_parity_case(tally, tool, c, 3000 + i)
     if not self_test:

@@ -5,11 +5,12 @@ For each case: build the reference module (reference_soft.py; RMSNorm gammas mov
 from 1), save LAYER.json, W.safetensors (state_dict, float32), X.safetensors ('x' float32,
 optional 'mask' BOOL/U8) and DY.safetensors ('dy'), run
     moe forward --config LAYER.json --weights W.safetensors --input X.safetensors
-                --out OUT.safetensors [--grad-output DY.safetensors | --eval]
+                --out OUT.safetensors [--eval] [--grad-output DY.safetensors]
 and compare OUT's y, dx and grad.<param> with float64 PyTorch autograd on the same
 float32 weights and inputs (|ours - torch| <= 1e-5 + 1e-4 * |torch| per element), and
 stats.expert_counts (I64, E entries, each B*S: every expert processes its S slots of
-every batch row) and stats.dropped (I64 scalar 0) exactly.
+every batch row) and stats.dropped (I64 scalar 0) exactly. Eval cases run the backward
+too (m.eval(); m(x).backward(dy): no dropout), except one forward-only case.
 
 Usage (from anywhere; needs Debian's python3-torch, run as /usr/bin/python3):
     /usr/bin/python3 tests/parity/run_parity_soft.py              # needs build/moe (make)
@@ -48,20 +49,24 @@ from run_parity import (RTOL, ATOL, Tally, compare, expect_error, forward_args, 
 # x: (B, N, D) | (N, D) | image (B, D, h, w). mask: None | "rand" (each token real with
 # p 0.6) | "dead" (random, batch row 0 fully masked) | "allmasked" (every row masked).
 # mdtype: mask dtype in X.safetensors; mshape "hw": an image mask saved as (B, h, w).
+# train False: eval mode; grad False: forward only (no --grad-output). Dropout > 0 only in
+# eval cases (train-mode dropout draws from libmoe's RNG): eval must not apply it, and at
+# these rates applying it would show (the self-test checks that, case by case).
 # Gradient cases keep D <= 24: logits grow like D (two RMS-normed vectors of norm sqrt(D)),
 # and at D = 64 even PyTorch's own float32 backward misses rtol 1e-4 on
 # grad.to_slot_embeds.0.weight (by up to 2x); D = 64 is checked forward only.
 
-def sd(D, E, x, mult=2, geglu=False, mask=None, train=True, dropout=0.0, **kw):
+def sd(D, E, x, mult=2, geglu=False, mask=None, train=True, dropout=0.0, grad=True, **kw):
     cfg = dict(type="soft_dynamic", dim=D, num_experts=E, expert_mult=mult, dropout=dropout, geglu=geglu)
-    return dict(cfg=cfg, x=x, mask=mask, train=train, **kw)
+    return dict(cfg=cfg, x=x, mask=mask, train=train, grad=grad, **kw)
 
 
-def soft(D, E, x, slots=None, mult=2, geglu=False, mask=None, train=True, dropout=0.0, key="num_slots", **kw):
+def soft(D, E, x, slots=None, mult=2, geglu=False, mask=None, train=True, dropout=0.0, key="num_slots",
+         grad=True, **kw):
     cfg = dict(type="soft", dim=D, num_experts=E, expert_mult=mult, dropout=dropout, geglu=geglu)
     if slots is not None:
         cfg[key] = slots
-    return dict(cfg=cfg, x=x, mask=mask, train=train, **kw)
+    return dict(cfg=cfg, x=x, mask=mask, train=train, grad=grad, **kw)
 
 
 CASES = [
@@ -82,9 +87,14 @@ CASES = [
     sd(16, 4, (10, 16)),                                         # (N, D): one sequence
     sd(16, 2, (2, 9, 16), mask="rand", mdtype="u8"),             # U8 mask
     sd(16, 3, (2, 8, 16), mask="allmasked"),                     # every token masked
-    sd(64, 4, (2, 32, 64), mult=4, train=False),                 # the seed's defaults, forward only
+    sd(64, 4, (2, 32, 64), mult=4, train=False, grad=False),     # the seed's defaults, forward only
     sd(16, 4, (2, 12, 16), train=False, dropout=0.1),            # eval: dropout off
     sd(16, 3, (2, 10, 16), geglu=True, mask="dead", train=False),
+    sd(16, 4, (2, 16, 3, 5), mask="rand", train=False, dropout=0.3),           # eval image + mask, padded
+    sd(12, 4, (2, 12, 2, 3), mask="dead", mshape="hw", mdtype="u8", train=False, dropout=0.5, geglu=True),
+    sd(16, 3, (3, 11, 16), mult=2.5, mask="rand", train=False, dropout=0.2),   # eval mask, padding
+    sd(16, 4, (9, 16), train=False, dropout=0.25),                             # eval (N, D)
+    sd(16, 3, (2, 8, 16), mask="allmasked", train=False, dropout=0.3),
     soft(16, 4, (2, 12, 16), slots=2),
     soft(16, 4, (2, 10, 16), slots=12, key="seq_len"),           # S = 12 // 4 = 3
     soft(16, 3, (3, 9, 16), slots=1, key="slots_per_expert", mult=2.5, mask="dead"),
@@ -94,6 +104,10 @@ CASES = [
     soft(16, 1, (2, 6, 16), slots=3, mask="rand"),               # E = 1
     soft(16, 2, (7, 16), slots=2),                               # (N, D)
     soft(16, 3, (1, 6, 16), slots=2, train=False, dropout=0.1, geglu=True),
+    soft(16, 2, (2, 16, 3, 3), slots=2, mask="rand", train=False, dropout=0.3),   # eval image + mask
+    soft(16, 3, (3, 9, 16), slots=1, key="slots_per_expert", mult=2.5, mask="dead", train=False,
+         dropout=0.4),
+    soft(12, 4, (2, 12, 2, 4), slots=2, mask="rand", mshape="hw", train=False, dropout=0.5, geglu=True),
 ]
 
 
@@ -110,7 +124,7 @@ def describe(c):
             + (" (B,h,w)" if c.get("mshape") else "")
     if cfg["dropout"]:
         s += f" dropout={cfg['dropout']}"
-    return ("" if c["train"] else "eval ") + s
+    return ("" if c["train"] else "eval ") + ("" if c["grad"] else "forward-only ") + s
 
 
 # ------------------------------------------------------------------ one case
@@ -153,15 +167,14 @@ def batch_and_tokens(x):
     return x.shape[0], x.shape[1]
 
 
-def reference_outputs(model, x, mask, dy, dtype=torch.float64):
-    """{'y', 'dx', 'grad.<name>'} by autograd (only 'y' when dy is None: eval mode)."""
-    m = copy.deepcopy(model).to(dtype)
+def reference_outputs(model, x, mask, dy, dtype=torch.float64, train=True):
+    """{'y', 'dx', 'grad.<name>'} by autograd in train or eval mode (only 'y', under
+    no_grad, when dy is None)."""
+    m = copy.deepcopy(model).to(dtype).train(train)
     xr = x.to(dtype).requires_grad_()
     if dy is None:
-        m.eval()
         with torch.no_grad():
             return {"y": m(xr.detach(), mask)}
-    m.train()
     y = m(xr, mask)
     y.backward(dy.to(dtype))
     out = {"y": y.detach(), "dx": xr.grad}
@@ -181,7 +194,7 @@ def load_input(d):
     return xs["x"], xs.get("mask")
 
 
-def torch_f32_tool(d, train):
+def torch_f32_tool(d, train, grad):
     """Stand-in for the binary (--self-test): the reference in float32 on the same files."""
     cfg = json.loads((d / "LAYER.json").read_text())
     model = rs.build(cfg)
@@ -189,8 +202,8 @@ def torch_f32_tool(d, train):
     x, mask = load_input(d)
     if mask is not None:
         mask = mask.reshape(x.shape[0], -1) != 0 if x.dim() != 2 else mask.reshape(1, -1) != 0
-    dy = stio.load(d / "DY.safetensors")["dy"] if train else None
-    out = reference_outputs(model, x, mask, dy, torch.float32)
+    dy = stio.load(d / "DY.safetensors")["dy"] if grad else None
+    out = reference_outputs(model, x, mask, dy, torch.float32, train)
     out.update(expected_stats(model, x))
     stio.save(d / "OUT.safetensors", out)
     return 0, ""
@@ -214,16 +227,18 @@ def parity_case(tally, tool, c, seed):
     with tempfile.TemporaryDirectory(prefix="moe-parity-soft-") as tmp:
         d = Path(tmp)
         model, x, mask, dy = make_case(c, seed, d)
-        ours = run_tool(tally, tool, d, c["train"], what)
+        ours = run_tool(tally, tool, d, c["train"], c["grad"], what)
         if ours is None:
             return
-        want = reference_outputs(model, x, mask, dy if c["train"] else None)
+        want = reference_outputs(model, x, mask, dy if c["grad"] else None, train=c["train"])
         problems = []
         for k in want:
             if k in ours and ours[k].is_floating_point() and not bool(torch.isfinite(ours[k]).all()):
                 problems.append(f"{k} has non-finite values")
         problems += compare(ours, want)
         problems += check_stats(ours, expected_stats(model, x))
+        if not c["grad"]:
+            problems += [f"forward-only OUT has '{k}'" for k in ours if k == "dx" or k.startswith("grad.")]
         report(tally, what, problems)
 
 
@@ -271,6 +286,18 @@ def stand_in_catches_errors(tally):
         right["stats.expert_counts"] = right["stats.expert_counts"] + 1
         tally.check(bool(check_stats(right, expected_stats(model, x))),
                     "self-test: wrong stats.expert_counts are caught", "not caught")
+    # an eval case with dropout would catch a tool that applied dropout in eval mode (seeded draws)
+    for i, c in enumerate(CASES):
+        if c["train"] or not c["cfg"]["dropout"]:
+            continue
+        with tempfile.TemporaryDirectory(prefix="moe-parity-soft-") as tmp:
+            model, x, mask, dy = make_case(c, 4000 + 10 * i, Path(tmp))
+        dyg = dy if c["grad"] else None
+        want = reference_outputs(model, x, mask, dyg, train=False)
+        torch.manual_seed(i)
+        wrong = reference_outputs(model, x, mask, dyg, torch.float32, train=True)
+        tally.check(bool(compare(wrong, want)), f"self-test: dropout applied in eval is caught: {describe(c)}",
+                    "not caught")
 
 
 # ------------------------------------------------------------------ main
@@ -290,8 +317,8 @@ def main():
         if moe is None:
             return 1
 
-        def tool(d, train):
-            return run_moe(moe, forward_args(d, train))
+        def tool(d, train, grad):
+            return run_moe(moe, forward_args(d, train, grad))
 
     for i, c in enumerate(CASES):
         parity_case(tally, tool, c, 4000 + 10 * i)
