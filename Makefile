@@ -18,19 +18,40 @@ CFLAGS  = $(OPT) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
 LDFLAGS = -fopenmp $(SAN) -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB)
 LDLIBS  = -lopenblas -lcjson -lm
 
-LIB_SRC  = $(sort $(wildcard src/*/*.c))
+# Expert parallelism over MPI (include/moe_mpi.h, src/dist, build/libmoe_mpi.a,
+# `moe ... --ep` under mpirun) is built whenever mpicc is found (tools/deps.sh
+# installs OpenMPI); MPI=0 builds without it, MPI=1 insists on it. libmoe.a
+# and libmoe.so never depend on MPI.
+MPI      ?= $(if $(shell command -v mpicc 2>/dev/null),1,0)
+ifeq ($(MPI),1)
+MPI_CFLAGS := $(shell mpicc --showme:compile)
+MPI_LIBS   := $(shell mpicc --showme:link)
+MPI_LIB     = $(BUILD)/libmoe_mpi.a
+MPI_TEST_BIN = $(BUILD)/tests/mpi/test_ep
+CLI_EP      = tools/moe/ep_mpi.c
+else
+CLI_EP      = tools/moe/ep_none.c
+endif
+
+LIB_SRC  = $(filter-out src/dist/%,$(sort $(wildcard src/*/*.c)))
 LIB_OBJ  = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
-CLI_SRC  = $(sort $(wildcard tools/moe/*.c))
+DIST_SRC = $(sort $(wildcard src/dist/*.c))
+DIST_OBJ = $(DIST_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_SRC  = $(filter-out tools/moe/ep_%.c,$(sort $(wildcard tools/moe/*.c))) $(CLI_EP)
 CLI_OBJ  = $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TEST_SRC = $(sort $(wildcard tests/test_*.c))
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
-HDRS     = include/moe.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
+HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
-.PHONY: all deps deps-test deps-fuzz demo test test-c test-asan test-valgrind bench fuzz clean
+.PHONY: all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean
 
-all: deps $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe
+# deps first, then a fresh make that sees what deps installed (mpicc)
+all: deps
+	@$(MAKE) --no-print-directory build-all
+
+build-all: $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe $(MPI_LIB)
 
 deps:
 	@sh tools/deps.sh build
@@ -53,8 +74,27 @@ $(BUILD)/libmoe.a: $(LIB_OBJ)
 $(BUILD)/libmoe.so: $(LIB_OBJ)
 	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/moe: $(CLI_OBJ) $(BUILD)/libmoe.a
-	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
+$(BUILD)/moe: $(CLI_OBJ) $(BUILD)/libmoe.a $(MPI_LIB)
+	$(CC) -o $@ $(CLI_OBJ) $(MPI_LIB) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS) $(MPI_LIBS)
+
+# the MPI parts: only these objects see mpi.h
+$(BUILD)/obj/src/dist/%.o: src/dist/%.c $(HDRS) | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/tools/moe/ep_mpi.o: tools/moe/ep_mpi.c $(HDRS) | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -Itools/moe -c $< -o $@
+
+$(BUILD)/libmoe_mpi.a: $(DIST_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/tests/mpi/%: tests/mpi/%.c tests/check.h $(BUILD)/libmoe.a $(MPI_LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -Itests -o $@ $< $(MPI_LIB) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS) $(MPI_LIBS)
+
+test-mpi-bins: $(MPI_TEST_BIN)
 
 $(BUILD)/tests/%: tests/%.c tests/check.h $(BUILD)/libmoe.a
 	@mkdir -p $(dir $@)
@@ -73,6 +113,7 @@ test-c: all $(TEST_BIN)
 # Every test: C unit/gradient/bad-input tests, CLI tests, PyTorch parity, and
 # the C tests again under ASan + UBSan. Ends with "N passed, N failed".
 test: deps-test all $(TEST_BIN) $(BENCH_BIN)
+	@$(MAKE) --no-print-directory test-mpi-bins
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-c
 	@sh tests/run.sh

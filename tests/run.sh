@@ -45,6 +45,19 @@ for t in build-asan/tests/test_*; do
         run "asan+ubsan $(basename "$t")" "$t"
 done
 if [ "${ONLY_ASAN:-0}" != 1 ]; then
+    # expert parallelism over MPI at P = 1, 2 and 4 (OpenMPI as root needs its
+    # two variables; more ranks than cores needs --oversubscribe). Missing
+    # mpirun or the test program is a failure, not a skip.
+    for np in 1 2 4; do
+        if command -v mpirun >/dev/null 2>&1 && [ -x build/tests/mpi/test_ep ]; then
+            OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+                run "mpi test_ep P=$np" timeout 600 mpirun --oversubscribe -np $np build/tests/mpi/test_ep
+        else
+            echo "FAIL mpi test_ep P=$np: mpirun or build/tests/mpi/test_ep missing (tools/deps.sh test installs" \
+                 "OpenMPI; make builds the test when mpicc is found)"
+            fail=$((fail + 1))
+        fi
+    done
     run "cli" sh tests/cli.sh
     run "train" sh tests/train.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py

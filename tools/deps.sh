@@ -1,6 +1,7 @@
 #!/bin/sh
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
-#   tools/deps.sh build   OpenBLAS (OpenMP build) and cJSON headers/libraries
+#   tools/deps.sh build   OpenBLAS (OpenMP build), cJSON headers/libraries and OpenMPI
+#                         (libopenmpi-dev, openmpi-bin: expert parallelism, `--ep`)
 #   tools/deps.sh test    the above plus Debian's python3-torch for parity tests
 #   tools/deps.sh fuzz    clang and libFuzzer (make fuzz)
 #   tools/deps.sh valgrind  valgrind (make test-valgrind)
@@ -12,6 +13,10 @@ missing=""
 [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ] && \
 [ -f /usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ] || missing="$missing libopenblas-openmp-dev"
 [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
+if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
+    command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
+    command -v mpirun >/dev/null 2>&1 || missing="$missing openmpi-bin"
+fi
 if [ "$what" = test ]; then
     /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
 fi

@@ -62,7 +62,7 @@ static dense_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
-static void dense_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
+static moe_status dense_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     int64_t D = l->cfg.input_dim, O = l->cfg.output_dim, E = l->cfg.num_experts, EO = E * O;
     dense_ws w;
     layout(l, T, l->ws, &w);
@@ -88,9 +88,10 @@ static void dense_forward(moe_layer *l, float *y, float *aux, const float *x, in
     l->dropped = 0;
     (void)aux;
     (void)train;
+    return MOE_OK;
 }
 
-static void dense_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+static moe_status dense_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     int64_t D = l->cfg.input_dim, O = l->cfg.output_dim, E = l->cfg.num_experts, EO = E * O;
     int64_t T = l->T;
     dense_ws w;
@@ -120,6 +121,7 @@ static void dense_backward(moe_layer *l, float *dx, const float *dy, float daux)
         moe_sgemm(0, 0, T, D, E, 1.0f, w.dlogits, E, p.Wg, D, 1.0f, dx, D);
     }
     (void)daux;
+    return MOE_OK;
 }
 
 static int dense_probes(const moe_layer *l, int backward, moe_probe *pr) {
@@ -142,6 +144,8 @@ static const moe_layer_ops dense_ops = {dense_workspace_bytes, dense_forward, de
 
 moe_status moe__dense_create(moe_layer *l) {
     const moe_config *c = &l->cfg;
+    if (l->ep)
+        return moe_err(MOE_ERR_UNSUPPORTED, "dense layers are not expert-parallel yet: run them in one process");
     int64_t D = c->input_dim, O = c->output_dim, E = c->num_experts;
     if (O < 1 || O > INT_MAX / 4 / E)
         return moe_err(MOE_ERR_ARG, "output_dim must be in [1, %lld], got %lld", (long long)(INT_MAX / 4 / E),

@@ -135,7 +135,7 @@ typedef struct {
 static gs_params params_of(const moe_layer *l, float *mem) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts;
-    int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, nk = E1 * Ei;
+    int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, nk = l->ep ? l->ep->e_count : E1 * Ei;
     gs_params p;
     p.wg1 = mem;
     p.wg2 = is_hier(l) ? mem + D * E1 : NULL;
@@ -144,9 +144,35 @@ static gs_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
+/* The rows the experts run and their activations: the workspace's in one
+ * process; expert parallel, the rows received from every rank (l->ep_mem). */
+typedef struct {
+    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
+    float *raw;                                   /* (R, D) exchange scratch   */
+} gs_rows;
+
+static gs_rows rows_of(const gs_ws *w) {
+    gs_rows r = {w->xe, w->hpre, w->ha, w->dha, w->ye, w->dye, w->dxe, NULL};
+    return r;
+}
+
+static size_t ep_rows_layout(const moe_layer *l, int64_t R, char *base, gs_rows *r) {
+    int64_t D = l->cfg.input_dim, H = hidden(&l->cfg);
+    size_t off = 0, F = sizeof(float);
+    r->raw = moe__carve(base, &off, R, D, F);
+    r->xe = moe__carve(base, &off, R, D, F);
+    r->hpre = moe__carve(base, &off, R, H, F);
+    r->ha = moe__carve(base, &off, R, H, F);
+    r->dha = moe__carve(base, &off, R, H, F);
+    r->ye = moe__carve(base, &off, R, D, F);
+    r->dye = moe__carve(base, &off, R, D, F);
+    r->dxe = moe__carve(base, &off, R, D, F);
+    return off;
+}
+
 typedef struct {
     const moe_config *c;
-    const gs_ws *w;
+    const gs_rows *w;
     const gs_params *p, *g;
     int grad_bad;  /* backward: set when an expert gradient holds a NaN or Inf */
 } gs_experts;
@@ -154,7 +180,7 @@ typedef struct {
 /* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k]. */
 static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
-    const gs_ws *w = a->w;
+    const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
     moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, a->p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
     moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
@@ -164,7 +190,7 @@ static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
 /* Its backward from dye: dW1, dW2 accumulate; dxe written. */
 static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
-    const gs_ws *w = a->w;
+    const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
     /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
     moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
@@ -187,17 +213,32 @@ static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
 }
 
-static void experts_forward(const moe_layer *l, const gs_ws *w, const gs_params *p, const int64_t *off, int nk) {
+static void experts_forward(const moe_layer *l, const gs_rows *w, const gs_params *p, const int64_t *off, int nk) {
     gs_experts a = {&l->cfg, w, p, NULL, 0};
     moe_each_expert(off, nk, expert_forward, &a);
 }
 
 /* Returns 1 if an expert gradient holds a NaN or Inf. */
-static int experts_backward(const moe_layer *l, const gs_ws *w, const gs_params *p, const gs_params *g,
+static int experts_backward(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g,
                             const int64_t *off, int nk) {
     gs_experts a = {&l->cfg, w, p, g, 0};
     moe_each_expert(off, nk, expert_backward, &a);
     return a.grad_bad;
+}
+
+/* Expert parallel (gshard): the kept rows xe (A, D), in expert order, go to
+ * their experts' owners; r gets the rows received. Collective. */
+static moe_status ep_out(moe_layer *l, const float *xe, gs_rows *r) {
+    moe_status st = l->plan.scount ? MOE_OK : moe_ep_plan_alloc(&l->plan, l->ep->size, l->ep->e_count);
+    if (st == MOE_OK) st = moe_ep_counts(l->ep, &l->plan, l->expert_counts);
+    if (st == MOE_OK) {
+        size_t bytes = ep_rows_layout(l, l->plan.Rr, NULL, r);
+        st = bytes == SIZE_MAX ? moe_err(MOE_ERR_ARG, "expert-parallel rows too large") : moe__ep_reserve(l, bytes);
+    }
+    st = l->ep->agree(l->ep, st);
+    if (st != MOE_OK) return st;
+    ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, r);
+    return moe_ep_rows_out(l->ep, &l->plan, r->xe, r->raw, xe, l->cfg.input_dim);
 }
 
 /* Gate settings of this mode into a level. */
@@ -207,7 +248,7 @@ static void set_mode(moe_top2 *g, const moe_config *c, int train) {
     g->capacity_factor = train ? c->capacity_factor_train : c->capacity_factor_eval;
 }
 
-static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
+static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, B = l->B, N = l->N;
     int E1 = c->num_experts, Ei = c->num_experts_inner, hier = is_hier(l);
@@ -217,12 +258,12 @@ static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64
     uint64_t stream = moe_rng_u64(c->seed, 0x3000000ull + 2 * l->forward_calls);
 
     /* first gate over the tokens: one segment per sequence */
-    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep && T) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     moe_sgemm(0, 0, T, E1, D, 1.0f, x, D, p.wg1, E1, 0.0f, w.L1.p, E1);
     moe_softmax_rows(w.L1.p, w.L1.p, T, E1);
     moe_top2 *g1 = &w.L1.g;
     for (int64_t b = 0; b < B; b++) w.L1.start[b] = b * N, w.L1.len[b] = N, w.L1.set[b] = 0;
-    g1->R = T, g1->Ng = N, g1->imp = NULL, g1->rng_stream = stream;
+    g1->R = T, g1->Ng = N, g1->imp = NULL, g1->rng_stream = stream, g1->seg0 = l->g0;
     g1->expert_counts = hier ? NULL : l->expert_counts;
     set_mode(g1, c, train);
     moe_top2_forward(g1);
@@ -231,7 +272,15 @@ static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64
 
     if (!hier) {
         moe_gather_rows(w.xe, x, g1->src, g1->A, D);
-        experts_forward(l, &w, &p, g1->offsets, E1);
+        gs_rows r = rows_of(&w);
+        if (l->ep) { /* exchange out, the local experts, exchange back */
+            moe_status st = ep_out(l, w.xe, &r);
+            if (st != MOE_OK) return st;
+            experts_forward(l, &r, &p, l->plan.bank_off, l->ep->e_count);
+            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.ye, r.ye, r.raw, D)) != MOE_OK) return st;
+        } else {
+            experts_forward(l, &r, &p, g1->offsets, E1);
+        }
         moe_combine(y, w.ye, g1->gate, g1->pos, T, 2, D);
         l->assignments = g1->A;
     } else {
@@ -260,22 +309,24 @@ static void gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64
         }
         moe_softmax_rows(w.L2.p, w.L2.p, A1, Ei);
         moe_top2 *g2 = &w.L2.g;
-        g2->R = A1, g2->Ng = C, g2->imp = w.imp, g2->rng_stream = stream + 1;
+        g2->R = A1, g2->Ng = C, g2->imp = w.imp, g2->rng_stream = stream + 1, g2->seg0 = 0;
         g2->expert_counts = l->expert_counts;
         set_mode(g2, c, train);
         moe_top2_forward(g2);
         loss += g2->loss;
         l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
         moe_gather_rows(w.xe, w.xo, g2->src, g2->A, D);
-        experts_forward(l, &w, &p, g2->offsets, E1 * Ei);
+        gs_rows r = rows_of(&w);
+        experts_forward(l, &r, &p, g2->offsets, E1 * Ei);
         moe_combine(w.yo, w.ye, g2->gate, g2->pos, A1, 2, D);
         moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
         l->assignments = g2->A;
     }
     if (aux) *aux = (float)(loss * c->loss_coef);
+    return MOE_OK;
 }
 
-static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, T = l->T;
     int E1 = c->num_experts, Ei = c->num_experts_inner;
@@ -289,14 +340,24 @@ static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
 
     if (!is_hier(l)) {
         moe_combine_backward(w.dye, w.L1.dgate, dy, w.ye, g1->gate, g1->pos, T, 2, D);
-        l->grad_bad = experts_backward(l, &w, &p, &g, g1->offsets, E1);
+        gs_rows r = rows_of(&w);
+        if (l->ep) { /* output gradients to the owners, input gradients back */
+            ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, &r);
+            moe_status st = moe_ep_rows_out(l->ep, &l->plan, r.dye, r.raw, w.dye, D);
+            if (st != MOE_OK) return st;
+            l->grad_bad = experts_backward(l, &r, &p, &g, l->plan.bank_off, l->ep->e_count);
+            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.dxe, r.dxe, r.raw, D)) != MOE_OK) return st;
+        } else {
+            l->grad_bad = experts_backward(l, &r, &p, &g, g1->offsets, E1);
+        }
     } else {
         moe_top2 *g2 = &w.L2.g;
         int64_t A1 = g1->offsets[E1];
         g2->R = A1, g2->Ng = outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
         moe_combine_backward(w.dye, w.L2.dgate, w.dyo, w.ye, g2->gate, g2->pos, A1, 2, D);
-        l->grad_bad = experts_backward(l, &w, &p, &g, g2->offsets, E1 * Ei);
+        gs_rows r = rows_of(&w);
+        l->grad_bad = experts_backward(l, &r, &p, &g, g2->offsets, E1 * Ei);
         memset(w.dxo, 0, (size_t)(A1 * D) * sizeof(float));
         moe_scatter_add(w.dxo, w.dxe, g2->pos, A1, 2, D);
         moe_top2_backward(g2, w.L2.dl, w.L2.dgate, dloss);
@@ -316,6 +377,7 @@ static void gs_backward(moe_layer *l, float *dx, const float *dy, float daux) {
         moe_sgemm(0, 1, T, D, E1, 1.0f, w.L1.dl, E1, p.wg1, E1, 0.0f, dx, D);
         moe_scatter_add(dx, is_hier(l) ? w.dxo : w.dxe, g1->pos, T, 2, D);
     }
+    return MOE_OK;
 }
 
 static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
@@ -381,6 +443,9 @@ moe_status moe__gshard_create(moe_layer *l) {
     moe_status st = check_gate_config(c);
     if (st != MOE_OK) return st;
     int hier = is_hier(l);
+    if (hier && l->ep)
+        return moe_err(MOE_ERR_UNSUPPORTED, "hierarchical layers are not expert-parallel yet: run them in one "
+                                            "process (gshard, topk and dense are)");
     int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
     if (H < 1 || H > INT_MAX / 4)
         return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4, (long long)H);
@@ -394,13 +459,18 @@ moe_status moe__gshard_create(moe_layer *l) {
     l->has_aux = 1;
     int64_t o = 0;
     if (!hier) {
-        int64_t s_g[2] = {D, E1}, s_w1[3] = {E1, D, H}, s_w2[3] = {E1, H, D};
+        /* expert parallel: this rank's slice [e_first, e_first + El) of the
+         * experts' tensors, drawing the values one process draws for it */
+        int64_t El = l->ep ? l->ep->e_count : E1, e0 = l->ep ? l->ep->e_first : 0;
+        int64_t s_g[2] = {D, E1}, s_w1[3] = {El, D, H}, s_w2[3] = {El, H, D};
         st = moe__layer_add_param(l, "gate.w_gating", 2, s_g, o, 0);
         o += D * E1;
         if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w1", 3, s_w1, o, H);
-        o += E1 * D * H;
+        l->init_skip[1] = e0 * D * H, l->global_dim0[1] = l->ep ? E1 : 0;
+        o += El * D * H;
         if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w2", 3, s_w2, o, D);
-        o += E1 * H * D;
+        l->init_skip[2] = e0 * H * D, l->global_dim0[2] = l->ep ? E1 : 0;
+        o += El * H * D;
     } else {
         int64_t s_go[2] = {D, E1}, s_gi[3] = {E1, D, Ei}, s_w1[4] = {E1, Ei, D, H}, s_w2[4] = {E1, Ei, H, D};
         st = moe__layer_add_param(l, "gate_outer.w_gating", 2, s_go, o, 0);
@@ -413,7 +483,7 @@ moe_status moe__gshard_create(moe_layer *l) {
         o += E1 * Ei * H * D;
     }
     if (st == MOE_OK) st = moe__layer_alloc(l, o);
-    l->grad_hi = o, l->grad_lo = o - 2 * E1 * Ei * D * H; /* experts.w1, w2: checked in their tasks */
+    l->grad_hi = o, l->grad_lo = o - 2 * (l->ep ? l->ep->e_count : E1 * Ei) * D * H; /* experts.w1, w2: checked in their tasks */
     return st;
 }
 

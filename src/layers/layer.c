@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------- config */
@@ -169,6 +170,9 @@ moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const 
     }
     l->param_off[i] = off;
     l->fan_in[i] = fan_in;
+    l->init_id[i] = l->next_init_id++;
+    l->init_skip[i] = 0;
+    l->global_dim0[i] = 0;
     l->init_normal[i] = fan_in == 0 ? 1 : fan_in < 0 ? 2 : 0;
     return MOE_OK;
 }
@@ -198,21 +202,22 @@ void moe_layer_init_params(moe_layer *l, uint64_t seed) {
     for (int i = 0; i < l->n_params; i++) {
         moe_param *p = &l->params[i];
         float bound = 1.0f / sqrtf((float)l->fan_in[i]);
-        uint64_t stream = moe_rng_u64(seed, 0x1000000ull + (uint64_t)i);
+        uint64_t stream = moe_rng_u64(seed, 0x1000000ull + (uint64_t)l->init_id[i]);
+        uint64_t j0 = (uint64_t)l->init_skip[i]; /* a slice of a tensor split over ranks */
         if (l->init_normal[i] == 2) { /* torch.ones (norm gains) */
             for (int64_t j = 0; j < p->numel; j++) p->data[j] = 1.0f;
             continue;
         }
         if (l->init_normal[i]) { /* torch.randn: N(0, 1), Box-Muller on two draws */
             for (int64_t j = 0; j < p->numel; j++) {
-                double u1 = ((double)(moe_rng_u64(stream, 2 * (uint64_t)j) >> 11) + 1.0) * 0x1p-53;
-                double u2 = (double)(moe_rng_u64(stream, 2 * (uint64_t)j + 1) >> 11) * 0x1p-53;
+                double u1 = ((double)(moe_rng_u64(stream, 2 * (j0 + (uint64_t)j)) >> 11) + 1.0) * 0x1p-53;
+                double u2 = (double)(moe_rng_u64(stream, 2 * (j0 + (uint64_t)j) + 1) >> 11) * 0x1p-53;
                 p->data[j] = (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
             }
             continue;
         }
         for (int64_t j = 0; j < p->numel; j++)
-            p->data[j] = (2.0f * moe_rng_uniform(stream, (uint64_t)j) - 1.0f) * bound;
+            p->data[j] = (2.0f * moe_rng_uniform(stream, j0 + (uint64_t)j) - 1.0f) * bound;
     }
 }
 
@@ -220,8 +225,16 @@ void moe_layer_init_params(moe_layer *l, uint64_t seed) {
 
 moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     moe_err_clear();
-    if (!out || !cfg) return moe_err(MOE_ERR_ARG, "moe_layer_create: NULL argument");
+    return moe__layer_create_ep(out, cfg, NULL);
+}
+
+moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *ep) {
+    if (!out || !cfg) {
+        if (ep) ep->free(ep);
+        return moe_err(MOE_ERR_ARG, "moe_layer_create: NULL argument");
+    }
     *out = NULL;
+    if (ep && (cfg->num_experts < 1 || cfg->num_experts > 65536)) ep->free(ep), ep = NULL;
     if (cfg->num_experts < 1)
         return moe_err(MOE_ERR_ARG, "num_experts must be >= 1, got %d", cfg->num_experts);
     if (cfg->num_experts > 65536)
@@ -231,8 +244,12 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
                        (long long)cfg->input_dim);
 
     moe_layer *l = moe_calloc(sizeof *l);
-    if (!l) return moe_err(MOE_ERR_NOMEM, "cannot allocate the layer");
+    if (!l) {
+        if (ep) ep->free(ep);
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate the layer");
+    }
     l->cfg = *cfg;
+    l->ep = ep;
     int E = cfg->num_experts;
     int ns = cfg->type == MOE_LAYER_TOPK && cfg->num_shared > 0 && cfg->num_shared <= 1024 ? cfg->num_shared : 0;
     l->cap_params = 4 * E + 3 + 4 * ns + 1;
@@ -241,6 +258,9 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     l->fan_in = moe_calloc((size_t)l->cap_params * sizeof *l->fan_in);
     l->names = moe_calloc((size_t)l->cap_params * MOE_NAME_MAX);
     l->init_normal = moe_calloc((size_t)l->cap_params);
+    l->init_id = moe_calloc((size_t)l->cap_params * sizeof *l->init_id);
+    l->init_skip = moe_calloc((size_t)l->cap_params * sizeof *l->init_skip);
+    l->global_dim0 = moe_calloc((size_t)l->cap_params * sizeof *l->global_dim0);
     l->n_expert_counts = E;
     if (cfg->type == MOE_LAYER_HIERARCHICAL) {
         if (cfg->num_experts_inner < 1 || cfg->num_experts_inner > 65536) {
@@ -252,7 +272,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     }
     l->expert_counts = moe_calloc((size_t)l->n_expert_counts * sizeof *l->expert_counts);
     moe_status st = MOE_OK;
-    if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->init_normal || !l->expert_counts)
+    if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->init_normal || !l->init_id ||
+        !l->init_skip || !l->global_dim0 || !l->expert_counts)
         st = moe_err(MOE_ERR_NOMEM, "cannot allocate the parameter table");
     else if (cfg->type == MOE_LAYER_TOPK)
         st = moe__topk_create(l);
@@ -280,6 +301,12 @@ void moe_layer_free(moe_layer *l) {
     moe_free(l->fan_in);
     moe_free(l->names);
     moe_free(l->init_normal);
+    moe_free(l->init_id);
+    moe_free(l->init_skip);
+    moe_free(l->global_dim0);
+    moe_ep_plan_free(&l->plan);
+    moe_free(l->ep_mem);
+    if (l->ep) l->ep->free(l->ep);
     moe_free(l->wmem);
     moe_free(l->gmem);
     moe_free(l->expert_counts);
@@ -320,8 +347,19 @@ void moe_layer_zero_grad(moe_layer *l) {
 
 /* ---------------------------------------------------------------- forward/backward */
 
+moe_status moe__ep_reserve(moe_layer *l, size_t bytes) {
+    if (bytes <= l->ep_bytes) return MOE_OK;
+    float *m = moe_alloc(bytes);
+    if (!m) return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for the rows of the other ranks", bytes);
+    moe_free(l->ep_mem);
+    l->ep_mem = m;
+    l->ep_bytes = bytes;
+    return MOE_OK;
+}
+
 static moe_status reserve(moe_layer *l, int64_t B, int64_t N) {
     size_t bytes = l->ops->workspace_bytes(l, B, N);
+    if (bytes == 0 && B * N == 0) bytes = 64; /* a rank with no tokens (expert parallel) */
     if (bytes == 0 || bytes == SIZE_MAX)
         return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large for this layer", (long long)B,
                        (long long)N);
@@ -430,13 +468,15 @@ static moe_status nonfinite_aux(moe_layer *l, float aux, const float *x) {
     return moe_err(MOE_ERR_NONFINITE, "%s", msg);
 }
 
-/* Validate, reserve, run, check. x (B,N,D) token-major; mask (B,N) or NULL. */
-static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const float *x, const uint8_t *mask,
-                              int64_t B, int64_t N, int flags) {
-    if (!l || !y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer, y or x");
+/* The caller's side of a forward, checked on this rank. */
+static moe_status check_forward(moe_layer *l, const float *y, const float *x, const uint8_t *mask, int64_t B,
+                                int64_t N, int flags) {
     if (flags & ~(MOE_TRAIN | MOE_NO_GRAD))
         return moe_err(MOE_ERR_ARG, "forward flags 0x%x: only MOE_TRAIN (1) and MOE_NO_GRAD (2) are defined",
                        (unsigned)flags);
+    /* expert parallel: a rank may have no tokens (it still serves its experts) */
+    if (l->ep && B >= 0 && N >= 0 && B * N == 0) return MOE_OK;
+    if (!y || !x) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL y or x");
     if (B <= 0 || N <= 0)
         return moe_err(MOE_ERR_ARG, "empty batch: x has %lld x %lld tokens; forward needs at least one row",
                        (long long)B, (long long)N);
@@ -450,32 +490,53 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
     if (B > INT32_MAX / K / N || B * N > INT64_MAX / l->in_dim / l->out_dim)
         return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large (max %d)", (long long)B,
                        (long long)N, INT32_MAX / K);
-    int64_t T = B * N;
-    int64_t bad = moe_find_nonfinite(x, T * l->in_dim);
+    int64_t bad = moe_find_nonfinite(x, B * N * l->in_dim);
     if (bad >= 0)
         return moe_err(MOE_ERR_NONFINITE, "x[%lld][%lld] is %s: inputs must be finite",
                        (long long)(bad / l->in_dim), (long long)(bad % l->in_dim),
                        isnan(x[bad]) ? "NaN" : "Inf");
-    moe_status st = reserve(l, B, N);
+    return MOE_OK;
+}
+
+/* Validate, reserve, run, check. x (B,N,D) token-major; mask (B,N) or NULL.
+ * Expert parallel: every rank gets here in step and the statuses are agreed
+ * before and after the exchanges, so one rank's bad input or overflow is
+ * every rank's error and none waits in a collective. */
+static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const float *x, const uint8_t *mask,
+                              int64_t B, int64_t N, int flags) {
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_forward: NULL layer");
+    moe_status st = check_forward(l, y, x, mask, B, N, flags);
+    if (st == MOE_OK && B * N == 0) B = 0, N = 1; /* no tokens on this rank */
+    if (st == MOE_OK) st = reserve(l, B, N);
+    if (l->ep) st = l->ep->agree(l->ep, st);
     if (st != MOE_OK) return st;
+    int64_t T = B * N;
+    if (l->ep) { /* where this rank's groups and tokens sit in the global batch */
+        int64_t v[2] = {B, T};
+        st = l->ep->agree(l->ep, l->ep->exscan_i64(l->ep, v, 2));
+        if (st != MOE_OK) return st;
+        l->g0 = v[0], l->t0 = v[1];
+    }
     int train = flags & MOE_TRAIN;
     l->B = B;
     l->N = N;
     l->mask = mask;
     l->keep = !(flags & MOE_NO_GRAD);
     l->cached = 0;
-    l->ops->forward(l, y, aux_loss, x, T, train);
+    st = l->ops->forward(l, y, aux_loss, x, T, train);
     l->mask = NULL;
     l->forward_calls++;
+    if (st != MOE_OK) return st;
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
     /* the results, checked once: overflow from finite inputs must not pass silently */
     double t0 = moe__check_clock();
-    bad = moe_find_nonfinite(y, T * l->out_dim);
+    int64_t bad = T ? moe_find_nonfinite(y, T * l->out_dim) : -1;
     moe__check_add((moe__check_clock() - t0) * moe_layer_threads());
-    if (bad >= 0)
-        return nonfinite_result(l, 0, x, T * l->in_dim, "y", y, bad, l->out_dim);
-    if (aux_loss && !isfinite(*aux_loss)) return nonfinite_aux(l, *aux_loss, x);
+    if (bad >= 0) st = nonfinite_result(l, 0, x, T * l->in_dim, "y", y, bad, l->out_dim);
+    else if (aux_loss && !isfinite(*aux_loss)) st = nonfinite_aux(l, *aux_loss, x);
+    if (l->ep) st = l->ep->agree(l->ep, st);
+    if (st != MOE_OK) return st;
     l->cached = l->keep;
     l->cached_train = train;
     return MOE_OK;
@@ -573,29 +634,35 @@ static moe_status check_backward_results(moe_layer *l, const float *dx, const fl
 
 moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     moe_err_clear();
-    if (!l || !dy) return moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL layer or dy");
-    if (!l->cached)
-        return moe_err(MOE_ERR_STATE, "backward needs a forward that keeps its activations first (there was "
-                                      "none, it failed, it ran with MOE_NO_GRAD, or the routing changed since)");
-    int64_t bad = moe_find_nonfinite(dy, l->T * l->out_dim);
-    if (bad >= 0)
-        return moe_err(MOE_ERR_NONFINITE, "dy[%lld][%lld] is %s: gradients must be finite",
-                       (long long)(bad / l->out_dim), (long long)(bad % l->out_dim),
-                       isnan(dy[bad]) ? "NaN" : "Inf");
-    if (!isfinite(daux)) return moe_err(MOE_ERR_NONFINITE, "daux is not finite");
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL layer");
+    moe_status st = MOE_OK;
+    int64_t bad;
+    if (!dy && l->T > 0)
+        st = moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL dy");
+    else if (!l->cached)
+        st = moe_err(MOE_ERR_STATE, "backward needs a forward that keeps its activations first (there was "
+                                    "none, it failed, it ran with MOE_NO_GRAD, or the routing changed since)");
+    else if (l->T && (bad = moe_find_nonfinite(dy, l->T * l->out_dim)) >= 0)
+        st = moe_err(MOE_ERR_NONFINITE, "dy[%lld][%lld] is %s: gradients must be finite",
+                     (long long)(bad / l->out_dim), (long long)(bad % l->out_dim), isnan(dy[bad]) ? "NaN" : "Inf");
+    else if (!isfinite(daux))
+        st = moe_err(MOE_ERR_NONFINITE, "daux is not finite");
+    if (l->ep) st = l->ep->agree(l->ep, st);
+    if (st != MOE_OK) return st;
+    l->grad_bad = 0;
     if (l->image) { /* dy (B,O,N) -> token-major, dx back to (B,D,N) */
         int64_t N = l->N, B = l->B;
         float *dxt = l->img, *dyt = l->img + l->T * l->in_dim;
         transpose_batch(dyt, dy, B, N, l->out_dim, 1);
-        l->grad_bad = 0;
-        l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
-        moe_status st = check_backward_results(l, dx ? dxt : NULL, dyt);
+        st = l->ops->backward(l, dx ? dxt : NULL, dyt, daux);
+        if (st == MOE_OK) st = check_backward_results(l, dx ? dxt : NULL, dyt);
         if (dx) transpose_batch(dx, dxt, B, N, l->in_dim, 0);
-        return st;
+    } else {
+        st = l->ops->backward(l, dx, dy, daux);
+        if (st == MOE_OK) st = check_backward_results(l, l->T ? dx : NULL, dy);
     }
-    l->grad_bad = 0;
-    l->ops->backward(l, dx, dy, daux);
-    return check_backward_results(l, dx, dy);
+    if (l->ep) st = l->ep->agree(l->ep, st);
+    return st;
 }
 
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
@@ -631,9 +698,29 @@ void moe_layer_set_rng_position(moe_layer *l, uint64_t pos) {
 
 /* ---------------------------------------------------------------- load/save */
 
-moe_status moe_layer_load(moe_layer *l, const char *path) {
-    moe_err_clear();
-    if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
+/* Read tensor `name` of f into dst: the whole tensor as p's shape, or, for a
+ * rank's slice of a tensor split over ranks (global_dim0[i] > 0), the slice
+ * [init_skip, init_skip + numel) of the whole tensor. */
+static moe_status read_param(moe_layer *l, int i, float *dst, const moe_st_file *f) {
+    const moe_param *p = saved_tensor(l, i);
+    if (i >= l->n_params || !l->global_dim0[i]) return moe_st_read_f32(dst, f, p->name, p->ndim, p->shape);
+    int64_t shape[MOE_ST_MAX_DIMS], total = l->global_dim0[i];
+    shape[0] = l->global_dim0[i];
+    for (int d = 1; d < p->ndim; d++) shape[d] = p->shape[d], total *= p->shape[d];
+    float *whole = moe_alloc((size_t)total * sizeof(float));
+    if (!whole) return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of '%s'", p->name);
+    moe_status st = moe_st_read_f32(whole, f, p->name, p->ndim, shape);
+    if (st == MOE_OK) memcpy(dst, whole + l->init_skip[i], (size_t)p->numel * sizeof(float));
+    moe_free(whole);
+    return st;
+}
+
+int moe_layer_param_is_expert(const moe_layer *l, int i) {
+    /* every layer names its experts' tensors "experts.*" (state_dict names) */
+    return l && i >= 0 && i < l->n_params && strncmp(l->params[i].name, "experts.", 8) == 0;
+}
+
+static moe_status load_local(moe_layer *l, const char *path) {
     moe_st_file *f = NULL;
     moe_status st = moe_st_open(&f, path);
     if (st != MOE_OK) return st;
@@ -657,7 +744,7 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
                          p->name, moe_layer_type_name(l->cfg.type));
             break;
         }
-        st = moe_st_read_f32(dst, f, p->name, p->ndim, p->shape);
+        st = read_param(l, i, dst, f);
         if (st != MOE_OK) {
             char msg[1024];
             snprintf(msg, sizeof msg, "%s", moe_last_error());
@@ -673,6 +760,7 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
         const char *name = moe_st_tensor_at(f, i)->name;
         int found = moe_layer_find_param(l, name) != NULL;
         for (int b = 0; b < l->n_buffers; b++) found |= strcmp(l->buffers[b].name, name) == 0;
+        if (l->ep && strncmp(name, "experts.", 8) == 0) found = 1; /* another rank's expert */
         if (!found)
             st = moe_err(MOE_ERR_FORMAT, "%s: unexpected tensor '%s' (not a parameter of this %s layer)",
                          path, name, moe_layer_type_name(l->cfg.type));
@@ -689,9 +777,131 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
     return st;
 }
 
+moe_status moe_layer_load(moe_layer *l, const char *path) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
+    /* expert parallel: every rank reads its own part of the one file (a path
+     * every rank sees), and a failure on any rank fails them all */
+    moe_status st = path ? load_local(l, path) : moe_err(MOE_ERR_ARG, "moe_layer_load: NULL path");
+    return l->ep ? l->ep->agree(l->ep, st) : st;
+}
+
+/* Expert parallel: rank 0's one-process layer `full` (same config) gets
+ * every rank's parameters and gradients: expert tensors from their owners,
+ * replicated ones from rank 0. Collective. */
+moe_status moe_layer_gather(moe_layer *l, moe_layer *full) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_gather: NULL layer");
+    moe_ep *ep = l->ep;
+    moe_status st = MOE_OK;
+    if ((!ep || ep->rank == 0) && (!full || full->ep || full->n_weights < l->n_weights ||
+                                   full->cfg.type != l->cfg.type || full->cfg.num_experts != l->cfg.num_experts))
+        st = moe_err(MOE_ERR_ARG, "moe_layer_gather: rank 0 needs a one-process layer of the same config");
+    if (!ep) { /* one process: a copy */
+        if (st == MOE_OK) {
+            memcpy(full->wmem, l->wmem, (size_t)l->n_weights * sizeof(float));
+            memcpy(full->gmem, l->gmem, (size_t)l->n_weights * sizeof(float));
+            for (int b = 0; b < l->n_buffers; b++)
+                memcpy(full->buffers[b].data, l->buffers[b].data, (size_t)l->buffers[b].numel * sizeof(float));
+        }
+        return st;
+    }
+    /* pack: per expert tensor, its name, slice offset, count, values and gradients */
+    typedef struct {
+        char name[MOE_NAME_MAX];
+        int64_t offset, numel;
+    } head;
+    int64_t bytes = 0;
+    for (int i = 0; i < l->n_params; i++)
+        if (moe_layer_param_is_expert(l, i)) bytes += (int64_t)sizeof(head) + 2 * l->params[i].numel * 4;
+    char *pack = moe_alloc((size_t)(bytes ? bytes : 1));
+    int64_t *counts = moe_alloc((size_t)ep->size * sizeof *counts);
+    if (st == MOE_OK && (!pack || !counts)) st = moe_err(MOE_ERR_NOMEM, "cannot allocate the expert tensors to send");
+    st = ep->agree(ep, st);
+    void *all = NULL;
+    int64_t all_n = 0;
+    if (st == MOE_OK) {
+        char *o = pack;
+        for (int i = 0; i < l->n_params; i++) {
+            if (!moe_layer_param_is_expert(l, i)) continue;
+            head h;
+            memset(&h, 0, sizeof h);
+            snprintf(h.name, sizeof h.name, "%s", l->params[i].name);
+            h.offset = l->global_dim0[i] ? l->init_skip[i] : 0, h.numel = l->params[i].numel;
+            memcpy(o, &h, sizeof h), o += sizeof h;
+            memcpy(o, l->params[i].data, (size_t)h.numel * 4), o += h.numel * 4;
+            memcpy(o, l->params[i].grad, (size_t)h.numel * 4), o += h.numel * 4;
+        }
+        st = ep->gather(ep, &all, &all_n, counts, pack, bytes);
+    }
+    moe_free(pack);
+    moe_free(counts);
+    if (st == MOE_OK && ep->rank == 0) {
+        for (int i = 0; i < l->n_params + l->n_buffers; i++) {
+            const moe_param *p = saved_tensor(l, i);
+            if (i < l->n_params && moe_layer_param_is_expert(l, i)) continue;
+            moe_param *q = i < l->n_params ? moe_layer_find_param(full, p->name) : moe_layer_buffer(full, i - l->n_params);
+            if (!q) continue;
+            memcpy(q->data, p->data, (size_t)p->numel * 4); /* replicated: rank 0's copy */
+            if (p->grad && q->grad) memcpy(q->grad, p->grad, (size_t)p->numel * 4);
+        }
+        for (const char *c = all; st == MOE_OK && c < (const char *)all + all_n;) {
+            head h;
+            memcpy(&h, c, sizeof h), c += sizeof h;
+            moe_param *q = moe_layer_find_param(full, h.name);
+            if (!q || h.offset + h.numel > q->numel)
+                st = moe_err(MOE_ERR_FORMAT, "gathered tensor '%s' does not fit the layer", h.name);
+            else memcpy(q->data + h.offset, c, (size_t)h.numel * 4), memcpy(q->grad + h.offset, c + h.numel * 4,
+                                                                              (size_t)h.numel * 4);
+            c += 2 * h.numel * 4;
+        }
+    }
+    free(all);
+    return ep->agree(ep, st);
+}
+
+/* Expert parallel save: rank 0 gathers the whole layer into a one-process
+ * layer of the same config and saves that, so the file is the one a single
+ * process writes (global names and shapes). Collective. */
+static moe_status save_gathered(moe_layer *l, const char *path) {
+    moe_layer *full = NULL;
+    moe_status st = l->ep->rank == 0 ? moe__layer_create_ep(&full, &l->cfg, NULL) : MOE_OK;
+    st = l->ep->agree(l->ep, st);
+    if (st == MOE_OK) st = moe_layer_gather(l, full);
+    if (st == MOE_OK && l->ep->rank == 0) st = moe_layer_save(full, path);
+    moe_layer_free(full);
+    return l->ep->agree(l->ep, st);
+}
+
+moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count) {
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_ep_info: NULL layer");
+    int E = l->n_expert_counts;
+    if (rank) *rank = l->ep ? l->ep->rank : 0;
+    if (size) *size = l->ep ? l->ep->size : 1;
+    if (first) *first = l->ep ? l->ep->e_first : 0;
+    if (count) *count = l->ep ? l->ep->e_count : E;
+    return MOE_OK;
+}
+
+void moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes) {
+    if (seconds) *seconds = l && l->ep ? l->ep->xchg_seconds : 0.0;
+    if (bytes) *bytes = l && l->ep ? l->ep->xchg_bytes : 0;
+}
+
+moe_status moe_layer_allreduce_grads(moe_layer *l) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_allreduce_grads: NULL layer");
+    if (!l->ep) return MOE_OK;
+    moe_status st = MOE_OK;
+    for (int i = 0; i < l->n_params && st == MOE_OK; i++)
+        if (!moe_layer_param_is_expert(l, i)) st = l->ep->allreduce_f32(l->ep, l->params[i].grad, l->params[i].numel);
+    return l->ep->agree(l->ep, st);
+}
+
 moe_status moe_layer_save(moe_layer *l, const char *path) {
     moe_err_clear();
     if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_save: NULL argument");
+    if (l->ep) return save_gathered(l, path);
     int n = l->n_params + l->n_buffers;
     moe_st_entry *ents = moe_calloc((size_t)n * sizeof *ents);
     if (!ents) return moe_err(MOE_ERR_NOMEM, "cannot allocate the tensor list");

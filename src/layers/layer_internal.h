@@ -7,6 +7,7 @@
 #ifndef MOE_LAYER_INTERNAL_H
 #define MOE_LAYER_INTERNAL_H
 
+#include "ep.h"
 #include "internal.h"
 
 /* One intermediate tensor of the last forward or backward, for naming where
@@ -22,9 +23,10 @@ typedef struct {
 typedef struct {
     /* Workspace bytes needed for B groups of N tokens (0 or SIZE_MAX on size overflow). */
     size_t (*workspace_bytes)(const moe_layer *l, int64_t B, int64_t N);
-    /* Inputs validated and workspace reserved before these run; they cannot fail. */
-    void (*forward)(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train);
-    void (*backward)(moe_layer *l, float *dx, const float *dy, float daux);
+    /* Inputs validated and workspace reserved before these run; they fail
+     * only in an expert-parallel exchange (every rank then fails alike). */
+    moe_status (*forward)(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train);
+    moe_status (*backward)(moe_layer *l, float *dx, const float *dy, float daux);
     /* The intermediates of the last forward (backward == 0) or backward (1)
      * in the order they are computed (at most MOE_MAX_PROBES); returns how
      * many. Only read on the error path. */
@@ -45,6 +47,15 @@ struct moe_layer {
     int64_t   *fan_in;         /* (n_params) for init                         */
     char      *names;          /* (cap_params * MOE_NAME_MAX)                  */
     uint8_t   *init_normal;    /* (cap_params) 0 uniform, 1 N(0,1), 2 ones     */
+    int64_t   *init_id;        /* (cap_params) the random stream of each parameter: its
+                                  index in the one-process table, so an expert-parallel
+                                  rank draws the values one process would           */
+    int64_t   *init_skip;      /* (cap_params) elements of that stream before this
+                                  rank's slice (a tensor split over ranks by dim 0):
+                                  the slice's offset in the whole tensor            */
+    int64_t   *global_dim0;    /* (cap_params) dim 0 of the whole tensor when this is a
+                                  rank's slice of it, else 0                        */
+    int64_t    next_init_id;   /* init_id of the next parameter registered        */
     float     *wmem, *gmem;    /* (n_weights) parameters and gradients        */
     int64_t    n_weights;
 
@@ -81,7 +92,20 @@ struct moe_layer {
     int     cached_train;      /* ... which ran in train mode                  */
     char   *ws;                /* workspace (one allocation)                  */
     size_t  ws_bytes;
+
+    /* expert parallelism (ep.h): NULL in one process */
+    moe_ep     *ep;
+    int64_t     g0, t0;        /* groups and tokens of the ranks before this one in
+                                  the running forward: random draws are keyed by the
+                                  global index, as one process draws them (0 in one process) */
+    moe_ep_plan plan;          /* the exchange of the last forward            */
+    float      *ep_mem;        /* rows received from the other ranks and their
+                                  activations (grown with Rr)                 */
+    size_t      ep_bytes;
 };
+
+/* The expert-parallel rows buffer: at least bytes (grown, contents lost). */
+moe_status moe__ep_reserve(moe_layer *l, size_t bytes);
 
 /* Register a parameter; its storage is wmem + off once moe__layer_alloc ran.
  * Init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)); N(0,1) (torch.randn) when
@@ -105,6 +129,10 @@ static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, 
     *off = o;
     return p;
 }
+
+/* Create a layer sharded over ep's ranks (ep is owned by the layer from here
+ * on, freed with it, also on failure). */
+moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *ep);
 
 /* Per-kind constructors: validate cfg, set in/out dims and ops, register params. */
 moe_status moe__topk_create(moe_layer *l);

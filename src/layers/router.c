@@ -185,7 +185,7 @@ void moe_router_forward(moe_router *r) {
     }
     double zl = 0.0;
     for (int64_t t = 0; t < T; t++) zl += (double)r->lse[t] * r->lse[t];
-    r->zloss = zl / (double)T;
+    r->zloss = T ? zl / (double)T : 0.0; /* expert parallel: a rank may have no tokens */
     r->dropped = 0;
     r->balance = 0.0;
     r->capacity = r->cf > 0 ? moe_router_capacity(r->cf, N, K, E, r->expert_choice) : 0;
@@ -224,7 +224,7 @@ void moe_router_forward(moe_router *r) {
         for (int e = 0; e < E; e++) bal += (double)load[e] / ((double)N * K) * (P[e] / (double)N);
         r->balance += bal * en;
     }
-    r->balance /= (double)r->B;
+    r->balance = r->B ? r->balance / (double)r->B : 0.0;
 }
 
 void moe_router_backward(const moe_router *r, float *dz, float *dp, const float *dw, float dbal, float dzl) {

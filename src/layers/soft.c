@@ -304,7 +304,7 @@ static void keys_copy(float *Kc, float *K, int64_t b, const soft_dims *d, int to
 
 /* ---------------------------------------------------------------- forward */
 
-static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
+static moe_status soft_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     soft_dims d = dims_of(l, l->B, l->N);
     int64_t D = d.D, E = d.E, S = d.S, J = d.J, Np = d.Np, B = d.B, N = d.N;
     soft_ws w;
@@ -394,11 +394,12 @@ static void soft_forward(moe_layer *l, float *y, float *aux, const float *x, int
     l->dropped = 0;
     l->second_candidates = l->second_kept = 0;
     (void)aux;
+    return MOE_OK;
 }
 
 /* ---------------------------------------------------------------- backward */
 
-static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+static moe_status soft_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     soft_dims d = dims_of(l, l->B, l->N);
     int64_t D = d.D, E = d.E, S = d.S, J = d.J, Np = d.Np, B = d.B, N = d.N;
     soft_ws w;
@@ -494,6 +495,7 @@ static void soft_backward(moe_layer *l, float *dx, const float *dy, float daux) 
                               D);
     }
     (void)daux;
+    return MOE_OK;
 }
 
 static int soft_probes(const moe_layer *l, int backward, moe_probe *pr) {
@@ -530,6 +532,10 @@ moe_status moe__soft_create(moe_layer *l) {
     moe_config *c = &l->cfg;
     const char *kind = moe_layer_type_name(c->type);
     int dyn = is_dyn(l);
+    if (l->ep)
+        return moe_err(MOE_ERR_UNSUPPORTED, "%s layers stay in one process: every slot mixes every token of its "
+                       "group, so there are no rows to send to an expert's owner; use expert parallelism with "
+                       "topk or gshard layers", kind);
     int64_t D = c->input_dim, E = c->num_experts;
     if (!(c->expert_mult > 0.0) || !isfinite(c->expert_mult) || c->expert_mult > 1e6)
         return moe_err(MOE_ERR_ARG, "%s: expert_mult must be a number in (0, 1e6], got %g", kind, c->expert_mult);

@@ -68,7 +68,7 @@ static double choose(moe_top2 *g, int s, int64_t *cand2) {
         case MOE_SECOND_NONE: keep2 = 0; break;
         case MOE_SECOND_THRESHOLD: keep2 = keep2 && g2 > (float)g->threshold; break;
         case MOE_SECOND_RANDOM: {
-            float u = moe_rng_uniform(g->rng_stream, (uint64_t)(s * g->Ng + (r - r0)));
+            float u = moe_rng_uniform(g->rng_stream, (uint64_t)((g->seg0 + s) * g->Ng + (r - r0)));
             keep2 = keep2 && u < g2 / thr_r;
             break;
         }
@@ -135,7 +135,8 @@ void moe_top2_forward(moe_top2 *g) {
     double loss = 0.0;
     for (int s = 0; s < S; s++) loss += seg_loss[s];
     g->cand2 = cand2, g->kept2 = kept2, g->dropped = dropped;
-    g->loss = loss * (double)E / (double)S; /* mean over (S,E), times E^2 */
+    g->loss = S ? loss * (double)E / (double)S : 0.0; /* mean over (S,E), times E^2; no segments: a rank
+                                                          without tokens (expert parallel) */
 
     /* Expert-buffer rows: expert k = set*E + e owns a block; inside it the
      * segments follow in order, each with its kept positions 0..counts-1. */

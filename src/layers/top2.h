@@ -31,7 +31,9 @@ typedef struct {
     moe_second_policy policy;
     double threshold, capacity_factor;
     uint64_t rng_stream;       /* random policy: u of row r of segment s is draw
-                                  s*Ng + (r - seg_start[s]) of this stream        */
+                                  (seg0 + s)*Ng + (r - seg_start[s]) of this stream */
+    int64_t seg0;              /* segments before these (expert parallel: the
+                                  groups of the ranks before this one), else 0    */
     /* ---- outputs (storage owned by the caller) ---- */
     int32_t *idx;              /* (R,2)  first and second choice                  */
     float   *gate;             /* (R,2)  final gate values (0 if not kept)        */

@@ -123,9 +123,14 @@ static size_t topk_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
 
 /* Parameter block: offsets (in floats) of W1, b1, W2, b2, Wg, bg, Gs, and the end. */
 enum { P_W1, P_B1, P_W2, P_B2, P_WG, P_BG, P_GS, P_END };
-static void param_offsets(const moe_config *c, int64_t o[P_END + 1]) {
+/* Experts of this rank's bank: the routed ones it owns (all E in one
+ * process), then the Ns shared ones (replicated on every rank). */
+static int64_t routed_local(const moe_layer *l) { return l->ep ? l->ep->e_count : l->cfg.num_experts; }
+
+static void param_offsets(const moe_layer *l, int64_t o[P_END + 1]) {
+    const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H, E = c->num_experts;
-    int64_t Et = E + c->num_shared;
+    int64_t Et = routed_local(l) + c->num_shared;
     o[P_W1] = 0;
     o[P_B1] = o[P_W1] + Et * H2 * D;
     o[P_W2] = o[P_B1] + Et * H2;
@@ -142,17 +147,88 @@ typedef struct {
 
 static topk_params params_of(const moe_layer *l, float *mem) {
     int64_t o[P_END + 1];
-    param_offsets(&l->cfg, o);
+    param_offsets(l, o);
     topk_params p = {mem + o[P_W1], mem + o[P_B1], mem + o[P_W2], mem + o[P_B2],
                      mem + o[P_WG], mem + o[P_BG], mem + o[P_GS]};
     return p;
 }
 
 /* The expert bank (routed and shared) over parameters p and gradients g. */
-static moe_ffn ffn_of(const moe_config *c, topk_params p, topk_params g) {
+static moe_ffn ffn_of(const moe_layer *l, topk_params p, topk_params g) {
+    const moe_config *c = &l->cfg;
     moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
-                 c->num_experts + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
+                 (int)routed_local(l) + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
     return f;
+}
+
+/* The rows the bank runs and their activations: in one process this rank's
+ * own rows (the workspace's); expert parallel, the rows received from every
+ * rank for the local experts (Rr), then the local shared-expert rows (Ts),
+ * in l->ep_mem. */
+typedef struct {
+    float *x, *hpre, *ha, *y, *dy, *dha, *dhpre, *dx; /* (Rb, D|H2|H)              */
+    float *raw;                                      /* (Rr, D) exchange scratch  */
+    int64_t *off;                                    /* (El + Ns + 1)             */
+} topk_bank;
+
+static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base, topk_bank *b) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = c->hidden_dim, H2 = is_glu(c) ? 2 * H : H;
+    size_t off = 0, F = sizeof(float);
+    b->off = moe__carve(base, &off, routed_local(l) + c->num_shared + 1, 1, sizeof(int64_t));
+    b->raw = moe__carve(base, &off, Rr, D, F);
+    b->x = moe__carve(base, &off, Rb, D, F);
+    b->hpre = moe__carve(base, &off, Rb, H2, F);
+    b->ha = moe__carve(base, &off, Rb, H, F);
+    b->y = moe__carve(base, &off, Rb, D, F);
+    b->dy = moe__carve(base, &off, Rb, D, F);
+    b->dha = moe__carve(base, &off, Rb, H, F);
+    b->dhpre = moe__carve(base, &off, Rb, H2, F);
+    b->dx = moe__carve(base, &off, Rb, D, F);
+    return off;
+}
+
+/* The bank of the current forward (after its exchange plan is set). */
+static void bank_of(const moe_layer *l, const topk_ws *w, topk_bank *b) {
+    if (!l->ep) {
+        *b = (topk_bank){w->xe, w->hpre, w->ha, w->ye, w->dye, w->dha, w->dhpre, w->dxe, NULL, w->offsets};
+        return;
+    }
+    int64_t E = l->cfg.num_experts, Ts = w->offsets[E + l->cfg.num_shared] - w->offsets[E];
+    bank_layout(l, l->plan.Rr, l->plan.Rr + Ts, (char *)l->ep_mem, b);
+}
+
+/* Expert parallel, forward: the routed rows of xe go to their experts'
+ * owners; the bank gets the rows received plus this rank's shared rows.
+ * Collective. */
+static moe_status ep_out(moe_layer *l, const topk_ws *w, topk_bank *b) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, E = c->num_experts, Ns = c->num_shared, El = routed_local(l);
+    int64_t Rs = w->offsets[E], Ts = w->offsets[E + Ns] - Rs;
+    moe_status st = l->plan.scount ? MOE_OK : moe_ep_plan_alloc(&l->plan, l->ep->size, (int)El);
+    if (st == MOE_OK) st = moe_ep_counts(l->ep, &l->plan, w->counts);
+    if (st == MOE_OK) {
+        topk_bank m;
+        size_t bytes = bank_layout(l, l->plan.Rr, l->plan.Rr + Ts, NULL, &m);
+        st = bytes == SIZE_MAX ? moe_err(MOE_ERR_ARG, "expert-parallel rows too large") : moe__ep_reserve(l, bytes);
+    }
+    st = l->ep->agree(l->ep, st);
+    if (st != MOE_OK) return st;
+    bank_of(l, w, b);
+    int64_t Rr = l->plan.Rr;
+    for (int64_t i = 0; i <= El; i++) b->off[i] = l->plan.bank_off[i];
+    for (int64_t j = 1; j <= Ns; j++) b->off[El + j] = Rr + (w->offsets[E + j] - Rs);
+    memcpy(b->x + Rr * D, w->xe + Rs * D, (size_t)(Ts * D) * sizeof(float));
+    return moe_ep_rows_out(l->ep, &l->plan, b->x, b->raw, w->xe, D);
+}
+
+/* Expert parallel: bank rows src (Rb, D) back into the local layout dst
+ * (routed rows from their owners, shared rows copied). Collective. */
+static moe_status ep_back(moe_layer *l, const topk_ws *w, const topk_bank *b, float *dst, const float *src) {
+    int64_t D = l->cfg.input_dim, E = l->cfg.num_experts, Rs = w->offsets[E];
+    int64_t Ts = w->offsets[E + l->cfg.num_shared] - Rs, Rr = l->plan.Rr;
+    memcpy(dst + Rs * D, src + Rr * D, (size_t)(Ts * D) * sizeof(float));
+    return moe_ep_rows_back(l->ep, &l->plan, dst, src, b->raw, D);
 }
 
 /* The router over this layer's settings and workspace, for T = B*N tokens. */
@@ -174,7 +250,7 @@ static moe_router router_of(const moe_layer *l, const topk_ws *w, int train) {
     return r;
 }
 
-static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
+static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim;
     int E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l), Kr = Ks - Ns;
@@ -182,14 +258,15 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
     layout(l, l->B, l->N, l->ws, &w);
     topk_params p = params_of(l, l->wmem);
 
-    if (l->keep) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
+    if (l->keep && T) memcpy(w.x, x, (size_t)(T * D) * sizeof(float));
     const float *xg = x;
     if (train && c->jitter > 0) { /* Switch: gate input times U(1 - j, 1 + j) */
         uint64_t stream = moe_rng_u64(c->seed ^ 0x7a11e5c0de5ull, l->forward_calls);
         float j = (float)c->jitter;
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < T * D; i++) {
-            w.noise[i] = 1.0f + j * (2.0f * moe_rng_uniform(stream, (uint64_t)i) - 1.0f);
+            /* keyed by the global element index: expert-parallel ranks draw what one process draws */
+            w.noise[i] = 1.0f + j * (2.0f * moe_rng_uniform(stream, (uint64_t)(l->t0 * D + i)) - 1.0f);
             w.xg[i] = x[i] * w.noise[i];
         }
         xg = w.xg;
@@ -215,8 +292,13 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
     moe_gather_rows(w.xe, x, w.slot, w.offsets[E + Ns], D);
 
     topk_params none = {0};
-    moe_ffn f = ffn_of(c, p, none);
-    moe_ffn_forward(&f, w.offsets, w.xe, w.hpre, w.ha, w.ye);
+    moe_ffn f = ffn_of(l, p, none);
+    topk_bank bk;
+    bank_of(l, &w, &bk);
+    moe_status st = l->ep ? ep_out(l, &w, &bk) : MOE_OK; /* exchange out */
+    if (st != MOE_OK) return st;
+    moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.y);
+    if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
 
     l->assignments = w.offsets[E];
@@ -228,9 +310,10 @@ static void topk_forward(moe_layer *l, float *y, float *aux, const float *x, int
     if (train && c->expert_bias)
         for (int64_t b = 0; b < l->B; b++)
             for (int e = 0; e < E; e++) l->bias_load[e] += w.load[b * E + e];
+    return MOE_OK;
 }
 
-static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) {
+static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float daux) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, T = l->T;
     int E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l), Kr = Ks - Ns;
@@ -240,10 +323,21 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
 
     /* combine: dye = w * dy per routed row, dw = <dy, ye> */
     moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, Ks, D);
-    moe_ffn f = ffn_of(c, p, g);
-    l->grad_bad = moe_ffn_backward(&f, w.offsets, w.xe, w.hpre, w.ha, w.dye, w.dha, w.dhpre, dx ? w.dxe : NULL);
+    moe_ffn f = ffn_of(l, p, g);
+    topk_bank bk;
+    bank_of(l, &w, &bk);
+    moe_status st = MOE_OK;
+    if (l->ep) { /* the output gradients to the experts' owners */
+        int64_t Rs = w.offsets[E], Ts = w.offsets[E + Ns] - Rs;
+        memcpy(bk.dy + l->plan.Rr * D, w.dye + Rs * D, (size_t)(Ts * D) * sizeof(float));
+        if ((st = moe_ep_rows_out(l->ep, &l->plan, bk.dy, bk.raw, w.dye, D)) != MOE_OK) return st;
+    }
+    /* expert parallel: the input gradients always go back (every rank takes part) */
+    l->grad_bad = moe_ffn_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
+                                   dx || l->ep ? bk.dx : NULL);
+    if (l->ep && (st = ep_back(l, &w, &bk, w.dxe, bk.dx)) != MOE_OK) return st;
 
-    moe_router r = router_of(l, &w, 1);
+    moe_router r = router_of(l, &w, l->cached_train); /* the settings of the forward's mode */
     moe_router_backward(&r, w.dz, w.dp, w.dw, daux * (float)c->balance_coef, daux * (float)c->z_loss_coef);
     int jittered = c->jitter > 0 && l->cached_train; /* jitter is train mode only */
     const float *xg = jittered ? w.xg : w.x;
@@ -264,6 +358,7 @@ static void topk_backward(moe_layer *l, float *dx, const float *dy, float daux) 
         if (Ns && c->shared_gate) moe_sgemm(0, 0, T, D, Ns, 1.0f, w.dsg, Ns, p.Gs, D, 1.0f, dx, D);
         moe_scatter_add(dx, w.dxe, w.pos, T, Ks, D);
     }
+    return MOE_OK;
 }
 
 static int topk_probes(const moe_layer *l, int backward, moe_probe *pr) {
@@ -272,21 +367,23 @@ static int topk_probes(const moe_layer *l, int backward, moe_probe *pr) {
     int64_t E = c->num_experts, Ns = c->num_shared, Ks = moe__topk_slots(l);
     topk_ws w;
     layout(l, l->B, l->N, l->ws, &w);
-    int64_t A = w.offsets[E + Ns];
+    topk_bank bk;
+    bank_of(l, &w, &bk);
+    int64_t A = w.offsets[E + Ns], Rb = l->ep ? l->plan.Rr + A - w.offsets[E] : A;
     int n = 0;
     if (!backward) {
         pr[n++] = (moe_probe){"gate logits", w.z, T, E};
         pr[n++] = (moe_probe){"router probabilities", w.p, T, E};
         pr[n++] = (moe_probe){"routing weights", w.w, T, Ks};
         if (Ns && c->shared_gate) pr[n++] = (moe_probe){"shared-expert gates", w.sg, T, Ns};
-        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, A, H2};
-        pr[n++] = (moe_probe){"expert activations", w.ha, A, H};
+        pr[n++] = (moe_probe){"expert pre-activations", bk.hpre, Rb, H2};
+        pr[n++] = (moe_probe){"expert activations", bk.ha, Rb, H};
         pr[n++] = (moe_probe){"expert outputs", w.ye, A, D};
     } else {
         pr[n++] = (moe_probe){"expert output gradients", w.dye, A, D};
         pr[n++] = (moe_probe){"routing-weight gradients", w.dw, T, Ks};
-        pr[n++] = (moe_probe){"expert activation gradients", w.dha, A, H};
-        pr[n++] = (moe_probe){"expert pre-activation gradients", w.dhpre, A, H2};
+        pr[n++] = (moe_probe){"expert activation gradients", bk.dha, Rb, H};
+        pr[n++] = (moe_probe){"expert pre-activation gradients", bk.dhpre, Rb, H2};
         pr[n++] = (moe_probe){"expert input gradients", w.dxe, A, D};
         pr[n++] = (moe_probe){"gate logit gradients", w.dz, T, E};
     }
@@ -390,14 +487,18 @@ moe_status moe__topk_create(moe_layer *l) {
     if (!l->rt_enabled || !l->rt_forced || !l->bias_load)
         return moe_err(MOE_ERR_NOMEM, "cannot allocate the router state");
     memset(l->rt_enabled, 1, (size_t)E);
-    int64_t o[P_END + 1];
-    param_offsets(c, o);
-    /* state_dict order: routed experts, the gate, shared experts, the shared gate */
+    int64_t o[P_END + 1], El = routed_local(l), e0 = l->ep ? l->ep->e_first : 0;
+    param_offsets(l, o);
+    /* state_dict order: routed experts, the gate, shared experts, the shared
+     * gate. Expert parallel: this rank's experts only, under their global
+     * names, drawing the values one process draws for them. */
     int64_t s_wg[2] = {E, D}, s_bg[1] = {E};
-    for (int e = 0; e < E && st == MOE_OK; e++) st = add_expert(l, "experts", e, e, o);
+    l->next_init_id = 4 * e0;
+    for (int64_t i = 0; i < El && st == MOE_OK; i++) st = add_expert(l, "experts", (int)(e0 + i), i, o);
+    l->next_init_id = 4 * (int64_t)E;
     if (st == MOE_OK) st = moe__layer_add_param(l, "gate.weight", 2, s_wg, o[P_WG], D);
     if (st == MOE_OK) st = moe__layer_add_param(l, "gate.bias", 1, s_bg, o[P_BG], D);
-    for (int i = 0; i < Ns && st == MOE_OK; i++) st = add_expert(l, "shared_experts", i, E + i, o);
+    for (int i = 0; i < Ns && st == MOE_OK; i++) st = add_expert(l, "shared_experts", i, El + i, o);
     int64_t s_gs[2] = {Ns, D};
     if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
@@ -466,6 +567,10 @@ moe_status moe_layer_update_bias(moe_layer *l) {
     const moe_config *c = &l->cfg;
     if (c->type != MOE_LAYER_TOPK || !c->expert_bias) return MOE_OK;
     int E = c->num_experts, en = 0;
+    if (l->ep) { /* the global loads: every rank takes the same step (collective) */
+        moe_status st = l->ep->agree(l->ep, l->ep->allreduce_i64(l->ep, l->bias_load, E));
+        if (st != MOE_OK) return st;
+    }
     double total = 0.0;
     for (int e = 0; e < E; e++)
         if (l->rt_enabled[e]) en++, total += (double)l->bias_load[e];
