@@ -12,6 +12,7 @@
  * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k, A = T*K.
  */
 #include "cli.h"
+#include "ep.h"
 #include "internal.h" /* moe__check_seconds: the time of the library's result checks */
 
 #include <cblas.h>
@@ -26,7 +27,7 @@ static const char *usage_text =
     "usage: moe bench [--layer topk|gshard|hierarchical|soft_dynamic|soft] [--tokens T]\n"
     "                 [--batch B] [--dim D] [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
     "                 [--slots S] [--router NAME] [--shared N] [--decode]\n"
-    "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json]\n"
+    "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json] [--ep]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
     "the same useful FLOPs (the rows the experts actually ran); prints tokens/s, GFLOP/s and\n"
@@ -40,7 +41,11 @@ static const char *usage_text =
     "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n"
     "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
     "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
-    "(bytes copied per second) and a read-only stream on every thread, run between the calls.\n";
+    "(bytes copied per second) and a read-only stream on every thread, run between the calls.\n"
+    "--ep (topk, gshard): expert parallel under mpirun (mpirun -np P moe bench --ep): the\n"
+    "T tokens (B groups) split over the P ranks, E/P experts per rank, --threads per rank\n"
+    "(default: the cores / P); prints the global tokens/s and GFLOP/s, the bytes the ranks\n"
+    "sent each other per step and the time inside the exchanges.\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -160,11 +165,90 @@ done:
     return rc;
 }
 
+/* Expert parallel: the global batch split over the ranks (groups), every
+ * rank times its forward+backward between barriers; a step's time is the
+ * slowest rank's. Prints on rank 0. */
+static int bench_ep(const moe_config *c, const cli_ep *ep, int64_t T, int64_t B, int64_t iters, int64_t threads,
+                    int64_t shared, int json) {
+    int64_t D = c->input_dim, N = T / B, g0, Gr;
+    cli_ep_split(B, ep->rank, ep->size, &g0, &Gr);
+    int64_t Tr = Gr * N;
+    moe_layer *l = NULL;
+    moe_status st = cli_ep_create(&l, c);
+    if (st != MOE_OK) return cli_fail("bench", "--ep", st);
+    size_t n = (size_t)(Tr > 0 ? Tr : 1) * (size_t)D;
+    float *x = malloc(n * 4), *y = malloc(n * 4), *dy = malloc(n * 4), *dx = malloc(n * 4);
+    double *tm = malloc((size_t)iters * sizeof *tm), rows = 0, xs0 = 0, xs1 = 0;
+    int64_t xb0 = 0, xb1 = 0;
+    int ok = x && y && dy && dx && tm;
+    if (!cli_ep_all_ok(ok)) {
+        fprintf(stderr, "moe bench: out of memory\n");
+        goto done;
+    }
+    fill(x, n, 1 + (uint64_t)ep->rank, 2.0f), fill(dy, n, 100 + (uint64_t)ep->rank, 0.01f);
+    /* warm-up, then the timed steps */
+    for (int64_t it = -1; it < iters; it++) {
+        cli_ep_all_ok(1); /* a barrier: every rank starts the step together */
+        if (it == 0) moe_layer_ep_traffic(l, &xs0, &xb0);
+        double t0 = cli_now();
+        if ((st = moe_layer_forward_seq(l, y, NULL, x, Gr, N, MOE_TRAIN)) != MOE_OK ||
+            (st = moe_layer_backward(l, dx, dy, 1.0f)) != MOE_OK) {
+            cli_fail("bench", "--ep", st);
+            goto done;
+        }
+        double t = cli_now() - t0;
+        if (it < 0) continue;
+        /* the slowest rank's time: every rank's time summed into its slot */
+        double all[1024] = {0};
+        if (ep->size <= 1024) all[ep->rank] = t;
+        cli_ep_sum_f64(all, ep->size <= 1024 ? ep->size : 1);
+        double mx = 0;
+        for (int p = 0; p < ep->size && p < 1024; p++) mx = all[p] > mx ? all[p] : mx;
+        tm[it] = mx;
+        moe_stats s;
+        moe_layer_stats(l, &s);
+        rows += (double)(s.assignments + Tr * shared) / (double)iters;
+    }
+    moe_layer_ep_traffic(l, &xs1, &xb1);
+    double xsec = (xs1 - xs0) / (double)iters, xbytes = (double)(xb1 - xb0) / (double)iters;
+    double sums[3] = {rows, xsec, xbytes};
+    cli_ep_sum_f64(sums, 3);
+    qsort(tm, (size_t)iters, sizeof *tm, cmp_double);
+    double t_step = tm[iters / 2];
+    int glu = c->expert != MOE_EXPERT_MLP;
+    double per_row = 3.0 * 2.0 * (double)(D * (glu ? 2 : 1) * c->hidden_dim + c->hidden_dim * D);
+    double gf = sums[0] * per_row / t_step * 1e-9, xs_mean = sums[1] / ep->size;
+    if (ep->rank == 0) {
+        if (json)
+            printf("{\"mode\": \"ep\", \"layer\": \"%s\", \"ranks\": %d, \"threads_per_rank\": %lld, \"T\": %lld, "
+                   "\"D\": %lld, \"H\": %lld, \"E\": %d, \"K\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
+                   "\"gflops\": %.2f, \"exchange_seconds\": %.6f, \"bytes_per_step\": %.0f}\n",
+                   moe_layer_type_name(c->type), ep->size, (long long)threads, (long long)T, (long long)D,
+                   (long long)c->hidden_dim, c->num_experts, c->top_k, t_step, (double)T / t_step, gf, xs_mean,
+                   sums[2]);
+        else {
+            printf("forward+backward, fp32, expert parallel: %d ranks x %lld threads, %lld groups of %lld tokens "
+                   "split over the ranks, median of %lld\n", ep->size, (long long)threads, (long long)B,
+                   (long long)N, (long long)iters);
+            printf("%-10s T=%lld D=%lld H=%lld E=%d (%d per rank) K=%d: %.0f tokens/s, %.1f GFLOP/s, %.1f ms per "
+                   "step\n", moe_layer_type_name(c->type), (long long)T, (long long)D, (long long)c->hidden_dim,
+                   c->num_experts, c->num_experts / ep->size, c->top_k, (double)T / t_step, gf, t_step * 1e3);
+            printf("exchanges (counts and rows, forward and backward): %.2f ms per step per rank (%.1f%% of the "
+                   "step), %.1f MB sent between ranks per step\n", xs_mean * 1e3, 100.0 * xs_mean / t_step,
+                   sums[2] / 1e6);
+        }
+    }
+done:
+    free(x), free(y), free(dy), free(dx), free(tm);
+    moe_layer_free(l);
+    return st == MOE_OK && ok ? 0 : 1;
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
     int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4, S = 0;
     int64_t shared = 0;
-    int have_k = 0, decode = 0;
+    int have_k = 0, decode = 0, use_ep = 0;
     const char *router = NULL;
     int json = 0, bad = 0;
     moe_layer_type type = MOE_LAYER_TOPK;
@@ -220,6 +304,7 @@ int cmd_bench(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--json")) json = 1;
         else if (!strcmp(argv[i], "--decode")) decode = 1;
+        else if (!strcmp(argv[i], "--ep")) use_ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe bench: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
@@ -229,6 +314,7 @@ int cmd_bench(int argc, char **argv) {
     int topk = type == MOE_LAYER_TOPK;
     int soft = type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT;
     if (E < 0) E = type == MOE_LAYER_HIERARCHICAL || soft ? 4 : 16;
+    int b_given = B > 0;
     if (B < 0) B = topk ? 1 : 4;
     if (topk && K > E) {
         fprintf(stderr, "moe bench: --top-k %lld is more than --experts %lld\n", (long long)K, (long long)E);
@@ -245,6 +331,25 @@ int cmd_bench(int argc, char **argv) {
     if (!topk && !soft && kind != MOE_EXPERT_MLP) {
         fprintf(stderr, "moe bench: --expert: %s layers have MLP experts only\n", moe_layer_type_name(type));
         return 2;
+    }
+    cli_ep ep = {0, 1};
+    if (use_ep) {
+        if (!topk && type != MOE_LAYER_GSHARD) {
+            fprintf(stderr, "moe bench: --ep is for --layer topk or gshard\n");
+            return 2;
+        }
+        if (cli_ep_start(&ep, cmd, &argc, &argv)) return 1;
+        /* data parallel: at least one group per rank (topk: one group of T/P tokens each) */
+        if (!b_given && B < ep.size) B = ep.size;
+        if (T % B) {
+            if (ep.rank == 0) fprintf(stderr, "moe bench: --tokens %lld is not a multiple of %lld groups (one per rank "
+                                              "at least; give --batch)\n", (long long)T, (long long)B);
+            cli_ep_stop();
+            return 2;
+        }
+#ifdef _OPENMP
+        if (!threads) threads = omp_get_num_procs() / ep.size > 0 ? omp_get_num_procs() / ep.size : 1;
+#endif
     }
     threads = moe_set_num_threads((int)threads);
     int glu = kind != MOE_EXPERT_MLP;
@@ -265,6 +370,11 @@ int cmd_bench(int argc, char **argv) {
         c.activation = MOE_ACT_GELU;
         if (S == 0) S = N / E > 0 ? N / E : 1;
         c.slots_per_expert = S;
+    }
+    if (use_ep) {
+        int r = bench_ep(&c, &ep, T, B, iters, threads, shared, json);
+        cli_ep_stop();
+        return r;
     }
     moe_layer *l = NULL;
     moe_status st = moe_layer_create(&l, &c);
