@@ -26,6 +26,16 @@ double cli_now(void);
 int cli_isatty_err(void);
 
 int cmd_forward(int argc, char **argv);
+
+/* `moe forward`'s parsed flags, for the expert-parallel path (forward_ep.c). */
+typedef struct {
+    const char *cfg_path, *w_path, *x_path, *out_path, *dy_path, *mask_list, *force_list;
+    int eval, have_seed, show_stats;
+    int64_t seed, threads, top_k;
+} forward_args;
+int forward_ep(const forward_args *a, int *argc, char ***argv);
+/* --top-k, --mask-experts, --force-experts on layer l; 1 on success, else prints why and returns 0 */
+int forward_routing(moe_layer *l, const moe_config *cfg, int64_t top_k, const char *mask_list, const char *force_list);
 int cmd_train(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_sample(int argc, char **argv);

@@ -16,7 +16,7 @@ static const char *usage_text =
     "usage: moe forward --config LAYER.json --weights W.safetensors --input X.safetensors\n"
     "                   --out OUT.safetensors [--grad-output DY.safetensors] [--eval]\n"
     "                   [--seed N] [--threads N] [--top-k K] [--mask-experts LIST]\n"
-    "                   [--force-experts LIST] [--stats]\n"
+    "                   [--force-experts LIST] [--stats] [--ep]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
     "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\"|\n"
@@ -59,7 +59,13 @@ static const char *usage_text =
     "  --top-k K           topk: route each token to K experts instead of the config's top_k\n"
     "  --mask-experts LIST topk: comma-separated experts to disable (they get no tokens)\n"
     "  --force-experts LIST topk: comma-separated experts every token uses (within its K)\n"
-    "  --stats             print routing statistics (tokens per expert, dropped, bias)\n";
+    "  --stats             print routing statistics (tokens per expert, dropped, bias)\n"
+    "  --ep                expert parallel under mpirun (mpirun -np P moe forward --ep ...; topk,\n"
+    "                      gshard): rank 0 reads x and dy and splits the batch over the ranks by\n"
+    "                      groups (x (B, N, D): B sequences; a 2-D x (T, D): P groups of T/P rows),\n"
+    "                      every rank loads its experts from --weights, and rank 0 writes the file\n"
+    "                      one process writes for the same groups (aux_loss and the stats over all\n"
+    "                      groups, every grad.* with its global name)\n";
 
 /* Parse a comma-separated list of expert indices in [0, E) into set (E). */
 static int expert_list(uint8_t *set, const char *flag, const char *s, int E) {
@@ -77,6 +83,22 @@ static int expert_list(uint8_t *set, const char *flag, const char *s, int E) {
         p = *end ? end + 1 : end;
     }
     return 1;
+}
+
+int forward_routing(moe_layer *l, const moe_config *cfg, int64_t top_k, const char *mask_list,
+                    const char *force_list) {
+    if (!top_k && !mask_list && !force_list) return 1;
+    uint8_t *sets = calloc(2, (size_t)cfg->num_experts);
+    int ok = sets && (!mask_list || expert_list(sets, "--mask-experts", mask_list, cfg->num_experts)) &&
+             (!force_list || expert_list(sets + cfg->num_experts, "--force-experts", force_list, cfg->num_experts));
+    if (ok && mask_list) /* the list names the disabled experts; the API takes the enabled ones */
+        for (int e = 0; e < cfg->num_experts; e++) sets[e] = !sets[e];
+    moe_status st;
+    if (ok && (st = moe_layer_set_routing(l, (int)top_k, mask_list ? sets : NULL,
+                                          force_list ? sets + cfg->num_experts : NULL)) != MOE_OK)
+        ok = !cli_fail("forward", "routing control", st);
+    free(sets);
+    return ok;
 }
 
 /* Append a scalar (n == 0) or a vector of n elements to the output list. */
@@ -191,7 +213,7 @@ static void free_rows(tensor_in *t) {
 int cmd_forward(int argc, char **argv) {
     const char *cfg_path = NULL, *w_path = NULL, *x_path = NULL, *out_path = NULL, *dy_path = NULL;
     const char *mask_list = NULL, *force_list = NULL;
-    int eval = 0, bad = 0, have_seed = 0, show_stats = 0;
+    int eval = 0, bad = 0, have_seed = 0, show_stats = 0, use_ep = 0;
     int64_t seed = 0, threads = 0, top_k = 0;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
@@ -214,6 +236,7 @@ int cmd_forward(int argc, char **argv) {
         else if ((v = cli_flag(argc, argv, &i, "--force-experts", &bad))) force_list = v;
         else if (!strcmp(argv[i], "--stats")) show_stats = 1;
         else if (!strcmp(argv[i], "--eval")) eval = 1;
+        else if (!strcmp(argv[i], "--ep")) use_ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe forward: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
@@ -223,6 +246,11 @@ int cmd_forward(int argc, char **argv) {
     if (!cfg_path || !x_path || !out_path) {
         fprintf(stderr, "moe forward: --config, --input and --out are required\n\n%s", usage_text);
         return 2;
+    }
+    if (use_ep) {
+        forward_args fa = {cfg_path, w_path, x_path, out_path, dy_path, mask_list, force_list, eval,
+                           have_seed, show_stats, seed, threads, top_k};
+        return forward_ep(&fa, &argc, &argv);
     }
     moe_set_num_threads((int)threads);
 
@@ -247,18 +275,7 @@ int cmd_forward(int argc, char **argv) {
         cli_fail("forward", "--weights", st);
         goto done;
     }
-    if (top_k || mask_list || force_list) {
-        uint8_t *sets = calloc(2, (size_t)cfg.num_experts);
-        int ok = sets && (!mask_list || expert_list(sets, "--mask-experts", mask_list, cfg.num_experts)) &&
-                 (!force_list || expert_list(sets + cfg.num_experts, "--force-experts", force_list, cfg.num_experts));
-        if (ok && mask_list) /* the list names the disabled experts; the API takes the enabled ones */
-            for (int e = 0; e < cfg.num_experts; e++) sets[e] = !sets[e];
-        if (ok && (st = moe_layer_set_routing(l, (int)top_k, mask_list ? sets : NULL,
-                                              force_list ? sets + cfg.num_experts : NULL)) != MOE_OK)
-            ok = !cli_fail("forward", "routing control", st);
-        free(sets);
-        if (!ok) goto done;
-    }
+    if (!forward_routing(l, &cfg, top_k, mask_list, force_list)) goto done;
     int64_t D = moe_layer_input_dim(l), O = moe_layer_output_dim(l);
     int soft = cfg.type == MOE_LAYER_SOFT_DYNAMIC || cfg.type == MOE_LAYER_SOFT;
     if (load_rows(&x, x_path, "x", soft ? 0 : D, "--input")) goto done;
