@@ -351,6 +351,14 @@ moe_status moe_layer_update_bias(moe_layer *l);
 moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count);
 int        moe_layer_param_is_expert(const moe_layer *l, int i);
 void       moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes);
+/* Elements of the whole tensor before this rank's part of parameter i (a
+ * gshard expert tensor split over the ranks along dim 0), else 0. */
+int64_t    moe_layer_param_offset(const moe_layer *l, int i);
+/* Sum the gradients of the replicated parameters over the ranks (an
+ * MPI_Allreduce, in place; collective). Call once per optimizer step, after
+ * the backward(s) and before moe_optim_step. Expert gradients are left as
+ * they are (each has one owner). A one-process layer: MOE_OK, no-op. */
+moe_status moe_layer_allreduce_grads(moe_layer *l);
 
 /* Routing statistics of the last forward. */
 typedef struct {

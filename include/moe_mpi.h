@@ -65,11 +65,8 @@ extern "C" {
  * types: topk with every router option, gshard. */
 moe_status moe_layer_create_mpi(moe_layer **out, const moe_config *cfg, MPI_Comm comm);
 
-/* Sum the gradients of the replicated parameters over the ranks
- * (MPI_Allreduce, in place; collective). Call once per optimizer step, after
- * the backward(s) and before moe_optim_step. Expert gradients are left as
- * they are (each has one owner). A one-process layer: MOE_OK, no-op. */
-moe_status moe_layer_allreduce_grads(moe_layer *l);
+/* moe_layer_allreduce_grads (declared in moe.h, it needs no MPI type) sums
+ * the replicated gradients over the ranks. */
 
 /* The whole layer on rank 0: full, a one-process layer of the same config
  * (moe_layer_create) on rank 0 and NULL elsewhere, receives every rank's

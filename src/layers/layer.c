@@ -883,6 +883,10 @@ moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *firs
     return MOE_OK;
 }
 
+int64_t moe_layer_param_offset(const moe_layer *l, int i) {
+    return l && i >= 0 && i < l->n_params && l->global_dim0[i] ? l->init_skip[i] : 0;
+}
+
 void moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes) {
     if (seconds) *seconds = l && l->ep ? l->ep->xchg_seconds : 0.0;
     if (bytes) *bytes = l && l->ep ? l->ep->xchg_bytes : 0;

@@ -279,6 +279,114 @@ moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, cons
     return st;
 }
 
+/* A rank's expert tensor in the gather: its table name, where its part sits
+ * in the whole tensor, and then numel values, m and v. */
+typedef struct {
+    char name[160];
+    int64_t offset, numel;
+} part_head;
+
+static int is_expert(lm *m, int i) {
+    int li, l = lm_param_layer(m, i, &li);
+    return l >= 0 && moe_layer_param_is_expert(lm_layer(m, l), li);
+}
+
+moe_status ckpt_save_gathered(const char *path, lm *m, moe_optim *opt, int64_t step, const train_opts *to,
+                              int rank, ckpt_gather_fn gather) {
+    int np = lm_num_params(m);
+    moe_param *ps = lm_params(m);
+    int64_t bytes = 0;
+    for (int i = 0; i < np; i++)
+        if (is_expert(m, i)) bytes += (int64_t)sizeof(part_head) + 3 * ps[i].numel * (int64_t)sizeof(float);
+    char *pack = malloc((size_t)(bytes ? bytes : 1)), *o = pack;
+    for (int i = 0; pack && i < np; i++) {
+        if (!is_expert(m, i)) continue;
+        part_head h;
+        memset(&h, 0, sizeof h);
+        int li, l = lm_param_layer(m, i, &li);
+        snprintf(h.name, sizeof h.name, "%s", ps[i].name);
+        h.offset = moe_layer_param_offset(lm_layer(m, l), li), h.numel = ps[i].numel;
+        float *mo = NULL, *vo = NULL;
+        moe_optim_state(opt, i, &mo, &vo);
+        memcpy(o, &h, sizeof h), o += sizeof h;
+        memcpy(o, ps[i].data, (size_t)h.numel * 4), o += h.numel * 4;
+        memcpy(o, mo, (size_t)h.numel * 4), o += h.numel * 4;
+        memcpy(o, vo, (size_t)h.numel * 4), o += h.numel * 4;
+    }
+    void *all = NULL;
+    int64_t all_n = 0;
+    int bad = gather(&all, &all_n, pack, pack ? bytes : 0);
+    free(pack);
+    if (rank != 0 || bad) {
+        free(all);
+        return bad ? MOE_ERR_IO : MOE_OK;
+    }
+    /* rank 0: the one-process model, its optimizer, and everything copied in */
+    lm *full = NULL;
+    moe_optim *fo = NULL;
+    lm_layer_creator prev = lm_set_layer_creator(NULL);
+    moe_status st = lm_create(&full, lm_get_config(m));
+    lm_set_layer_creator(prev);
+    moe_optim_config oc;
+    moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
+    oc.weight_decay = (float)to->weight_decay;
+    if (st == MOE_OK) st = moe_optim_create(&fo, &oc, lm_params(full), lm_num_params(full));
+    if (st == MOE_OK) moe_optim_set_steps(fo, moe_optim_steps(opt));
+    int nf = full ? lm_num_params(full) : 0;
+    moe_param *fp = full ? lm_params(full) : NULL;
+    for (int i = 0; st == MOE_OK && i < np; i++) { /* replicated: rank 0's copy */
+        if (is_expert(m, i)) continue;
+        for (int j = 0; j < nf; j++) {
+            if (strcmp(fp[j].name, ps[i].name)) continue;
+            float *mo, *vo, *fm, *fv;
+            moe_optim_state(opt, i, &mo, &vo), moe_optim_state(fo, j, &fm, &fv);
+            memcpy(fp[j].data, ps[i].data, (size_t)ps[i].numel * 4);
+            memcpy(fm, mo, (size_t)ps[i].numel * 4), memcpy(fv, vo, (size_t)ps[i].numel * 4);
+        }
+    }
+    for (const char *c = all; st == MOE_OK && c < (const char *)all + all_n;) {
+        part_head h;
+        memcpy(&h, c, sizeof h), c += sizeof h;
+        int j = 0;
+        while (j < nf && strcmp(fp[j].name, h.name)) j++;
+        if (j == nf || h.offset + h.numel > fp[j].numel) {
+            st = MOE_ERR_FORMAT;
+            break;
+        }
+        float *fm, *fv;
+        moe_optim_state(fo, j, &fm, &fv);
+        memcpy(fp[j].data + h.offset, c, (size_t)h.numel * 4), c += h.numel * 4;
+        memcpy(fm + h.offset, c, (size_t)h.numel * 4), c += h.numel * 4;
+        memcpy(fv + h.offset, c, (size_t)h.numel * 4), c += h.numel * 4;
+    }
+    for (int64_t l = 0; st == MOE_OK && l < lm_get_config(m)->L; l++) { /* buffers and random streams */
+        moe_layer *a = lm_layer(m, l), *b = lm_layer(full, l);
+        for (int i = 0; i < moe_layer_num_buffers(a); i++)
+            memcpy(moe_layer_buffer(b, i)->data, moe_layer_buffer(a, i)->data,
+                   (size_t)moe_layer_buffer(a, i)->numel * 4);
+        moe_layer_set_rng_position(b, moe_layer_rng_position(a));
+    }
+    if (st == MOE_OK) st = ckpt_save(path, full, fo, step, to);
+    free(all);
+    moe_optim_free(fo);
+    lm_free(full);
+    return st;
+}
+
+/* Tensor `name` of f into dst: the whole tensor of p's shape, or this rank's
+ * part of a tensor split over the ranks (offset elements in, p->numel long). */
+static moe_status read_part(float *dst, const moe_st_file *f, const char *name, const moe_param *p, int64_t offset) {
+    const moe_st_tensor *t = moe_st_find(f, name);
+    if (!t || t->numel == p->numel || offset < 0 || offset + p->numel > t->numel)
+        return moe_st_read_f32(dst, f, name, p->ndim, p->shape);
+    float *whole = malloc((size_t)t->numel * sizeof *whole);
+    if (!whole) return MOE_ERR_NOMEM;
+    moe_status st = moe_st_read_f32(whole, f, name, -1, NULL);
+    if (st == MOE_OK) memcpy(dst, whole + offset, (size_t)p->numel * sizeof *dst);
+    free(whole);
+    return st;
+}
+
 static moe_status fail(char *msg, size_t len, moe_status st, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -331,16 +439,21 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         }
         moe_optim_set_steps(opt, strtoll(os, NULL, 10));
     }
+    int sharded = 0; /* expert parallel: this rank holds part of the experts */
     for (int i = 0; i < np && st == MOE_OK; i++) {
-        st = moe_st_read_f32(ps[i].data, f, ps[i].name, ps[i].ndim, ps[i].shape);
+        int li, l = lm_param_layer(m, i, &li), r = 1;
+        if (l >= 0) moe_layer_ep_info(lm_layer(m, l), NULL, &r, NULL, NULL);
+        sharded |= r > 1;
+        int64_t off = l >= 0 ? moe_layer_param_offset(lm_layer(m, l), li) : 0;
+        st = read_part(ps[i].data, f, ps[i].name, &ps[i], off);
         if (st == MOE_OK && opt) {
             float *mo, *vo;
             char nm[160];
             moe_optim_state(opt, i, &mo, &vo);
             snprintf(nm, sizeof nm, "optim.m.%s", ps[i].name);
-            st = moe_st_read_f32(mo, f, nm, ps[i].ndim, ps[i].shape);
+            st = read_part(mo, f, nm, &ps[i], off);
             snprintf(nm, sizeof nm, "optim.v.%s", ps[i].name);
-            if (st == MOE_OK) st = moe_st_read_f32(vo, f, nm, ps[i].ndim, ps[i].shape);
+            if (st == MOE_OK) st = read_part(vo, f, nm, &ps[i], off);
         }
         if (st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
     }
@@ -348,7 +461,8 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
     int nb = buffers_io(m, f, st == MOE_OK, &st);
     if (before == MOE_OK && st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
     if (st == MOE_OK && opt_out) expected = 3 * np;
-    if (st == MOE_OK && moe_st_count(f) - nb != expected && !(opt_out == NULL && moe_st_count(f) - nb == 3 * np))
+    if (st == MOE_OK && !sharded && moe_st_count(f) - nb != expected &&
+        !(opt_out == NULL && moe_st_count(f) - nb == 3 * np))
         st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s holds %d tensors; this model has %d parameters", path,
                   moe_st_count(f), np);
     /* every layer's random stream position */

@@ -28,8 +28,18 @@ char      *ckpt_config_json(const lm_config *c);
 moe_status ckpt_config_parse(lm_config *c, const char *json);
 
 moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, const train_opts *to);
+/* Expert parallel (`moe train --ep`): every rank calls it; rank 0 gathers the
+ * experts' parameters and AdamW moments of every rank (gather: rank 0 gets
+ * every rank's bytes in rank order, malloc'd) into a one-process model and
+ * writes the file ckpt_save writes, which any number of ranks dividing E can
+ * resume from. Returns rank 0's status on rank 0, MOE_OK elsewhere. */
+typedef int (*ckpt_gather_fn)(void **out, int64_t *out_n, const void *send, int64_t n);
+moe_status ckpt_save_gathered(const char *path, lm *m, moe_optim *opt, int64_t step, const train_opts *to,
+                              int rank, ckpt_gather_fn gather);
 /* Create the model (and, if opt_out, an AdamW optimizer with the saved state)
- * from a checkpoint. Any missing, extra or mis-shaped tensor is an error
+ * from a checkpoint (expert parallel, with lm_set_layer_creator set: this
+ * rank's part: its experts, its slices of split tensors, every replicated
+ * tensor; every rank calls it). Any missing, extra or mis-shaped tensor is an error
  * naming it (moe_last_error-style message in msg). to may be NULL. */
 moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t *step, train_opts *to,
                      char *msg, size_t msg_len);

@@ -32,6 +32,10 @@ int cli_ep_sum_i64(int64_t *v, int n);
 /* moe_layer_gather / moe_layer_allreduce_grads (moe_mpi.h) */
 moe_status cli_ep_gather_layer(moe_layer *l, moe_layer *full);
 moe_status cli_ep_allreduce_grads(moe_layer *l);
+/* in place float sums over the ranks (gradients); 0 on success */
+int cli_ep_sum_f32(float *v, int64_t n);
+/* rank 0 gets every rank's n bytes in rank order (*out malloc'd); 0 on success */
+int cli_ep_gather_bytes(void **out, int64_t *out_n, const void *send, int64_t n);
 /* 1 if every rank passes ok != 0 (collective) */
 int cli_ep_all_ok(int ok);
 

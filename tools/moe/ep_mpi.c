@@ -9,6 +9,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 int cli_ep_start(cli_ep *ep, const char *cmd, int *argc, char ***argv) {
     int inited = 0;
@@ -90,4 +91,45 @@ int cli_ep_all_ok(int ok) {
     int all = ok;
     MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     return all;
+}
+
+int cli_ep_sum_f32(float *v, int64_t n) {
+    for (int64_t o = 0; o < n; o += 1 << 30) {
+        int k = (int)(n - o < (1 << 30) ? n - o : (1 << 30));
+        if (MPI_Allreduce(MPI_IN_PLACE, v + o, k, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) return 1;
+    }
+    return 0;
+}
+
+int cli_ep_gather_bytes(void **out, int64_t *out_n, const void *send, int64_t n) {
+    int size, rank;
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    *out = NULL, *out_n = 0;
+    int64_t *counts = malloc((size_t)size * sizeof *counts);
+    if (!cli_ep_all_ok(counts != NULL)) return free(counts), 1;
+    if (MPI_Gather(&n, 1, MPI_INT64_T, counts, 1, MPI_INT64_T, 0, MPI_COMM_WORLD) != MPI_SUCCESS) return free(counts), 1;
+    char *all = NULL;
+    int64_t total = 0;
+    if (rank == 0) {
+        for (int p = 0; p < size; p++) total += counts[p];
+        all = malloc((size_t)(total ? total : 1));
+    }
+    int rc = !cli_ep_all_ok(rank != 0 || all != NULL);
+    /* one rank at a time, in pieces that fit an int */
+    int64_t off = 0;
+    for (int p = 0; !rc && p < size; p++) {
+        int64_t len = rank == 0 ? counts[p] : (p == rank ? n : 0);
+        for (int64_t o = 0; !rc && o < len; o += 1 << 30) {
+            int k = (int)(len - o < (1 << 30) ? len - o : (1 << 30));
+            if (rank == 0 && p == 0) memcpy(all + o, (const char *)send + o, (size_t)k);
+            else if (rank == 0) rc = MPI_Recv(all + off + o, k, MPI_BYTE, p, 9, MPI_COMM_WORLD, MPI_STATUS_IGNORE) != MPI_SUCCESS;
+            else if (p == rank) rc = MPI_Send((const char *)send + o, k, MPI_BYTE, 0, 9, MPI_COMM_WORLD) != MPI_SUCCESS;
+        }
+        if (rank == 0) off += counts[p];
+    }
+    free(counts);
+    if (rc || rank != 0) free(all), all = NULL, total = 0;
+    *out = all, *out_n = total;
+    return rc;
 }

@@ -37,7 +37,35 @@ struct lm {
     float *mo, *dx, *dh;    /* (T, D) scratch                                   */
     float *de;              /* (T, W*C)                                         */
     double aux;
+    int dp;                 /* data-parallel ranks (lm_set_data_parallel), 1 */
+    int *owner;             /* (n_params) the layer of each table entry, -1 own */
+    int *owner_index;       /* (n_params) its index in that layer            */
 };
+
+static lm_layer_creator g_creator;
+
+lm_layer_creator lm_set_layer_creator(lm_layer_creator fn) {
+    lm_layer_creator old = g_creator;
+    g_creator = fn;
+    return old;
+}
+
+void lm_set_data_parallel(lm *m, int P) { m->dp = P > 1 ? P : 1; }
+
+int lm_param_layer(const lm *m, int i, int *layer_index) {
+    if (layer_index) *layer_index = m->owner_index[i];
+    return m->owner[i];
+}
+
+moe_status lm_sum_grads(lm *m, int (*sum)(float *v, int64_t n)) {
+    if (m->dp <= 1) return MOE_OK;
+    if (sum(m->g, m->n_own)) return MOE_ERR_IO;
+    for (int64_t l = 0; l < m->cfg.L; l++) {
+        moe_status st = moe_layer_allreduce_grads(m->layers[l]);
+        if (st != MOE_OK) return st;
+    }
+    return MOE_OK;
+}
 
 /* ---------------------------------------------------------------- init */
 
@@ -61,6 +89,7 @@ static void init_normal(float *p, int64_t n, uint64_t seed) {
 
 static moe_param *add_param(lm *m, const char *name, int ndim, const int64_t *shape, float *data, float *grad) {
     moe_param *p = &m->params[m->n_params];
+    m->owner[m->n_params] = -1, m->owner_index[m->n_params] = 0;
     char *nm = m->names + (size_t)m->n_params * NAME_MAX_LEN;
     snprintf(nm, NAME_MAX_LEN, "%s", name);
     p->name = nm;
@@ -89,7 +118,7 @@ moe_status lm_create(lm **out, const lm_config *cfg) {
         moe_config lc = cfg->moe;
         lc.input_dim = D;
         lc.seed = cfg->moe.seed + 1000003ull * (uint64_t)(l + 1);
-        st = moe_layer_create(&m->layers[l], &lc);
+        st = g_creator ? g_creator(&m->layers[l], &lc) : moe_layer_create(&m->layers[l], &lc);
         if (st == MOE_OK) n_layer_params += moe_layer_num_params(m->layers[l]);
     }
     m->n_own = V * C + D * W * C + D + L * D + D + V * D + V;
@@ -99,7 +128,9 @@ moe_status lm_create(lm **out, const lm_config *cfg) {
         int cap = n_layer_params + 7 + (int)L;
         m->params = calloc((size_t)cap, sizeof *m->params);
         m->names = calloc((size_t)cap, NAME_MAX_LEN);
-        if (!m->w || !m->g || !m->params || !m->names) st = MOE_ERR_NOMEM;
+        m->owner = calloc((size_t)cap, sizeof *m->owner), m->owner_index = calloc((size_t)cap, sizeof *m->owner_index);
+        if (!m->w || !m->g || !m->params || !m->names || !m->owner || !m->owner_index) st = MOE_ERR_NOMEM;
+        m->dp = 1;
     }
     if (st != MOE_OK) {
         lm_free(m);
@@ -133,6 +164,7 @@ moe_status lm_create(lm **out, const lm_config *cfg) {
             moe_param *p = moe_layer_param(m->layers[l], i);
             snprintf(name, sizeof name, "blocks.%lld.moe.%s", (long long)l, p->name);
             add_param(m, name, p->ndim, p->shape, p->data, p->grad);
+            m->owner[m->n_params - 1] = (int)l, m->owner_index[m->n_params - 1] = i;
         }
     }
     VIEW(gf, D);
@@ -154,7 +186,7 @@ moe_status lm_create(lm **out, const lm_config *cfg) {
 void lm_free(lm *m) {
     if (!m) return;
     for (int64_t l = 0; m->layers && l < m->cfg.L; l++) moe_layer_free(m->layers[l]);
-    free(m->layers), free(m->w), free(m->g), free(m->params), free(m->names);
+    free(m->layers), free(m->w), free(m->g), free(m->params), free(m->names), free(m->owner), free(m->owner_index);
     free(m->ctx), free(m->tgt), free(m->e), free(m->x), free(m->h), free(m->rinv), free(m->hf);
     free(m->logits), free(m->dlogits), free(m->mo), free(m->dx), free(m->dh), free(m->de);
     free(m);
@@ -287,7 +319,8 @@ moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8
         if (ce) ce[t] = (float)c;
         sum += c;
     }
-    if (loss) *loss = tgt ? sum / (double)T + m->aux : m->aux;
+    /* data parallel: this rank's share of the global loss (lm_set_data_parallel) */
+    if (loss) *loss = (tgt ? sum / (double)T + m->aux : m->aux) / (double)m->dp;
     m->T = T;
     m->cached = train && tgt;
     return MOE_OK;
@@ -307,8 +340,9 @@ moe_status lm_backward(lm *m) {
         for (int64_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
         double s = 0;
         for (int64_t v = 0; v < V; v++) s += exp((double)z[v] - mx);
-        for (int64_t v = 0; v < V; v++) dz[v] = (float)(exp((double)z[v] - mx) / s) / (float)T;
-        dz[m->tgt[t]] -= 1.0f / (float)T;
+        float Tg = (float)(T * m->dp); /* the mean over the global batch */
+        for (int64_t v = 0; v < V; v++) dz[v] = (float)(exp((double)z[v] - mx) / s) / Tg;
+        dz[m->tgt[t]] -= 1.0f / Tg;
     }
     moe_sgemm(1, 0, V, D, T, 1, m->dlogits, V, m->hf, D, 1, gWh, D);
     colsum_acc(gbh, m->dlogits, T, V);
@@ -317,7 +351,7 @@ moe_status lm_backward(lm *m) {
     rmsnorm_backward(m->dx, ggf, m->dh, m->x + L * T * D, m->rinv + L * T, m->gf, T, D);
     for (int64_t l = L - 1; l >= 0; l--) {
         /* x_{l+1} = x_l + MoE(h_l): dx_l = dx_{l+1} + rmsnorm'(dMoE^T dx_{l+1}) */
-        moe_status st = moe_layer_backward(m->layers[l], m->dh, m->dx, 1.0f);
+        moe_status st = moe_layer_backward(m->layers[l], m->dh, m->dx, 1.0f / (float)m->dp);
         if (st != MOE_OK) return st;
         rmsnorm_backward(m->dx, ggn + l * D, m->dh, m->x + l * T * D, m->rinv + l * T, m->gn + l * D, T, D);
     }

@@ -33,6 +33,23 @@ typedef struct lm lm;
 
 /* Create with parameters initialised from cfg->moe.seed. */
 moe_status lm_create(lm **out, const lm_config *cfg);
+/* The function that creates the MoE blocks' layers (moe_layer_create when
+ * NULL, the default): `moe train --ep` sets the expert-parallel one. Returns
+ * the previous one. */
+typedef moe_status (*lm_layer_creator)(moe_layer **out, const moe_config *cfg);
+lm_layer_creator lm_set_layer_creator(lm_layer_creator fn);
+/* Data parallel over P ranks, each with its own T tokens of a global batch
+ * of P*T: the loss (and so the gradient) of one rank becomes its share of the
+ * global loss, sum CE / (P*T) + aux / P, so the sum over the ranks of the
+ * losses, and of the replicated gradients (lm_sum_grads), is one process's. */
+void lm_set_data_parallel(lm *m, int P);
+/* Sum the gradients of every replicated parameter over the ranks: the
+ * model's own through sum (in place, over n floats), the layers' with
+ * moe_layer_allreduce_grads. Returns MOE_OK or the first failure. */
+moe_status lm_sum_grads(lm *m, int (*sum)(float *v, int64_t n));
+/* For parameter i of the table: its layer and index there, or -1 for the
+ * model's own parameters. */
+int lm_param_layer(const lm *m, int i, int *layer_index);
 void       lm_free(lm *m);
 const lm_config *lm_get_config(const lm *m);
 /* Every parameter, the model's own and the layers', in one table (names

@@ -9,6 +9,7 @@
  */
 #include "ckpt.h"
 #include "cli.h"
+#include "ep.h"
 #include "lmdata.h"
 #include "plot.h"
 
@@ -71,7 +72,12 @@ static const char *usage_text =
     "  --resume FILE     continue from a checkpoint (its model and settings; --steps may\n"
     "                    not change); N steps + resume + M steps gives the bits of N+M\n"
     "  --stop-at N       stop after step N (checkpoint written), as if interrupted\n"
-    "  --quiet           print only the final summary\n";
+    "  --quiet           print only the final summary\n"
+    "  --ep              expert parallel under mpirun (mpirun -np P moe train --ep): each rank\n"
+    "                    holds E/P experts of every block and trains on its --batch/P tokens of\n"
+    "                    each step (data parallel; replicated gradients summed over the ranks);\n"
+    "                    checkpoints are the one-process file (rank 0 writes it), resumable at\n"
+    "                    any P dividing E; --threads per rank (default: the cores / P)\n";
 
 typedef struct {
     double *step, *train, *val_step, *val, *load; /* load (n, E) shares of block 0 */
@@ -173,7 +179,7 @@ typedef struct {
     lm_config c;
     train_opts t;
     int64_t stop_at, threads, E, K, H, Ei;
-    int quiet, dense, have_H, have_K;
+    int quiet, dense, have_H, have_K, ep;
     const char *router, *score;          /* router recipe and score function, or NULL */
     double cf, bal, zl, jit, rate;       /* router flags, NAN when not given           */
     int64_t shared, groups, topk_groups; /* -1 when not given                          */
@@ -311,6 +317,7 @@ static int parse(train_args *a, int argc, char **argv) {
             kind = (moe_expert_kind)k, have_kind = 1;
         } else if (!strcmp(argv[i], "--dense")) a->dense = 1;
         else if (!strcmp(argv[i], "--quiet")) a->quiet = 1;
+        else if (!strcmp(argv[i], "--ep")) a->ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe train: unknown option '%s'\n\n%s", argv[i], usage_text);
             return 2;
@@ -366,10 +373,39 @@ static int parse(train_args *a, int argc, char **argv) {
     return 0;
 }
 
+/* 1 if every gradient of the model is finite (expert parallel: on every rank) */
+static int grads_finite(lm *m, int ep) {
+    int ok = 1;
+    for (int i = 0; i < lm_num_params(m) && ok; i++)
+        for (int64_t j = 0; j < lm_params(m)[i].numel && ok; j++) ok = isfinite(lm_params(m)[i].grad[j]);
+    return ep ? cli_ep_all_ok(ok) : ok;
+}
+
+static int train_main(train_args *a, cli_ep *ep);
+
 int cmd_train(int argc, char **argv) {
     train_args a;
     int rc = parse(&a, argc, argv);
     if (rc) return rc < 0 ? 0 : rc;
+    cli_ep ep = {0, 1};
+    if (a.ep) { /* expert parallel: MPI, the sharded layers, threads per rank */
+        if (cli_ep_start(&ep, "train", &argc, &argv)) return 1;
+        lm_set_layer_creator(cli_ep_create);
+        int64_t cores = moe_set_num_threads(0);
+        if (!a.threads) a.threads = cores / ep.size > 0 ? cores / ep.size : 1;
+        if (ep.rank) a.quiet = 1;
+    }
+    rc = train_main(&a, &ep);
+    if (a.ep) {
+        rc = cli_ep_all_ok(rc == 0) ? 0 : 1; /* every rank exits with the worst code */
+        cli_ep_stop();
+    }
+    return rc;
+}
+
+static int train_main(train_args *ap, cli_ep *ep) {
+    train_args a = *ap;
+    int rc, r0 = ep->rank == 0, P = ep->size;
     a.threads = moe_set_num_threads((int)a.threads);
     lm *m = NULL;
     moe_optim *opt = NULL;
@@ -378,8 +414,11 @@ int cmd_train(int argc, char **argv) {
     train_opts t = a.t;
     char msg[1024];
     if (a.resume) {
-        if (ckpt_load(a.resume, &m, &opt, &step, &t, msg, sizeof msg) != MOE_OK) {
-            fprintf(stderr, "moe train: --resume: %s\n", msg);
+        moe_status st = ckpt_load(a.resume, &m, &opt, &step, &t, msg, sizeof msg);
+        if (a.ep && !cli_ep_all_ok(st == MOE_OK)) st = st == MOE_OK ? MOE_ERR_IO : st;
+        if (st != MOE_OK) {
+            fprintf(stderr, "moe train: --resume: %s\n", st == MOE_ERR_IO && !*msg ? "another rank failed" : msg);
+            if (m) moe_optim_free(opt), lm_free(m);
             return 1;
         }
         c = *lm_get_config(m);
@@ -394,6 +433,16 @@ int cmd_train(int argc, char **argv) {
             return cli_fail("train", "optimizer", st);
         }
     }
+    /* data parallel: each rank its share of every step's batch */
+    int has_groups = c.moe.type != MOE_LAYER_TOPK && c.moe.type != MOE_LAYER_DENSE && !c.dense;
+    if (a.ep && (t.batch % P || (has_groups && (t.batch / P) % c.group))) {
+        if (r0)
+            fprintf(stderr, "moe train: --ep: --batch %lld must split into %d equal shares%s\n", (long long)t.batch,
+                    P, has_groups ? " of whole groups (--group)" : "");
+        moe_optim_free(opt), lm_free(m);
+        return 2;
+    }
+    lm_set_data_parallel(m, P);
     lm_data d;
     history h = {0};
     uint8_t *ctx = NULL, *tgt = NULL;
@@ -401,26 +450,27 @@ int cmd_train(int argc, char **argv) {
     char ckpt[4200], plot[4200], logp[4200];
     FILE *logf = NULL;
     rc = 1;
-    if (lmdata_load(&d, "train", t.data, (uint64_t)t.seed)) goto done;
-    if (mkdirs(a.out)) {
+    int ok = !lmdata_load(&d, "train", t.data, (uint64_t)t.seed);
+    if (ok && r0 && mkdirs(a.out)) {
         fprintf(stderr, "moe train: --out: cannot create directory %s: %s\n", a.out, strerror(errno));
-        goto done;
+        ok = 0;
     }
     snprintf(ckpt, sizeof ckpt, "%s/checkpoint.safetensors", a.out);
     snprintf(plot, sizeof plot, "%s/plot.svg", a.out);
     snprintf(logp, sizeof logp, "%s/log.tsv", a.out);
-    logf = fopen(logp, step ? "a" : "w");
-    if (!logf) {
+    if (ok && r0 && !(logf = fopen(logp, step ? "a" : "w"))) {
         fprintf(stderr, "moe train: cannot write %s: %s\n", logp, strerror(errno));
-        goto done;
+        ok = 0;
     }
-    if (!step) fprintf(logf, "step\tlr\ttrain_loss\tval_loss\ttokens_per_s\n");
-    int64_t T = t.batch, W = c.W, L = c.L;
+    if (a.ep) ok = cli_ep_all_ok(ok);
+    if (!ok) goto done;
+    if (!step && logf) fprintf(logf, "step\tlr\ttrain_loss\tval_loss\ttokens_per_s\n");
+    int64_t T = t.batch, W = c.W, L = c.L, Tl = T / P, j0 = (int64_t)ep->rank * Tl; /* this rank's share */
     moe_stats s0;
     moe_layer_stats(lm_layer(m, 0), &s0);
     int64_t E = s0.n_experts;
     ctx = malloc((size_t)(T * W)), tgt = malloc((size_t)T);
-    load = calloc((size_t)(L * E), sizeof *load), load_acc = calloc((size_t)(L * E), sizeof *load_acc);
+    load = calloc((size_t)(L * E), sizeof *load), load_acc = calloc((size_t)(2 * L * E), sizeof *load_acc);
     if (!ctx || !tgt || !load || !load_acc) goto done;
     int tty = cli_isatty_err() && !a.quiet;
     int64_t end = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
@@ -447,18 +497,22 @@ int cmd_train(int argc, char **argv) {
     for (step = step + 1; step <= end; step++) {
         /* the step's batch: positions from a counter-based stream of (seed, step) */
         uint64_t base = mix64((uint64_t)t.seed * 0x51ED27ull ^ (uint64_t)step * 0x9E3779B97F4A7C15ull);
-        for (int64_t j = 0; j < T; j++) {
-            int64_t p = 1 + (int64_t)(mix64(base + (uint64_t)j) % (uint64_t)(d.n_train - 1));
+        for (int64_t j = 0; j < Tl; j++) { /* expert parallel: this rank's share [j0, j0 + Tl) */
+            int64_t p = 1 + (int64_t)(mix64(base + (uint64_t)(j0 + j)) % (uint64_t)(d.n_train - 1));
             lmdata_window(ctx + j * W, d.train, p, W);
             tgt[j] = d.train[p];
         }
         double loss = NAN;
         lm_zero_grad(m);
-        moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, T, 1);
+        moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, Tl, 1);
+        if (a.ep && st == MOE_OK) cli_ep_sum_f64(&loss, 1); /* the ranks' shares: the global loss */
         int bad_loss = st == MOE_OK && !isfinite(loss);
         if (bad_loss) st = MOE_ERR_NONFINITE;
         if (st == MOE_OK) st = lm_backward(m);
+        if (st == MOE_OK && a.ep) st = lm_sum_grads(m, cli_ep_sum_f32); /* replicated gradients summed */
         if (st == MOE_OK && fault_at(fault, step)) lm_params(m)[0].grad[0] = NAN; /* test hook */
+        int bad_grads = st == MOE_OK && a.ep && !grads_finite(m, 1); /* every rank skips, or none */
+        if (bad_grads) st = MOE_ERR_NONFINITE;
         moe_optim_set_lr(opt, (float)lr_at(&t, step));
         if (st == MOE_OK) st = moe_optim_step(opt); /* refuses non-finite gradients, changing nothing */
         for (int64_t l = 0; l < L && st == MOE_OK; l++) st = moe_layer_update_bias(lm_layer(m, l));
@@ -468,7 +522,8 @@ int cmd_train(int argc, char **argv) {
                 fprintf(stderr, "%smoe train: step %lld: %s (%lld skipped so far; parameters and optimizer state "
                                 "unchanged)\n", tty ? "\n" : "", (long long)step,
                         bad_loss ? (isnan(loss) ? "the loss is NaN; step skipped" : "the loss is Inf; step skipped")
-                                 : moe_last_error(), (long long)skipped);
+                        : bad_grads ? "a gradient is NaN or Inf on some rank; step skipped" : moe_last_error(),
+                        (long long)skipped);
             if (in_a_row >= 50) {
                 fprintf(stderr, "moe train: %lld steps in a row had a non-finite loss or gradients: training "
                                 "diverged; resume from the last checkpoint with a lower --lr\n", (long long)in_a_row);
@@ -482,10 +537,15 @@ int cmd_train(int argc, char **argv) {
             in_a_row = 0;
             loss_acc += loss, n_acc++;
         }
-        for (int64_t l = 0; l < L && st == MOE_OK; l++) {
-            moe_stats s;
-            moe_layer_stats(lm_layer(m, l), &s);
-            for (int64_t e = 0; e < E; e++) load[l * E + e] += (double)s.expert_counts[e];
+        if (st == MOE_OK) {
+            double *step_load = load_acc + L * E; /* scratch after the totals */
+            for (int64_t l = 0; l < L; l++) {
+                moe_stats s;
+                moe_layer_stats(lm_layer(m, l), &s);
+                for (int64_t e = 0; e < E; e++) step_load[l * E + e] = (double)s.expert_counts[e];
+            }
+            if (a.ep) cli_ep_sum_f64(step_load, (int)(L * E)); /* every rank's rows */
+            for (int64_t i = 0; i < L * E; i++) load[i] += step_load[i];
         }
         double now = cli_now();
         int eval_now = step % t.eval_every == 0 || step == end;
@@ -500,7 +560,8 @@ int cmd_train(int argc, char **argv) {
             loss_acc = 0, n_acc = 0;
         }
         if (eval_now) {
-            if (ckpt_save(ckpt, m, opt, step, &t) != MOE_OK)
+            if ((a.ep ? ckpt_save_gathered(ckpt, m, opt, step, &t, ep->rank, cli_ep_gather_bytes)
+                      : ckpt_save(ckpt, m, opt, step, &t)) != MOE_OK)
                 fprintf(stderr, "\nmoe train: cannot write checkpoint %s: %s\n", ckpt, moe_last_error());
             /* validation must not move the layers' random streams: a resumed run
              * validates at other steps than an uninterrupted one */
@@ -510,11 +571,11 @@ int cmd_train(int argc, char **argv) {
             if (lmdata_evaluate(&ev, m, &d, T, 8192) == MOE_OK) val = ev.loss;
             for (int64_t l = 0; l < L && l < 64; l++) moe_layer_set_rng_position(lm_layer(m, l), pos[l]);
             hist_push_val(&h, (double)step, val);
-            write_plot(plot, &h, &c, E);
+            if (r0) write_plot(plot, &h, &c, E);
         }
         double tps = (double)((step - step0) * T) / (now - t_start + 1e-9);
         double eta = (double)(end - step) * (now - t_start) / (double)(step - step0);
-        if (log_now) {
+        if (log_now && logf) {
             char vs[32] = "";
             if (eval_now) snprintf(vs, sizeof vs, "%.5f", val);
             fprintf(logf, "%lld\t%.6g\t%.5f\t%s\t%.0f\n", (long long)step, lr_at(&t, step), last_train, vs, tps);
@@ -532,6 +593,11 @@ int cmd_train(int argc, char **argv) {
     }
     if (tty) fprintf(stderr, "\n");
     double secs = cli_now() - t_start;
+    if (!r0) { /* the summary is rank 0's */
+        free(ev.route);
+        rc = 0;
+        goto done;
+    }
     printf("\nmodel: %s%s, E=%lld K=%d D=%lld L=%lld, %lld parameters\n", c.dense ? "dense FFN (one expert) " : "",
            moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
            (long long)lm_num_weights(m));
