@@ -160,7 +160,7 @@ FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=un
              -D_GNU_SOURCE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC)
 build-fuzz/fuzz_%: fuzz/fuzz_%.c $(LIB_SRC) $(HDRS) | deps-fuzz
 	@mkdir -p build-fuzz
-	clang $(FUZZ_FLAGS) $< $(LIB_SRC) $(if $(filter %forward,$*),tools/moe/forward.c tools/moe/cli.c) \
+	clang $(FUZZ_FLAGS) $< $(LIB_SRC) $(if $(filter %forward,$*),tools/moe/forward.c tools/moe/forward_ep.c tools/moe/ep_none.c tools/moe/cli.c) \
 	    -o $@ -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lcjson -lm
 
 fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
