@@ -108,7 +108,7 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libmoe.a
 demo: all
 	./$(BUILD)/moe train
 
-test-c: all $(TEST_BIN)
+test-c: all $(TEST_BIN) $(MPI_TEST_BIN)
 
 # Every test: C unit/gradient/bad-input tests, CLI tests, PyTorch parity, and
 # the C tests again under ASan + UBSan. Ends with "N passed, N failed".
@@ -140,7 +140,7 @@ bench: all $(BENCH_BIN)
 # The C tests under valgrind memcheck (errors and definite leaks fail), built
 # without -march=native (valgrind has no AVX-512). test_gradcheck and
 # test_faults take many minutes there; they run under ASan in `make test`.
-VALGRIND_TESTS = test_badinput test_corpus test_gshard test_layers test_lm test_router test_safetensors test_soft
+VALGRIND_TESTS = test_badinput test_corpus test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft
 test-valgrind:
 	@sh tools/deps.sh valgrind
 	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 test-c
