@@ -104,6 +104,11 @@ struct moe_layer {
     size_t      ep_bytes;
 };
 
+/* Parameter or buffer i of the saved tensors: params first, then buffers. */
+static inline moe_param *moe__saved_tensor(moe_layer *l, int i) {
+    return i < l->n_params ? &l->params[i] : &l->buffers[i - l->n_params];
+}
+
 /* The expert-parallel rows buffer: at least bytes (grown, contents lost). */
 moe_status moe__ep_reserve(moe_layer *l, size_t bytes);
 

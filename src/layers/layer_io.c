@@ -1,0 +1,241 @@
+/*
+ * The layer's parameters on disk and across ranks: safetensors load and save
+ * (a bad file leaves the layer as it was; saves are atomic), and for
+ * expert-parallel layers the gather of every rank's experts onto rank 0, the
+ * one-process file it writes, a rank's part read back, and the sum of the
+ * replicated gradients over the ranks.
+ * Dimension key: E experts, P ranks, El = E/P.
+ */
+#include "layer_internal.h"
+#include "ops.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- load/save */
+
+/* Read tensor `name` of f into dst: the whole tensor as p's shape, or, for a
+ * rank's slice of a tensor split over ranks (global_dim0[i] > 0), the slice
+ * [init_skip, init_skip + numel) of the whole tensor. */
+static moe_status read_param(moe_layer *l, int i, float *dst, const moe_st_file *f) {
+    const moe_param *p = moe__saved_tensor(l, i);
+    if (i >= l->n_params || !l->global_dim0[i]) return moe_st_read_f32(dst, f, p->name, p->ndim, p->shape);
+    int64_t shape[MOE_ST_MAX_DIMS], total = l->global_dim0[i];
+    shape[0] = l->global_dim0[i];
+    for (int d = 1; d < p->ndim; d++) shape[d] = p->shape[d], total *= p->shape[d];
+    float *whole = moe_alloc((size_t)total * sizeof(float));
+    if (!whole) return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of '%s'", p->name);
+    moe_status st = moe_st_read_f32(whole, f, p->name, p->ndim, shape);
+    if (st == MOE_OK) memcpy(dst, whole + l->init_skip[i], (size_t)p->numel * sizeof(float));
+    moe_free(whole);
+    return st;
+}
+
+int moe_layer_param_is_expert(const moe_layer *l, int i) {
+    /* every layer names its experts' tensors "experts.*" (state_dict names) */
+    return l && i >= 0 && i < l->n_params && strncmp(l->params[i].name, "experts.", 8) == 0;
+}
+
+static moe_status load_local(moe_layer *l, const char *path) {
+    moe_st_file *f = NULL;
+    moe_status st = moe_st_open(&f, path);
+    if (st != MOE_OK) return st;
+    /* Every tensor is read into a staging copy and checked before any
+     * parameter changes, so a bad file leaves the layer as it was. Buffers
+     * are staged after the parameters. */
+    int n = l->n_params + l->n_buffers;
+    int64_t nb = 0;
+    for (int i = 0; i < l->n_buffers; i++) nb += l->buffers[i].numel;
+    float *stage = moe_alloc((size_t)(l->n_weights + nb) * sizeof(float));
+    if (!stage) {
+        moe_st_close(f);
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of the weights");
+    }
+    for (int i = 0, boff = 0; i < n && st == MOE_OK; i++) {
+        const moe_param *p = moe__saved_tensor(l, i);
+        float *dst = i < l->n_params ? stage + l->param_off[i] : stage + l->n_weights + boff;
+        if (i >= l->n_params) boff += (int)p->numel;
+        if (!moe_st_find(f, p->name)) {
+            st = moe_err(MOE_ERR_NOTFOUND, "%s: tensor '%s' is missing (a %s layer needs it)", path,
+                         p->name, moe_layer_type_name(l->cfg.type));
+            break;
+        }
+        st = read_param(l, i, dst, f);
+        if (st != MOE_OK) {
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", moe_last_error());
+            st = moe_err(st, "%s: %s (check the layer config against the weights)", path, msg);
+            break;
+        }
+        int64_t bad = moe_find_nonfinite(dst, p->numel);
+        if (bad >= 0)
+            st = moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path,
+                         p->name, (long long)bad);
+    }
+    for (int i = 0; i < moe_st_count(f) && st == MOE_OK; i++) {
+        const char *name = moe_st_tensor_at(f, i)->name;
+        int found = moe_layer_find_param(l, name) != NULL;
+        for (int b = 0; b < l->n_buffers; b++) found |= strcmp(l->buffers[b].name, name) == 0;
+        if (l->ep && strncmp(name, "experts.", 8) == 0) found = 1; /* another rank's expert */
+        if (!found)
+            st = moe_err(MOE_ERR_FORMAT, "%s: unexpected tensor '%s' (not a parameter of this %s layer)",
+                         path, name, moe_layer_type_name(l->cfg.type));
+    }
+    if (st == MOE_OK) {
+        memcpy(l->wmem, stage, (size_t)l->n_weights * sizeof(float));
+        for (int b = 0, boff = 0; b < l->n_buffers; b++) {
+            memcpy(l->buffers[b].data, stage + l->n_weights + boff, (size_t)l->buffers[b].numel * sizeof(float));
+            boff += (int)l->buffers[b].numel;
+        }
+    }
+    moe_free(stage);
+    moe_st_close(f);
+    return st;
+}
+
+moe_status moe_layer_load(moe_layer *l, const char *path) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
+    /* expert parallel: every rank reads its own part of the one file (a path
+     * every rank sees), and a failure on any rank fails them all */
+    moe_status st = path ? load_local(l, path) : moe_err(MOE_ERR_ARG, "moe_layer_load: NULL path");
+    return l->ep ? l->ep->agree(l->ep, st) : st;
+}
+
+/* Expert parallel: rank 0's one-process layer `full` (same config) gets
+ * every rank's parameters and gradients: expert tensors from their owners,
+ * replicated ones from rank 0. Collective. */
+moe_status moe_layer_gather(moe_layer *l, moe_layer *full) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_gather: NULL layer");
+    moe_ep *ep = l->ep;
+    moe_status st = MOE_OK;
+    if ((!ep || ep->rank == 0) && (!full || full->ep || full->n_weights < l->n_weights ||
+                                   full->cfg.type != l->cfg.type || full->cfg.num_experts != l->cfg.num_experts))
+        st = moe_err(MOE_ERR_ARG, "moe_layer_gather: rank 0 needs a one-process layer of the same config");
+    if (!ep) { /* one process: a copy */
+        if (st == MOE_OK) {
+            memcpy(full->wmem, l->wmem, (size_t)l->n_weights * sizeof(float));
+            memcpy(full->gmem, l->gmem, (size_t)l->n_weights * sizeof(float));
+            for (int b = 0; b < l->n_buffers; b++)
+                memcpy(full->buffers[b].data, l->buffers[b].data, (size_t)l->buffers[b].numel * sizeof(float));
+        }
+        return st;
+    }
+    /* pack: per expert tensor, its name, slice offset, count, values and gradients */
+    typedef struct {
+        char name[MOE_NAME_MAX];
+        int64_t offset, numel;
+    } head;
+    int64_t bytes = 0;
+    for (int i = 0; i < l->n_params; i++)
+        if (moe_layer_param_is_expert(l, i)) bytes += (int64_t)sizeof(head) + 2 * l->params[i].numel * 4;
+    char *pack = moe_alloc((size_t)(bytes ? bytes : 1));
+    int64_t *counts = moe_alloc((size_t)ep->size * sizeof *counts);
+    if (st == MOE_OK && (!pack || !counts)) st = moe_err(MOE_ERR_NOMEM, "cannot allocate the expert tensors to send");
+    st = ep->agree(ep, st);
+    void *all = NULL;
+    int64_t all_n = 0;
+    if (st == MOE_OK) {
+        char *o = pack;
+        for (int i = 0; i < l->n_params; i++) {
+            if (!moe_layer_param_is_expert(l, i)) continue;
+            head h;
+            memset(&h, 0, sizeof h);
+            snprintf(h.name, sizeof h.name, "%s", l->params[i].name);
+            h.offset = l->global_dim0[i] ? l->init_skip[i] : 0, h.numel = l->params[i].numel;
+            memcpy(o, &h, sizeof h), o += sizeof h;
+            memcpy(o, l->params[i].data, (size_t)h.numel * 4), o += h.numel * 4;
+            memcpy(o, l->params[i].grad, (size_t)h.numel * 4), o += h.numel * 4;
+        }
+        st = ep->gather(ep, &all, &all_n, counts, pack, bytes);
+    }
+    moe_free(pack);
+    moe_free(counts);
+    if (st == MOE_OK && ep->rank == 0) {
+        for (int i = 0; i < l->n_params + l->n_buffers; i++) {
+            const moe_param *p = moe__saved_tensor(l, i);
+            if (i < l->n_params && moe_layer_param_is_expert(l, i)) continue;
+            moe_param *q = i < l->n_params ? moe_layer_find_param(full, p->name) : moe_layer_buffer(full, i - l->n_params);
+            if (!q) continue;
+            memcpy(q->data, p->data, (size_t)p->numel * 4); /* replicated: rank 0's copy */
+            if (p->grad && q->grad) memcpy(q->grad, p->grad, (size_t)p->numel * 4);
+        }
+        for (const char *c = all; st == MOE_OK && c < (const char *)all + all_n;) {
+            head h;
+            memcpy(&h, c, sizeof h), c += sizeof h;
+            moe_param *q = moe_layer_find_param(full, h.name);
+            if (!q || h.offset + h.numel > q->numel)
+                st = moe_err(MOE_ERR_FORMAT, "gathered tensor '%s' does not fit the layer", h.name);
+            else memcpy(q->data + h.offset, c, (size_t)h.numel * 4), memcpy(q->grad + h.offset, c + h.numel * 4,
+                                                                              (size_t)h.numel * 4);
+            c += 2 * h.numel * 4;
+        }
+    }
+    free(all);
+    return ep->agree(ep, st);
+}
+
+/* Expert parallel save: rank 0 gathers the whole layer into a one-process
+ * layer of the same config and saves that, so the file is the one a single
+ * process writes (global names and shapes). Collective. */
+static moe_status save_gathered(moe_layer *l, const char *path) {
+    moe_layer *full = NULL;
+    moe_status st = l->ep->rank == 0 ? moe__layer_create_ep(&full, &l->cfg, NULL) : MOE_OK;
+    st = l->ep->agree(l->ep, st);
+    if (st == MOE_OK) st = moe_layer_gather(l, full);
+    if (st == MOE_OK && l->ep->rank == 0) st = moe_layer_save(full, path);
+    moe_layer_free(full);
+    return l->ep->agree(l->ep, st);
+}
+
+moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count) {
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_ep_info: NULL layer");
+    int E = l->n_expert_counts;
+    if (rank) *rank = l->ep ? l->ep->rank : 0;
+    if (size) *size = l->ep ? l->ep->size : 1;
+    if (first) *first = l->ep ? l->ep->e_first : 0;
+    if (count) *count = l->ep ? l->ep->e_count : E;
+    return MOE_OK;
+}
+
+int64_t moe_layer_param_offset(const moe_layer *l, int i) {
+    return l && i >= 0 && i < l->n_params && l->global_dim0[i] ? l->init_skip[i] : 0;
+}
+
+void moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes) {
+    if (seconds) *seconds = l && l->ep ? l->ep->xchg_seconds : 0.0;
+    if (bytes) *bytes = l && l->ep ? l->ep->xchg_bytes : 0;
+}
+
+moe_status moe_layer_allreduce_grads(moe_layer *l) {
+    moe_err_clear();
+    if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_allreduce_grads: NULL layer");
+    if (!l->ep) return MOE_OK;
+    moe_status st = MOE_OK;
+    for (int i = 0; i < l->n_params && st == MOE_OK; i++)
+        if (!moe_layer_param_is_expert(l, i)) st = l->ep->allreduce_f32(l->ep, l->params[i].grad, l->params[i].numel);
+    return l->ep->agree(l->ep, st);
+}
+
+moe_status moe_layer_save(moe_layer *l, const char *path) {
+    moe_err_clear();
+    if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_save: NULL argument");
+    if (l->ep) return save_gathered(l, path);
+    int n = l->n_params + l->n_buffers;
+    moe_st_entry *ents = moe_calloc((size_t)n * sizeof *ents);
+    if (!ents) return moe_err(MOE_ERR_NOMEM, "cannot allocate the tensor list");
+    for (int i = 0; i < n; i++) {
+        const moe_param *p = moe__saved_tensor(l, i);
+        ents[i].name = p->name;
+        ents[i].dtype = MOE_DT_F32;
+        ents[i].ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) ents[i].shape[d] = p->shape[d];
+        ents[i].data = p->data;
+    }
+    const char *meta[] = {"format", "pt", "libmoe.type", moe_layer_type_name(l->cfg.type)};
+    moe_status st = moe_st_write(path, ents, n, meta, 2);
+    moe_free(ents);
+    return st;
+}
