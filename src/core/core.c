@@ -102,7 +102,7 @@ void openblas_set_num_threads(int n);
 
 static double g_check_seconds;
 
-double moe__check_clock(void) {
+double moe__clock(void) {
 #ifdef _OPENMP
     return omp_get_wtime();
 #else

@@ -37,11 +37,13 @@ void  moe_free(void *p);
 void    moe__fault_alloc(int64_t n);
 int64_t moe__alloc_count(void);
 
-/* Time spent in the result checks (the NaN/Inf scans of y, dx and the
- * gradients, README "Reliability"), in thread-seconds, for `moe bench` to
- * show their share. moe__check_clock() reads a clock (0 without OpenMP);
- * moe__check_add adds one scan's seconds (thread-safe). */
-double moe__check_clock(void);
+/* A wall clock in seconds (omp_get_wtime; 0 without OpenMP), for the
+ * library's own measurements: the time spent in the result checks (the
+ * NaN/Inf scans of y, dx and the gradients, README "Reliability"), in
+ * thread-seconds, which `moe bench` shows as a share of the step
+ * (moe__check_add adds one scan's seconds, thread-safe), and the time inside
+ * the expert-parallel exchanges. */
+double moe__clock(void);
 void   moe__check_add(double seconds);
 double moe__check_seconds(void);
 

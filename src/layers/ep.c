@@ -38,10 +38,10 @@ moe_status moe_ep_counts(moe_ep *ep, moe_ep_plan *plan, const int64_t *expert_co
         plan->scount[q] = s, plan->Rs += s;
         per[q] = El, ones[q] = El;
     }
-    double t0 = moe__check_clock();
+    double t0 = moe__clock();
     /* the owner of expert q*El + i learns how many rows of each rank it gets */
     moe_status st = ep->alltoallv(ep, plan->rc_expert, per, expert_counts, ones, sizeof(int64_t));
-    ep->xchg_seconds += moe__check_clock() - t0;
+    ep->xchg_seconds += moe__clock() - t0;
     ep->xchg_bytes += (int64_t)(P - 1) * El * (int64_t)sizeof(int64_t);
     if (st != MOE_OK) return st;
     plan->Rr = 0;
@@ -82,9 +82,9 @@ static void regroup(float *bank, float *raw, const moe_ep_plan *plan, int P, int
 
 static moe_status exchange(moe_ep *ep, float *recv, const int64_t *rc, const float *send, const int64_t *sc,
                            int64_t W) {
-    double t0 = moe__check_clock();
+    double t0 = moe__clock();
     moe_status st = ep->alltoallv(ep, recv, rc, send, sc, (size_t)W * sizeof(float));
-    ep->xchg_seconds += moe__check_clock() - t0;
+    ep->xchg_seconds += moe__clock() - t0;
     for (int q = 0; q < ep->size; q++)
         if (q != ep->rank) ep->xchg_bytes += sc[q] * W * (int64_t)sizeof(float);
     return st;

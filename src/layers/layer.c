@@ -525,9 +525,9 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
     if (aux_loss && !l->has_aux) *aux_loss = 0.0f;
     l->T = T;
     /* the results, checked once: overflow from finite inputs must not pass silently */
-    double t0 = moe__check_clock();
+    double t0 = moe__clock();
     int64_t bad = T ? moe_find_nonfinite(y, T * l->out_dim) : -1;
-    moe__check_add((moe__check_clock() - t0) * moe_layer_threads());
+    moe__check_add((moe__clock() - t0) * moe_layer_threads());
     if (bad >= 0) st = nonfinite_result(l, 0, x, T * l->in_dim, "y", y, bad, l->out_dim);
     else if (aux_loss && !isfinite(*aux_loss)) st = nonfinite_aux(l, *aux_loss, x);
     if (l->ep) st = l->ep->agree(l->ep, st);
@@ -606,12 +606,12 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
 /* After a backward from dy (T,O): dx (T,D) (NULL: not asked) and the parameter gradients. */
 static moe_status check_backward_results(moe_layer *l, const float *dx, const float *dy) {
     int64_t bad, n_dy = l->T * l->out_dim;
-    double t0 = moe__check_clock();
+    double t0 = moe__clock();
     /* the experts' gradients were scanned in their tasks (grad_bad); dx and the rest here */
     int ok = (!dx || moe_find_nonfinite(dx, l->T * l->in_dim) < 0) && !l->grad_bad &&
              moe_find_nonfinite(l->gmem, l->grad_lo) < 0 &&
              moe_find_nonfinite(l->gmem + l->grad_hi, l->n_weights - l->grad_hi) < 0;
-    moe__check_add((moe__check_clock() - t0) * moe_layer_threads());
+    moe__check_add((moe__clock() - t0) * moe_layer_threads());
     if (ok) return MOE_OK;
     if (dx && (bad = moe_find_nonfinite(dx, l->T * l->in_dim)) >= 0)
         return nonfinite_result(l, 1, dy, n_dy, "dx", dx, bad, l->in_dim);
