@@ -342,10 +342,11 @@ moe_status moe_layer_update_bias(moe_layer *l);
 
 /* Expert parallelism (layers created by moe_layer_create_mpi, moe_mpi.h).
  * moe_layer_ep_info: this rank, the number of ranks and the routed experts
- * this rank holds, [first, first + count); a one-process layer is rank 0 of
+ * this rank holds, [first, first + count) (hierarchical: outer experts, each
+ * with its inner gate and inner experts); a one-process layer is rank 0 of
  * 1 holding all. moe_layer_param_is_expert: 1 if parameter i is an expert's
- * (held by one rank; its gradient stays there), 0 if replicated (the gate,
- * shared experts, norms). moe_layer_ep_traffic: seconds this rank spent in
+ * (held by one rank; its gradient stays there; hierarchical: experts.* and
+ * gate_inner.*), 0 if replicated (the gate, shared experts, norms). moe_layer_ep_traffic: seconds this rank spent in
  * the exchanges (counts and rows, forward and backward) and the bytes it sent
  * to other ranks in them, since the layer was created (0 in one process). */
 moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count);

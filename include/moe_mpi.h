@@ -5,15 +5,19 @@
  * Megatron-Core do. Only programs that use MPI include this header (and link
  * libmoe_mpi); moe.h never includes mpi.h.
  *
- * Dimension key: P ranks, E experts, El = E/P experts per rank, T_r tokens
- * of rank r, D model dim.
+ * Dimension key: P ranks, E experts (hierarchical: Eo outer experts), El =
+ * E/P experts per rank, T_r tokens of rank r, D model dim.
  *
  * Layout. Rank r owns the routed experts [r*El, (r+1)*El). Their parameters
- * exist on rank r only, under their global names ("experts.5.net.0.weight";
- * gshard: "experts.w1" is rank r's slice (El, D, H) of the (E, D, H)
- * tensor). Everything else (the gate, shared experts, the shared gate, the
- * selection bias) is replicated: every rank holds a copy. A layer created
- * here starts from the values one process would draw with the same seed.
+ * exist on rank r only, under their global names ("experts.5.net.0.weight",
+ * dense "experts.5.weight"; gshard: "experts.w1" is rank r's slice (El, D, H)
+ * of the (E, D, H) tensor). hierarchical is sharded by outer expert (E = Eo,
+ * the outer experts): rank r owns outer experts [r*El, (r+1)*El) with their
+ * inner gates and inner experts, its slices of dim 0 of gate_inner.w_gating,
+ * experts.w1 and experts.w2. Everything else (the (outer) gate, shared
+ * experts, the shared gate, the selection bias) is replicated: every rank
+ * holds a copy. A layer created here starts from the values one process
+ * would draw with the same seed.
  *
  * Data parallel. Each rank brings its own tokens; a rank may bring none
  * (T_r = 0: it still serves its experts). The tokens of one rank form its
@@ -22,7 +26,16 @@
  * balance loss, the z-loss and expert choice are per group. So P ranks
  * equal one process whose batch holds the same groups (for one group per
  * rank: one process's moe_layer_forward_seq with B = P); aux_loss and the
- * stats are this rank's.
+ * stats are this rank's. dense sends every token to every rank (all of its
+ * experts see all tokens) and adds the ranks' partial outputs in rank
+ * order: y differs from one process's by float rounding only. hierarchical:
+ * the inner level of an outer expert runs on its owner, over the rows of
+ * every rank's groups; aux_loss is still this rank's groups' loss, outer
+ * and inner (the owners send each group's inner loss terms back), i.e. what
+ * one process returns for these groups alone; the inner level's stats
+ * (expert_counts, its drops and second choices, assignments) are counted on
+ * the owner, so summed over the ranks every stat is one process's. Every
+ * rank's groups must have the same N (the inner capacity depends on it).
  *
  * Every call on such a layer is collective: forward, backward, set_routing,
  * update_bias, load, save, moe_layer_allreduce_grads must be entered by every
@@ -58,11 +71,12 @@ extern "C" {
  * (collective over comm; every rank passes the same config). libmoe keeps
  * its own duplicate of comm (MPI_Comm_dup, errors returned, never aborting)
  * and never touches MPI_COMM_WORLD; MPI must be initialised (MPI_Init)
- * before and finalised after the layer is freed. Errors: num_experts not
- * divisible by the number of ranks (MOE_ERR_ARG, naming both), a layer type
- * that stays in one process (soft_dynamic, soft; hierarchical and dense for
- * now: MOE_ERR_UNSUPPORTED), MPI not initialised (MOE_ERR_STATE). Layer
- * types: topk with every router option, gshard. */
+ * before and finalised after the layer is freed. Errors: num_experts (for
+ * hierarchical: Eo, the outer experts) not divisible by the number of ranks
+ * (MOE_ERR_ARG, naming both), a layer type that stays in one process
+ * (soft_dynamic, soft: MOE_ERR_UNSUPPORTED), MPI not initialised
+ * (MOE_ERR_STATE). Layer types: topk with every router option, dense,
+ * gshard, hierarchical. */
 moe_status moe_layer_create_mpi(moe_layer **out, const moe_config *cfg, MPI_Comm comm);
 
 /* moe_layer_allreduce_grads (declared in moe.h, it needs no MPI type) sums

@@ -158,24 +158,49 @@ static moe_status mpi_exscan_i64(moe_ep *ep, int64_t *v, int n) {
     return MOE_OK;
 }
 
+/* MPI_Allgatherv when every count and displacement fits an int (every rank
+ * holds the same counts, so all take the same path without asking); else an
+ * all-to-all that sends the same rows to everyone, in pieces. */
 static moe_status mpi_allgatherv(moe_ep *ep, void *recv, const int64_t *counts, const void *send, int64_t n,
                                  size_t esize) {
     int P = ep->size;
-    int64_t *sc = malloc(2 * (size_t)P * sizeof *sc);
-    if (!sc) return moe_err(MOE_ERR_NOMEM, "cannot allocate the gather counts");
-    int64_t *rc = sc + P;
-    /* an all-gather is an all-to-all that sends the same rows to everyone */
-    char *rep = malloc((size_t)(n ? n : 1) * esize * (size_t)P);
-    moe_status st = rep ? MOE_OK : moe_err(MOE_ERR_NOMEM, "cannot allocate the gather buffer");
-    if (st == MOE_OK) {
-        for (int p = 0; p < P; p++) {
-            sc[p] = n, rc[p] = counts[p];
-            if (n) memcpy(rep + (size_t)p * (size_t)n * esize, send, (size_t)n * esize);
-        }
-        st = mpi_alltoallv(ep, recv, rc, rep, sc, esize);
+    int64_t total = 0;
+    int fits = 1;
+    for (int p = 0; p < P; p++) {
+        fits &= counts[p] <= moe__mpi_piece && total <= moe__mpi_piece;
+        total += counts[p];
     }
-    free(rep);
+    fits &= total <= moe__mpi_piece;
+    int64_t *sc = malloc(2 * (size_t)P * sizeof *sc);
+    int *ci = malloc(2 * (size_t)P * sizeof *ci);
+    moe_status st = sc && ci ? MOE_OK : moe_err(MOE_ERR_NOMEM, "cannot allocate the gather counts");
+    if (st == MOE_OK && fits) {
+        int *cnt = ci, *dsp = ci + P;
+        for (int p = 0, o = 0; p < P; p++) cnt[p] = (int)counts[p], dsp[p] = o, o += cnt[p];
+        MPI_Datatype t;
+        int err = row_type(&t, esize);
+        if (err == MPI_SUCCESS) {
+            static char dummy[64]; /* non-NULL buffers for zero counts */
+            err = MPI_Allgatherv(send && n ? send : dummy, (int)n, t, recv ? recv : dummy, cnt, dsp, t,
+                                 comm_of(ep));
+            MPI_Type_free(&t);
+        }
+        if (err != MPI_SUCCESS) st = mpi_fail(err, "MPI_Allgatherv (rows)");
+    } else if (st == MOE_OK) {
+        int64_t *rc = sc + P;
+        char *rep = malloc((size_t)(n ? n : 1) * esize * (size_t)P);
+        st = rep ? MOE_OK : moe_err(MOE_ERR_NOMEM, "cannot allocate the gather buffer");
+        if (st == MOE_OK) {
+            for (int p = 0; p < P; p++) {
+                sc[p] = n, rc[p] = counts[p];
+                if (n) memcpy(rep + (size_t)p * (size_t)n * esize, send, (size_t)n * esize);
+            }
+            st = mpi_alltoallv(ep, recv, rc, rep, sc, esize);
+        }
+        free(rep);
+    }
     free(sc);
+    free(ci);
     return st;
 }
 
@@ -264,7 +289,11 @@ moe_status moe_layer_create_mpi(moe_layer **out, const moe_config *cfg, MPI_Comm
     ep->free = mpi_free_ep;
     int E = cfg->num_experts, P = ep->size;
     moe_status st = MOE_OK;
-    if (E < 1 || E % P != 0)
+    if (E >= 1 && E % P != 0 && cfg->type == MOE_LAYER_HIERARCHICAL)
+        st = moe_err(MOE_ERR_ARG, "hierarchical: num_experts = Eo = %d, the outer experts, is not divisible by the %d "
+                     "ranks: each rank owns Eo / ranks outer experts with their inner gates and inner experts; run on "
+                     "a number of ranks that divides %d", E, P, E);
+    else if (E < 1 || E % P != 0)
         st = moe_err(MOE_ERR_ARG, "num_experts = %d is not divisible by the %d ranks: each rank owns num_experts / "
                      "ranks experts; run on a number of ranks that divides %d", E, P, E);
     ep->E = E, ep->e_count = E / P, ep->e_first = ep->rank * (E / P);

@@ -80,14 +80,28 @@ static void regroup(float *bank, float *raw, const moe_ep_plan *plan, int P, int
     }
 }
 
-static moe_status exchange(moe_ep *ep, float *recv, const int64_t *rc, const float *send, const int64_t *sc,
-                           int64_t W) {
+moe_status moe_ep_alltoallv(moe_ep *ep, void *recv, const int64_t *rc, const void *send, const int64_t *sc,
+                            size_t esize) {
     double t0 = moe__clock();
-    moe_status st = ep->alltoallv(ep, recv, rc, send, sc, (size_t)W * sizeof(float));
+    moe_status st = ep->alltoallv(ep, recv, rc, send, sc, esize);
     ep->xchg_seconds += moe__clock() - t0;
     for (int q = 0; q < ep->size; q++)
-        if (q != ep->rank) ep->xchg_bytes += sc[q] * W * (int64_t)sizeof(float);
+        if (q != ep->rank) ep->xchg_bytes += sc[q] * (int64_t)esize;
     return st;
+}
+
+moe_status moe_ep_allgatherv(moe_ep *ep, void *recv, const int64_t *counts, const void *send, int64_t n,
+                             size_t esize) {
+    double t0 = moe__clock();
+    moe_status st = ep->allgatherv(ep, recv, counts, send, n, esize);
+    ep->xchg_seconds += moe__clock() - t0;
+    ep->xchg_bytes += (int64_t)(ep->size - 1) * n * (int64_t)esize;
+    return st;
+}
+
+static moe_status exchange(moe_ep *ep, float *recv, const int64_t *rc, const float *send, const int64_t *sc,
+                           int64_t W) {
+    return moe_ep_alltoallv(ep, recv, rc, send, sc, (size_t)W * sizeof(float));
 }
 
 moe_status moe_ep_rows_out(moe_ep *ep, const moe_ep_plan *plan, float *bank, float *raw, const float *send,

@@ -11,6 +11,11 @@
  *     -> the bank: the local experts (+ the local shared experts' rows)
  *     -> exchange back: the reverse  -> combine (local)
  *
+ * hierarchical sends its outer rows this way, to the owners of their outer
+ * experts, who run the inner level (gshard.c). dense, where every token
+ * needs every expert, all-gathers the tokens instead and sends each rank
+ * back its tokens' partial sums (dense.c).
+ *
  * The transport (MPI_Alltoallv and friends on a duplicated communicator) is
  * in src/dist/mpi.c, the only file that includes mpi.h; it fills the function
  * pointers below. Every call marked "collective" must be entered by every
@@ -84,6 +89,16 @@ moe_status moe_ep_rows_out(moe_ep *ep, const moe_ep_plan *plan, float *bank, flo
  * (Rr, W) is scratch. */
 moe_status moe_ep_rows_back(moe_ep *ep, const moe_ep_plan *plan, float *out, const float *bank, float *raw,
                             int64_t W);
+
+/* Any all-to-all-v (collective, as ep->alltoallv: counts in elements of
+ * esize bytes), timed and its bytes counted with the row exchanges'
+ * (ep->xchg_seconds, ep->xchg_bytes). */
+moe_status moe_ep_alltoallv(moe_ep *ep, void *recv, const int64_t *rcounts, const void *send,
+                            const int64_t *scounts, size_t esize);
+/* An all-gather (collective, as ep->allgatherv: this rank's n elements,
+ * counts (P) every rank's), timed and counted likewise. */
+moe_status moe_ep_allgatherv(moe_ep *ep, void *recv, const int64_t *counts, const void *send, int64_t n,
+                             size_t esize);
 
 /* Memory of a plan for P ranks and El local experts (one allocation). */
 moe_status moe_ep_plan_alloc(moe_ep_plan *plan, int P, int El);

@@ -4,7 +4,9 @@
  * capacity and the balance loss are per group.
  * Dimension key: T = B*N tokens, D model dim, H expert hidden dim, E experts
  * (gshard), Eo outer and Ei inner experts (hierarchical), C capacity,
- * A1 rows kept by the first gate, A2 rows kept by the inner gate.
+ * A1 rows kept by the first gate, A2 rows kept by the inner gate; expert
+ * parallel: P ranks, El local (outer) experts, G groups of all ranks, Rr
+ * rows received by the owner.
  *
  * gshard: top-2 gate (top2.c) -> gather the kept rows per expert -> one GEMM
  *   pair per expert over its rows -> weighted combine. Dropped tokens and
@@ -18,7 +20,29 @@
  *   routes those rows to experts (eo, ei). Output: inner combine, then outer
  *   combine. Loss: (outer + inner) * loss_coef.
  *
- * Parameters (one block; names and shapes are the seed module's state_dict):
+ * Expert parallel (moe_mpi.h): rank r owns the experts [e0, e0 + El) (gshard)
+ * or the outer experts [e0, e0 + El) with their inner gates and inner
+ * experts (hierarchical); the (outer) gate is replicated and routes each
+ * rank's own groups.
+ *   gshard: kept rows -> their experts' owners (ep.h) -> experts -> back.
+ *   hierarchical: the kept outer rows go to the owners of their outer
+ *     experts with their importance; the rows per (outer expert, group)
+ *     follow so the owner knows its inner segments (eo, b) over all G
+ *     groups, s = i*G + b (i local, b global: the random policy draws what
+ *     one process draws for segment eo*G + b). Inner gate, inner experts
+ *     and inner combine run on the owner; the outer experts' outputs come
+ *     back and the outer combine is local. Each inner segment's loss term
+ *     goes back to its group's rank: a rank's aux is its own groups' (outer
+ *     + inner) loss, what one process returns for those groups alone; in
+ *     backward each rank's weight of its segments' terms goes to the owners
+ *     (per segment, moe_top2.seg_w). The inner level's stats (expert_counts,
+ *     its drops, assignments) are counted by the owner.
+ *   Every rank's groups must have the same N (the inner capacity depends on
+ *   it); a rank may have none.
+ *
+ * Parameters (one block; names and shapes are the seed module's state_dict;
+ * expert parallel: the rank's slices El of dim 0 of the experts' tensors and
+ * of gate_inner.w_gating):
  *   gshard:       gate.w_gating (D,E), experts.w1 (E,D,H), experts.w2 (E,H,D)
  *   hierarchical: gate_outer.w_gating (D,Eo), gate_inner.w_gating (Eo,D,Ei),
  *                 experts.w1 (Eo,Ei,D,H), experts.w2 (Eo,Ei,H,D)
@@ -47,6 +71,12 @@ typedef struct {
     float *imp;                          /* (A1) importance of outer rows        */
     float *xo, *yo, *dyo, *dxo;          /* (A1,D) outer buffers (hierarchical)  */
     float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* expert rows (Amax,D|H)     */
+    /* hierarchical, expert parallel (L2 and the expert rows are the owner's, in l->ep_mem) */
+    int64_t *bn;                         /* (P,2) groups and N of every rank      */
+    int64_t *ocount;                     /* (Eo) rows sent to each outer expert   */
+    int64_t *segsend;                    /* (Eo,B) rows of each (outer expert, group) */
+    double  *segterm;                    /* (Eo,B) their inner loss terms, from the owners */
+    double  *wq;                         /* (P) every rank's weight of its inner terms */
 } gs_ws;
 
 static int is_hier(const moe_layer *l) { return l->cfg.type == MOE_LAYER_HIERARCHICAL; }
@@ -100,6 +130,20 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws
     memset(w, 0, sizeof *w);
     w->x = moe__carve(base, &off, T, D, F);
     carve_level(base, &off, &w->L1, T, A1, (int)B, E1, 1);
+    if (is_hier(l) && l->ep) { /* the inner level runs on the owners (hier_ep) */
+        int64_t P = l->ep->size;
+        w->imp = moe__carve(base, &off, A1, 1, F);
+        w->xo = moe__carve(base, &off, A1, D, F);
+        w->yo = moe__carve(base, &off, A1, D, F);
+        w->dyo = moe__carve(base, &off, A1, D, F);
+        w->dxo = moe__carve(base, &off, A1, D, F);
+        w->bn = moe__carve(base, &off, P, 2, sizeof(int64_t));
+        w->ocount = moe__carve(base, &off, E1, 1, sizeof(int64_t));
+        w->segsend = moe__carve(base, &off, E1, B, sizeof(int64_t));
+        w->segterm = moe__carve(base, &off, E1, B, sizeof(double));
+        w->wq = moe__carve(base, &off, P, 1, sizeof(double));
+        return off;
+    }
     if (is_hier(l)) {
         int64_t Cmax = moe_top2_capacity(N, fmax(c->capacity_factor_train, c->capacity_factor_eval), E1);
         int64_t A2 = max_rows(A1, B, Cmax, Ei, E1, c);
@@ -135,11 +179,11 @@ typedef struct {
 static gs_params params_of(const moe_layer *l, float *mem) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts;
-    int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, nk = l->ep ? l->ep->e_count : E1 * Ei;
+    int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, El = l->ep ? l->ep->e_count : E1, nk = El * Ei;
     gs_params p;
     p.wg1 = mem;
     p.wg2 = is_hier(l) ? mem + D * E1 : NULL;
-    p.w1 = mem + D * E1 + (is_hier(l) ? E1 * D * Ei : 0);
+    p.w1 = mem + D * E1 + (is_hier(l) ? El * D * Ei : 0);
     p.w2 = p.w1 + nk * D * H;
     return p;
 }
@@ -229,8 +273,7 @@ static int experts_backward(const moe_layer *l, const gs_rows *w, const gs_param
 /* Expert parallel (gshard): the kept rows xe (A, D), in expert order, go to
  * their experts' owners; r gets the rows received. Collective. */
 static moe_status ep_out(moe_layer *l, const float *xe, gs_rows *r) {
-    moe_status st = l->plan.scount ? MOE_OK : moe_ep_plan_alloc(&l->plan, l->ep->size, l->ep->e_count);
-    if (st == MOE_OK) st = moe_ep_counts(l->ep, &l->plan, l->expert_counts);
+    moe_status st = moe_ep_counts(l->ep, &l->plan, l->expert_counts); /* the plan: allocated at create */
     if (st == MOE_OK) {
         size_t bytes = ep_rows_layout(l, l->plan.Rr, NULL, r);
         st = bytes == SIZE_MAX ? moe_err(MOE_ERR_ARG, "expert-parallel rows too large") : moe__ep_reserve(l, bytes);
@@ -246,6 +289,211 @@ static void set_mode(moe_top2 *g, const moe_config *c, int train) {
     g->policy = train ? c->second_policy_train : c->second_policy_eval;
     g->threshold = train ? c->second_threshold_train : c->second_threshold_eval;
     g->capacity_factor = train ? c->capacity_factor_train : c->capacity_factor_eval;
+}
+
+/* ---------------------------------------------------------------- hierarchical, expert parallel */
+
+/* The owner's side of the inner level, in l->ep_mem: the outer rows of its
+ * El outer experts from every rank (Rr), regrouped by outer expert, in
+ * segments s = i*G + b (local outer expert i, global group b). */
+typedef struct {
+    int64_t *segcnt;   /* (El*G) rows of each segment as received: rank q's (El, B_q) block after rank q-1's */
+    double  *segterm;  /* (El*G) each segment's loss term, in that order, to send back     */
+    double  *segw;     /* (El*G) backward: each segment's weight in the loss, in s order    */
+    level_ws L2;       /* the inner gate over the Rr rows, S = El*G segments, El weight sets */
+    float   *imp;      /* (Rr) importance of the rows                                       */
+    float   *impraw;   /* (Rr) exchange scratch                                             */
+    float   *raw;      /* (Rr,D) exchange scratch                                           */
+    float   *xo, *yo, *dyo, *dxo; /* (Rr,D) the outer rows and their outputs, gradients   */
+    gs_rows  r;        /* the inner experts' rows (2*Rr, D|H)                               */
+} hier_ep;
+
+static size_t hier_ep_layout(const moe_layer *l, int64_t Rr, int64_t G, char *base, hier_ep *h) {
+    const moe_config *c = &l->cfg;
+    int64_t D = c->input_dim, H = hidden(c), El = l->ep->e_count, A2 = 2 * Rr, S = El * G;
+    size_t off = 0, F = sizeof(float);
+    memset(h, 0, sizeof *h);
+    if ((double)S > INT_MAX || (double)A2 > INT32_MAX) return SIZE_MAX;
+    h->segcnt = moe__carve(base, &off, S, 1, sizeof(int64_t));
+    h->segterm = moe__carve(base, &off, S, 1, sizeof(double));
+    h->segw = moe__carve(base, &off, S, 1, sizeof(double));
+    carve_level(base, &off, &h->L2, Rr, A2, (int)S, c->num_experts_inner, (int)El);
+    h->imp = moe__carve(base, &off, Rr, 1, F);
+    h->impraw = moe__carve(base, &off, Rr, 1, F);
+    h->raw = moe__carve(base, &off, Rr, D, F);
+    h->xo = moe__carve(base, &off, Rr, D, F);
+    h->yo = moe__carve(base, &off, Rr, D, F);
+    h->dyo = moe__carve(base, &off, Rr, D, F);
+    h->dxo = moe__carve(base, &off, Rr, D, F);
+    gs_rows *r = &h->r;
+    r->xe = moe__carve(base, &off, A2, D, F);
+    r->hpre = moe__carve(base, &off, A2, H, F);
+    r->ha = moe__carve(base, &off, A2, H, F);
+    r->dha = moe__carve(base, &off, A2, H, F);
+    r->ye = moe__carve(base, &off, A2, D, F);
+    r->dye = moe__carve(base, &off, A2, D, F);
+    r->dxe = moe__carve(base, &off, A2, D, F);
+    return off;
+}
+
+/* G, the groups of all ranks, and N, their tokens per group, from bn (P,2);
+ * the ranks with groups must agree on N (every rank sees the same bn, so
+ * all fail alike). */
+static moe_status hier_ep_dims(const moe_layer *l, const int64_t *bn, int64_t *G, int64_t *N) {
+    int P = l->ep->size, first = -1;
+    *G = 0, *N = 1;
+    for (int q = 0; q < P; q++) {
+        if (bn[2 * q] == 0) continue;
+        if (first < 0) first = q, *N = bn[2 * q + 1];
+        else if (bn[2 * q + 1] != *N)
+            return moe_err(MOE_ERR_ARG, "hierarchical, expert parallel: every rank's groups must have the same "
+                           "number of tokens (the inner capacity depends on it): rank %d has N = %lld, rank %d "
+                           "has N = %lld", first, (long long)*N, q, (long long)bn[2 * q + 1]);
+        *G += bn[2 * q];
+    }
+    return MOE_OK;
+}
+
+/* The owner's view of the last forward: G, N and the buffers in l->ep_mem. */
+static void hier_ep_of(const moe_layer *l, const gs_ws *w, hier_ep *h, int64_t *G, int64_t *N) {
+    hier_ep_dims(l, w->bn, G, N);
+    hier_ep_layout(l, l->plan.Rr, *G, (char *)l->ep_mem, h);
+}
+
+/* The inner segments from the received counts: segment i*G + g0_q + b gets
+ * rank q's rows of (local outer expert i, its group b), in bank order. */
+static void hier_ep_segments(const moe_layer *l, const int64_t *bn, int64_t G, hier_ep *h) {
+    int P = l->ep->size, El = l->ep->e_count;
+    level_ws *v = &h->L2;
+    for (int64_t q = 0, g0 = 0; q < P; q++) {
+        int64_t Bq = bn[2 * q];
+        const int64_t *cnt = h->segcnt + (int64_t)El * g0;
+        for (int i = 0; i < El; i++)
+            for (int64_t b = 0; b < Bq; b++) v->len[i * G + g0 + b] = cnt[i * Bq + b], v->set[i * G + g0 + b] = i;
+        g0 += Bq;
+    }
+    int64_t start = 0;
+    for (int64_t s = 0; s < El * G; s++) v->start[s] = start, start += v->len[s];
+}
+
+/* Forward of the inner level, expert parallel: the outer rows xo and their
+ * importance (this rank's, in outer-expert order) to the owners, the inner
+ * gate, inner experts and inner combine there, the outer experts' outputs
+ * back into yo. Adds this rank's groups' inner loss to *loss. Collective. */
+static moe_status hier_ep_forward(moe_layer *l, gs_ws *w, const gs_params *p, uint64_t stream, int train,
+                                  double *loss) {
+    const moe_config *c = &l->cfg;
+    moe_ep *ep = l->ep;
+    int P = ep->size, El = ep->e_count, e0 = ep->e_first, E1 = c->num_experts, Ei = c->num_experts_inner;
+    int64_t D = c->input_dim, B = l->B, mine[2] = {l->B, l->N}, twos[P], sc[P], rc[P], G = 0, N = 1;
+    const moe_top2 *g1 = &w->L1.g;
+    for (int q = 0; q < P; q++) twos[q] = 2;
+    /* every rank's groups and N; the rows per outer expert (the plan) */
+    moe_status st = moe_ep_allgatherv(ep, w->bn, twos, mine, 2, sizeof(int64_t));
+    if (st != MOE_OK) return st;
+    if ((st = hier_ep_dims(l, w->bn, &G, &N)) != MOE_OK) return st;
+    for (int eo = 0; eo < E1; eo++) w->ocount[eo] = g1->offsets[eo + 1] - g1->offsets[eo];
+    if ((st = moe_ep_counts(ep, &l->plan, w->ocount)) != MOE_OK) return st;
+    int64_t Rr = l->plan.Rr;
+    hier_ep h;
+    size_t bytes = hier_ep_layout(l, Rr, G, NULL, &h);
+    st = bytes == SIZE_MAX ? moe_err(MOE_ERR_ARG, "expert-parallel rows too large") : moe__ep_reserve(l, bytes);
+    if ((st = ep->agree(ep, st)) != MOE_OK) return st;
+    hier_ep_layout(l, Rr, G, (char *)l->ep_mem, &h);
+    /* the rows of each (outer expert, group) to the outer expert's owner, then the rows and their importance */
+    for (int eo = 0; eo < E1; eo++)
+        for (int64_t b = 0; b < B; b++) w->segsend[eo * B + b] = g1->counts[b * E1 + eo];
+    for (int q = 0; q < P; q++) sc[q] = El * B, rc[q] = El * w->bn[2 * q];
+    st = moe_ep_alltoallv(ep, h.segcnt, rc, w->segsend, sc, sizeof(int64_t));
+    if (st == MOE_OK) st = moe_ep_rows_out(ep, &l->plan, h.xo, h.raw, w->xo, D);
+    if (st == MOE_OK) st = moe_ep_rows_out(ep, &l->plan, h.imp, h.impraw, w->imp, 1);
+    if (st != MOE_OK) return st;
+
+    /* the inner level over the local outer experts' rows of every group */
+    hier_ep_segments(l, w->bn, G, &h);
+    for (int i = 0; i < El; i++) {
+        int64_t r0 = l->plan.bank_off[i], n = l->plan.bank_off[i + 1] - r0;
+        if (n) moe_sgemm(0, 0, n, Ei, D, 1.0f, h.xo + r0 * D, D, p->wg2 + (int64_t)i * D * Ei, Ei, 0.0f,
+                         h.L2.p + r0 * Ei, Ei);
+    }
+    moe_softmax_rows(h.L2.p, h.L2.p, Rr, Ei);
+    moe_top2 *g2 = &h.L2.g;
+    g2->R = Rr, g2->Ng = outer_cap(l, N, train), g2->imp = h.imp, g2->rng_stream = stream + 1;
+    g2->seg0 = (int64_t)e0 * G; /* segment i*G + b here is eo*G + b in one process */
+    memset(l->expert_counts, 0, (size_t)l->n_expert_counts * sizeof *l->expert_counts);
+    g2->expert_counts = l->expert_counts + (int64_t)e0 * Ei;
+    set_mode(g2, c, train);
+    moe_top2_forward(g2);
+    l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
+    l->assignments = g2->A;
+    moe_gather_rows(h.r.xe, h.xo, g2->src, g2->A, D);
+    experts_forward(l, &h.r, p, g2->offsets, El * Ei);
+    moe_combine(h.yo, h.r.ye, g2->gate, g2->pos, Rr, 2, D);
+
+    /* the outer experts' outputs back; each segment's loss term to its group's rank */
+    if ((st = moe_ep_rows_back(ep, &l->plan, w->yo, h.yo, h.raw, D)) != MOE_OK) return st;
+    const double *term = moe_top2_segment_terms(g2);
+    for (int64_t q = 0, g0 = 0; q < P; q++) {
+        int64_t Bq = w->bn[2 * q];
+        for (int i = 0; i < El; i++)
+            for (int64_t b = 0; b < Bq; b++) h.segterm[(int64_t)El * g0 + i * Bq + b] = term[i * G + g0 + b];
+        g0 += Bq;
+    }
+    if ((st = moe_ep_alltoallv(ep, w->segterm, sc, h.segterm, rc, sizeof(double))) != MOE_OK) return st;
+    /* w->segterm (Eo,B): summed in one process's order, scaled as its mean over Eo*B segments */
+    double inner = 0.0;
+    for (int64_t s = 0; s < E1 * B; s++) inner += w->segterm[s];
+    if (B) *loss += inner * (double)Ei / (double)(E1 * B);
+    return MOE_OK;
+}
+
+/* Backward of the inner level, expert parallel: dyo to the owners, the inner
+ * combine, experts and gate backward there (their gradients complete on the
+ * owner), dxo back. dloss weighs this rank's aux. Collective. */
+static moe_status hier_ep_backward(moe_layer *l, gs_ws *w, const gs_params *p, const gs_params *g, float dloss) {
+    const moe_config *c = &l->cfg;
+    moe_ep *ep = l->ep;
+    int P = ep->size, El = ep->e_count, E1 = c->num_experts, Ei = c->num_experts_inner;
+    int64_t D = c->input_dim, B = l->B, G, N, ones[P];
+    hier_ep h;
+    hier_ep_of(l, w, &h, &G, &N);
+    int64_t Rr = l->plan.Rr;
+    for (int q = 0; q < P; q++) ones[q] = 1;
+    /* this rank's weight of each of its inner segments' terms: dloss * Ei / (Eo * B) as in hier_ep_forward */
+    double wmine = B ? (double)dloss * (double)Ei / (double)(E1 * B) : 0.0;
+    moe_status st = moe_ep_rows_out(ep, &l->plan, h.dyo, h.raw, w->dyo, D);
+    if (st == MOE_OK) st = moe_ep_allgatherv(ep, w->wq, ones, &wmine, 1, sizeof(double));
+    if (st != MOE_OK) return st;
+    for (int64_t q = 0, g0 = 0; q < P; q++) {
+        for (int i = 0; i < El; i++)
+            for (int64_t b = 0; b < w->bn[2 * q]; b++) h.segw[i * G + g0 + b] = w->wq[q];
+        g0 += w->bn[2 * q];
+    }
+    moe_top2 *g2 = &h.L2.g;
+    g2->R = Rr, g2->Ng = outer_cap(l, N, l->cached_train), g2->imp = h.imp, g2->seg_w = h.segw;
+    moe_combine_backward(h.r.dye, h.L2.dgate, h.dyo, h.r.ye, g2->gate, g2->pos, Rr, 2, D);
+    l->grad_bad = experts_backward(l, &h.r, p, g, g2->offsets, El * Ei);
+    memset(h.dxo, 0, (size_t)(Rr * D) * sizeof(float));
+    moe_scatter_add(h.dxo, h.r.dxe, g2->pos, Rr, 2, D);
+    moe_top2_backward(g2, h.L2.dl, h.L2.dgate, dloss);
+    for (int i = 0; i < El; i++) {
+        int64_t r0 = l->plan.bank_off[i], n = l->plan.bank_off[i + 1] - r0;
+        if (n == 0) continue;
+        float *gw = g->wg2 + (int64_t)i * D * Ei;
+        const float *pw = p->wg2 + (int64_t)i * D * Ei;
+        moe_sgemm(1, 0, D, Ei, n, 1.0f, h.xo + r0 * D, D, h.L2.dl + r0 * Ei, Ei, 1.0f, gw, Ei);
+        moe_sgemm(0, 1, n, D, Ei, 1.0f, h.L2.dl + r0 * Ei, Ei, pw, Ei, 1.0f, h.dxo + r0 * D, D);
+    }
+    return moe_ep_rows_back(ep, &l->plan, w->dxo, h.dxo, h.raw, D);
+}
+
+/* Importance of each outer row from the gate value that filled it. */
+static void outer_importance(gs_ws *w, int64_t T) {
+    const moe_top2 *g1 = &w->L1.g;
+    for (int64_t t = 0; t < 2 * T; t++) {
+        int32_t r = g1->pos[t];
+        if (r >= 0) w->imp[r] = 0.5f * ((g1->gate[t] > 0.5f) + (g1->gate[t] > 0.0f));
+    }
 }
 
 static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x, int64_t T, int train) {
@@ -283,14 +531,16 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
         }
         moe_combine(y, w.ye, g1->gate, g1->pos, T, 2, D);
         l->assignments = g1->A;
+    } else if (l->ep) {
+        moe_gather_rows(w.xo, x, g1->src, g1->A, D);
+        outer_importance(&w, T);
+        moe_status st = hier_ep_forward(l, &w, &p, stream, train, &loss);
+        if (st != MOE_OK) return st;
+        moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
     } else {
         int64_t A1 = g1->A, C = outer_cap(l, N, train);
         moe_gather_rows(w.xo, x, g1->src, A1, D);
-        /* importance of each outer row from the gate value that filled it */
-        for (int64_t t = 0; t < 2 * T; t++) {
-            int32_t r = g1->pos[t];
-            if (r >= 0) w.imp[r] = 0.5f * ((g1->gate[t] > 0.5f) + (g1->gate[t] > 0.0f));
-        }
+        outer_importance(&w, T);
         /* inner segments: the rows of (eo, b), in outer-buffer order */
         for (int eo = 0; eo < E1; eo++) {
             int64_t start = g1->offsets[eo];
@@ -350,6 +600,10 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
         } else {
             l->grad_bad = experts_backward(l, &r, &p, &g, g1->offsets, E1);
         }
+    } else if (l->ep) {
+        moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
+        moe_status st = hier_ep_backward(l, &w, &p, &g, dloss);
+        if (st != MOE_OK) return st;
     } else {
         moe_top2 *g2 = &w.L2.g;
         int64_t A1 = g1->offsets[E1];
@@ -385,26 +639,40 @@ static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
     int64_t T = l->T, D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = c->num_experts_inner;
     gs_ws w;
     layout(l, l->B, l->N, l->ws, &w);
-    int64_t A1 = w.L1.g.offsets[E1], A = is_hier(l) ? w.L2.g.offsets[E1 * Ei] : A1;
+    int hier = is_hier(l);
+    /* the inner level (R2 rows) and the experts' rows (A): the workspace's, or
+     * expert parallel the rows this rank's experts ran (l->ep_mem) */
+    level_ws L2 = w.L2;
+    gs_rows r = rows_of(&w);
+    int64_t A1 = w.L1.g.offsets[E1], R2 = A1, A = hier && !l->ep ? w.L2.g.offsets[E1 * Ei] : A1;
+    if (l->ep && hier) {
+        hier_ep h;
+        int64_t G, N;
+        hier_ep_of(l, &w, &h, &G, &N);
+        L2 = h.L2, r = h.r, R2 = l->plan.Rr, A = h.L2.g.offsets[l->ep->e_count * Ei];
+    } else if (l->ep) {
+        ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, &r);
+        A = l->plan.Rr;
+    }
     int n = 0;
     if (!backward) {
         pr[n++] = (moe_probe){"gate probabilities", w.L1.p, T, E1};
         pr[n++] = (moe_probe){"gate values", w.L1.g.gate, T, 2};
-        if (is_hier(l)) {
-            pr[n++] = (moe_probe){"inner gate probabilities", w.L2.p, A1, Ei};
-            pr[n++] = (moe_probe){"inner gate values", w.L2.g.gate, A1, 2};
+        if (hier) {
+            pr[n++] = (moe_probe){"inner gate probabilities", L2.p, R2, Ei};
+            pr[n++] = (moe_probe){"inner gate values", L2.g.gate, R2, 2};
         }
-        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, A, H};
-        pr[n++] = (moe_probe){"expert activations", w.ha, A, H};
-        pr[n++] = (moe_probe){"expert outputs", w.ye, A, D};
-        if (is_hier(l)) pr[n++] = (moe_probe){"outer expert outputs", w.yo, A1, D};
+        pr[n++] = (moe_probe){"expert pre-activations", r.hpre, A, H};
+        pr[n++] = (moe_probe){"expert activations", r.ha, A, H};
+        pr[n++] = (moe_probe){"expert outputs", r.ye, A, D};
+        if (hier) pr[n++] = (moe_probe){"outer expert outputs", w.yo, A1, D};
     } else {
-        if (is_hier(l)) pr[n++] = (moe_probe){"outer expert output gradients", w.dyo, A1, D};
-        pr[n++] = (moe_probe){"expert output gradients", w.dye, A, D};
-        pr[n++] = (moe_probe){"expert pre-activation gradients", w.dha, A, H};
-        pr[n++] = (moe_probe){"expert input gradients", w.dxe, A, D};
-        if (is_hier(l)) {
-            pr[n++] = (moe_probe){"inner gate logit gradients", w.L2.dl, A1, Ei};
+        if (hier) pr[n++] = (moe_probe){"outer expert output gradients", w.dyo, A1, D};
+        pr[n++] = (moe_probe){"expert output gradients", r.dye, A, D};
+        pr[n++] = (moe_probe){"expert pre-activation gradients", r.dha, A, H};
+        pr[n++] = (moe_probe){"expert input gradients", r.dxe, A, D};
+        if (hier) {
+            pr[n++] = (moe_probe){"inner gate logit gradients", L2.dl, R2, Ei};
             pr[n++] = (moe_probe){"outer expert input gradients", w.dxo, A1, D};
         }
         pr[n++] = (moe_probe){"gate logit gradients", w.L1.dl, T, E1};
@@ -443,9 +711,6 @@ moe_status moe__gshard_create(moe_layer *l) {
     moe_status st = check_gate_config(c);
     if (st != MOE_OK) return st;
     int hier = is_hier(l);
-    if (hier && l->ep)
-        return moe_err(MOE_ERR_UNSUPPORTED, "hierarchical layers are not expert-parallel yet: run them in one "
-                                            "process (gshard, topk and dense are)");
     int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
     if (H < 1 || H > INT_MAX / 4)
         return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4, (long long)H);
@@ -472,18 +737,27 @@ moe_status moe__gshard_create(moe_layer *l) {
         l->init_skip[2] = e0 * H * D, l->global_dim0[2] = l->ep ? E1 : 0;
         o += El * H * D;
     } else {
-        int64_t s_go[2] = {D, E1}, s_gi[3] = {E1, D, Ei}, s_w1[4] = {E1, Ei, D, H}, s_w2[4] = {E1, Ei, H, D};
+        /* expert parallel: this rank's outer experts [e0, e0 + El): their
+         * slices of the inner gates and the inner experts */
+        int64_t El = l->ep ? l->ep->e_count : E1, e0 = l->ep ? l->ep->e_first : 0, g = l->ep ? E1 : 0;
+        int64_t s_go[2] = {D, E1}, s_gi[3] = {El, D, Ei}, s_w1[4] = {El, Ei, D, H}, s_w2[4] = {El, Ei, H, D};
         st = moe__layer_add_param(l, "gate_outer.w_gating", 2, s_go, o, 0);
         o += D * E1;
         if (st == MOE_OK) st = moe__layer_add_param(l, "gate_inner.w_gating", 3, s_gi, o, 0);
-        o += E1 * D * Ei;
+        l->init_skip[1] = e0 * D * Ei, l->global_dim0[1] = g;
+        o += El * D * Ei;
         if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w1", 4, s_w1, o, H);
-        o += E1 * Ei * D * H;
+        l->init_skip[2] = e0 * Ei * D * H, l->global_dim0[2] = g;
+        o += El * Ei * D * H;
         if (st == MOE_OK) st = moe__layer_add_param(l, "experts.w2", 4, s_w2, o, D);
-        o += E1 * Ei * H * D;
+        l->init_skip[3] = e0 * Ei * H * D, l->global_dim0[3] = g;
+        o += El * Ei * H * D;
     }
     if (st == MOE_OK) st = moe__layer_alloc(l, o);
-    l->grad_hi = o, l->grad_lo = o - 2 * (l->ep ? l->ep->e_count : E1 * Ei) * D * H; /* experts.w1, w2: checked in their tasks */
+    /* experts.w1, w2: checked in their tasks */
+    l->grad_hi = o, l->grad_lo = o - 2 * (l->ep ? l->ep->e_count : E1) * Ei * D * H;
+    /* expert parallel: the exchange plan, allocated here where every rank's failure is agreed */
+    if (st == MOE_OK && l->ep) st = moe_ep_plan_alloc(&l->plan, l->ep->size, l->ep->e_count);
     return st;
 }
 
@@ -495,7 +769,12 @@ int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     int64_t T = l->T, n = 0;
     const int32_t *parts[4] = {w.L1.g.idx, w.L1.g.pos, NULL, NULL};
     int64_t lens[4] = {2 * T, 2 * T, 0, 0};
-    if (is_hier(l)) {
+    if (is_hier(l) && l->ep) { /* level 2: the rows this rank's outer experts received */
+        hier_ep h;
+        int64_t G, N;
+        hier_ep_of(l, &w, &h, &G, &N);
+        parts[2] = h.L2.g.idx, parts[3] = h.L2.g.pos, lens[2] = lens[3] = 2 * l->plan.Rr;
+    } else if (is_hier(l)) {
         int64_t A1 = w.L1.g.offsets[l->cfg.num_experts];
         parts[2] = w.L2.g.idx, parts[3] = w.L2.g.pos, lens[2] = lens[3] = 2 * A1;
     }

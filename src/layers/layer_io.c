@@ -33,8 +33,12 @@ static moe_status read_param(moe_layer *l, int i, float *dst, const moe_st_file 
 }
 
 int moe_layer_param_is_expert(const moe_layer *l, int i) {
-    /* every layer names its experts' tensors "experts.*" (state_dict names) */
-    return l && i >= 0 && i < l->n_params && strncmp(l->params[i].name, "experts.", 8) == 0;
+    /* every layer names its experts' tensors "experts.*" (state_dict names);
+     * hierarchical: each outer expert's inner gate (gate_inner.*) is its too */
+    if (!l || i < 0 || i >= l->n_params) return 0;
+    const char *n = l->params[i].name;
+    return strncmp(n, "experts.", 8) == 0 ||
+           (l->cfg.type == MOE_LAYER_HIERARCHICAL && strncmp(n, "gate_inner.", 11) == 0);
 }
 
 static moe_status load_local(moe_layer *l, const char *path) {
@@ -192,7 +196,7 @@ static moe_status save_gathered(moe_layer *l, const char *path) {
 
 moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count) {
     if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_ep_info: NULL layer");
-    int E = l->n_expert_counts;
+    int E = l->cfg.num_experts; /* hierarchical: the outer experts */
     if (rank) *rank = l->ep ? l->ep->rank : 0;
     if (size) *size = l->ep ? l->ep->size : 1;
     if (first) *first = l->ep ? l->ep->e_first : 0;

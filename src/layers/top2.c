@@ -175,12 +175,15 @@ void moe_top2_forward(moe_top2 *g) {
     }
 }
 
+const double *moe_top2_segment_terms(const moe_top2 *g) { return g->proxy + (int64_t)g->S * g->E; }
+
 void moe_top2_backward(const moe_top2 *g, float *dlogits, const float *dgate, float dloss) {
     int E = g->E;
-    /* d loss / d raw[r][e] = dloss * E^2 / (S*E) * density[s][e] / Ng * eq1 */
-    float lscale = (float)((double)dloss * (double)E / (double)g->S / (double)g->Ng);
+    /* d loss / d raw[r][e] = dloss * E^2 / (S*E) * density[s][e] / Ng * eq1 (seg_w: seg_w[s] * density / Ng) */
+    float lscale0 = (float)((double)dloss * (double)E / (double)g->S / (double)g->Ng);
 #pragma omp parallel for schedule(static)
     for (int s = 0; s < g->S; s++) {
+        float lscale = g->seg_w ? (float)(g->seg_w[s] / (double)g->Ng) : lscale0;
         int64_t r0 = g->seg_start[s], n = g->seg_len[s];
         const float *dens = g->density + (int64_t)s * E;
         for (int64_t r = r0; r < r0 + n; r++) {

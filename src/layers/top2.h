@@ -34,6 +34,11 @@ typedef struct {
                                   (seg0 + s)*Ng + (r - seg_start[s]) of this stream */
     int64_t seg0;              /* segments before these (expert parallel: the
                                   groups of the ranks before this one), else 0    */
+    const double *seg_w;       /* backward: (S) the weight of each segment's loss
+                                  term (moe_top2_segment_terms) in the loss that
+                                  dloss scales; NULL: dloss * E / S for every
+                                  segment (the mean over segments). Expert
+                                  parallel: segments of several ranks' groups     */
     /* ---- outputs (storage owned by the caller) ---- */
     int32_t *idx;              /* (R,2)  first and second choice                  */
     float   *gate;             /* (R,2)  final gate values (0 if not kept)        */
@@ -60,9 +65,13 @@ int64_t moe_top2_capacity(int64_t Ng, double cf, int E);
 /* Route: choices, normalised gates, policy, capacity, expert-buffer rows. */
 void moe_top2_forward(moe_top2 *g);
 
+/* After moe_top2_forward: (S) each segment's loss term sum_e mean(raw) *
+ * density (loss = E/S times their sum); valid until the next forward. */
+const double *moe_top2_segment_terms(const moe_top2 *g);
+
 /* Backward: dlogits (R,E) (written) from dgate (R,2), the gradient of the
  * final gate values, and dloss, the weight of the balance loss (daux *
- * loss_coef). Gradients flow through the gate values and the loss's proxy
+ * loss_coef; seg_w, when set, replaces dloss * E / S). Gradients flow through the gate values and the loss's proxy
  * term; choices, masks and capacity are constants, as in PyTorch autograd. */
 void moe_top2_backward(const moe_top2 *g, float *dlogits, const float *dgate, float dloss);
 

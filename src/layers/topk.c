@@ -205,8 +205,7 @@ static moe_status ep_out(moe_layer *l, const topk_ws *w, topk_bank *b) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, E = c->num_experts, Ns = c->num_shared, El = routed_local(l);
     int64_t Rs = w->offsets[E], Ts = w->offsets[E + Ns] - Rs;
-    moe_status st = l->plan.scount ? MOE_OK : moe_ep_plan_alloc(&l->plan, l->ep->size, (int)El);
-    if (st == MOE_OK) st = moe_ep_counts(l->ep, &l->plan, w->counts);
+    moe_status st = moe_ep_counts(l->ep, &l->plan, w->counts); /* the plan is allocated at create */
     if (st == MOE_OK) {
         topk_bank m;
         size_t bytes = bank_layout(l, l->plan.Rr, l->plan.Rr + Ts, NULL, &m);
@@ -503,6 +502,8 @@ moe_status moe__topk_create(moe_layer *l) {
     if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
     l->grad_lo = o[P_W1], l->grad_hi = o[P_WG]; /* the bank's gradients: checked by moe_ffn_backward */
+    /* expert parallel: the exchange plan, allocated here where every rank's failure is agreed */
+    if (st == MOE_OK && l->ep) st = moe_ep_plan_alloc(&l->plan, l->ep->size, (int)El);
     if (st == MOE_OK && c->expert_bias) { /* state buffer, zeros as DeepSeek-V3 starts it */
         l->bmem = moe_calloc((size_t)E * sizeof(float));
         if (!l->bmem) return moe_err(MOE_ERR_NOMEM, "cannot allocate the expert bias");
