@@ -77,14 +77,15 @@ def case(label, cfg, shape, P, extra=(), eval_mode=False):
         D = shape[-1]
         g = torch.Generator().manual_seed(P * 1000 + len(label))
         x = torch.randn(*shape, generator=g)
-        dy = torch.randn(*shape[:-1], D, generator=g)
+        O = cfg.get("output_dim", D) if cfg["type"] == "dense" else D
+        dy = torch.randn(*shape[:-1], O, generator=g)
         (d / "C.json").write_text(json.dumps(cfg))
         stio.save(d / "W.safetensors", model.state_dict())
         stio.save(d / "X.safetensors", {"x": x})
         stio.save(d / "DY.safetensors", {"dy": dy, "daux": torch.tensor([0.7])})
         one_x = x if x.dim() == 3 else x.reshape(P, shape[0] // P, D)
         stio.save(d / "X1.safetensors", {"x": one_x})
-        stio.save(d / "DY1.safetensors", {"dy": dy.reshape(one_x.shape), "daux": torch.tensor([0.7])})
+        stio.save(d / "DY1.safetensors", {"dy": dy.reshape(*one_x.shape[:-1], O), "daux": torch.tensor([0.7])})
         common = ["--config", str(d / "C.json"), "--weights", str(d / "W.safetensors")] + list(extra)
         if eval_mode:
             common.append("--eval")
@@ -158,6 +159,10 @@ def main():
         case("gshard all, drops", gs, (4, 16, 16), P)
         case("gshard threshold eval", dict(gs, second_policy_eval="threshold", capacity_factor_eval=1.5),
              (4, 12, 16), P, eval_mode=True)
+        case("dense O != D", dict(type="dense", num_experts=8, input_dim=16, output_dim=12), (4, 5, 16), P)
+        case("hierarchical threshold, drops", dict(type="hierarchical", dim=16, num_experts=[4, 2], hidden_dim=12,
+                                                   second_policy_train="threshold", capacity_factor_train=1.0),
+             (4, 12, 16), P)
         errors(P)
     print(f"forward --ep: {passed} passed, {failed} failed")
     return 1 if failed else 0

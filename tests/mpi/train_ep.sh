@@ -21,12 +21,15 @@ same_losses() {
         END { exit (bad || n == 0) }' "$1" "$2"
 }
 
-for cfg in "--layer topk" "--layer topk --router deepseek_v3 --shared 1" "--layer gshard --group 16"; do
+# hierarchical for 100 steps: after ~150 a rounding-level difference of the summed gradients
+# flips a routing decision of its random second-expert policy (README, Expert parallelism)
+for cfg in "--layer topk" "--layer topk --router deepseek_v3 --shared 1" "--layer gshard --group 16" \
+    "--layer hierarchical --experts 4 --group 16 --steps 100"; do
     tag=$(echo "$cfg" | tr -c 'a-z0-9' '_')
-    "$moe" train $cfg $small --steps 200 --eval-every 100 --threads 1 --out "$tmp/one$tag" >"$tmp/out" 2>&1 ||
+    "$moe" train --steps 200 $cfg $small --eval-every 100 --threads 1 --out "$tmp/one$tag" >"$tmp/out" 2>&1 ||
         bad "one process $cfg: $(tail -n 3 "$tmp/out")"
     for np in 2 4; do
-        if mp $np train --ep $cfg $small --steps 200 --eval-every 100 --out "$tmp/ep$np$tag" >"$tmp/out" 2>&1 &&
+        if mp $np train --ep --steps 200 $cfg $small --eval-every 100 --out "$tmp/ep$np$tag" >"$tmp/out" 2>&1 &&
             same_losses "$tmp/one$tag/log.tsv" "$tmp/ep$np$tag/log.tsv"; then ok; else
             bad "P=$np $cfg: losses differ from one process: $(cat "$tmp/ep$np$tag/log.tsv" "$tmp/out" | tail -n 6)"
         fi

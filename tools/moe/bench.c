@@ -42,7 +42,7 @@ static const char *usage_text =
     "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
     "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
     "(bytes copied per second) and a read-only stream on every thread, run between the calls.\n"
-    "--ep (topk, gshard): expert parallel under mpirun (mpirun -np P moe bench --ep): the\n"
+    "--ep (topk, gshard, hierarchical): expert parallel under mpirun (mpirun -np P moe bench --ep): the\n"
     "T tokens (B groups) split over the P ranks, E/P experts per rank, --threads per rank\n"
     "(default: the cores / P); prints the global tokens/s and GFLOP/s, the bytes the ranks\n"
     "sent each other per step and the time inside the exchanges.\n";
@@ -334,8 +334,9 @@ int cmd_bench(int argc, char **argv) {
     }
     cli_ep ep = {0, 1};
     if (use_ep) {
-        if (!topk && type != MOE_LAYER_GSHARD) {
-            fprintf(stderr, "moe bench: --ep is for --layer topk or gshard\n");
+        if (soft) {
+            fprintf(stderr, "moe bench: --ep is for --layer topk, gshard or hierarchical (soft layers stay in one "
+                            "process)\n");
             return 2;
         }
         if (cli_ep_start(&ep, cmd, &argc, &argv)) return 1;
