@@ -80,6 +80,13 @@ void lmdata_window(uint8_t *ctx, const uint8_t *text, int64_t p, int64_t W) {
     }
 }
 
+static int g_rank, g_ranks = 1;
+static int (*g_sum)(double *v, int n);
+
+void lmdata_set_data_parallel(int rank, int P, int (*sum)(double *v, int n)) {
+    g_rank = rank, g_ranks = P > 1 ? P : 1, g_sum = sum;
+}
+
 static int n_experts_of(lm *m) {
     moe_stats s;
     moe_layer_stats(lm_layer(m, 0), &s);
@@ -95,17 +102,19 @@ static moe_status run_positions(lm *m, const lm_data *d, const int64_t *pos, int
     uint8_t *ctx = malloc((size_t)(batch * W)), *tgt = malloc((size_t)batch), *pred = malloc((size_t)batch);
     float *ce = malloc((size_t)batch * sizeof *ce);
     moe_status st = (ctx && tgt && pred && ce) ? MOE_OK : MOE_ERR_NOMEM;
+    /* data parallel: this rank's share [j0, j0 + bl) of every batch */
+    int64_t bl = batch / g_ranks, j0 = (int64_t)g_rank * bl;
     for (int64_t i0 = 0; i0 < n && st == MOE_OK; i0 += batch) {
         /* a short last batch is filled up with its last position (counted once) */
         int64_t real = n - i0 < batch ? n - i0 : batch;
-        for (int64_t j = 0; j < batch; j++) {
-            int64_t p = pos[i0 + (j < real ? j : real - 1)];
+        for (int64_t j = 0; j < bl; j++) {
+            int64_t p = pos[i0 + (j0 + j < real ? j0 + j : real - 1)];
             lmdata_window(ctx + j * W, d->val, p, W);
             tgt[j] = d->val[p];
         }
-        if ((st = lm_forward(m, NULL, ce, pred, ctx, tgt, batch, 0)) != MOE_OK) break;
-        for (int64_t j = 0; j < real; j++) {
-            int64_t p = pos[i0 + j];
+        if ((st = lm_forward(m, NULL, ce, pred, ctx, tgt, bl, 0)) != MOE_OK) break;
+        for (int64_t j = 0; j < bl && j0 + j < real; j++) {
+            int64_t p = pos[i0 + j0 + j];
             *loss_sum += ce[j];
             if (k >= 0 && d->val_answer[p]) {
                 ans_loss[k] += ce[j];
@@ -153,6 +162,25 @@ moe_status lmdata_evaluate(lm_eval *ev, lm *m, const lm_data *d, int64_t batch, 
         for (int64_t l = 0; l < c->L; l++)
             for (int64_t e = 0; e < E; e++) ev->route[(l * G + g) * E + e] = tmp[l * E + e];
         ev->tokens += n;
+    }
+    if (g_ranks > 1 && st == MOE_OK) { /* every rank's sums */
+        int64_t nr = c->L * G * E;
+        double *v = malloc((size_t)(1 + 3 * CORPUS_NTASKS + nr) * sizeof *v);
+        if (!v) st = MOE_ERR_NOMEM;
+        if (v) {
+            v[0] = loss_sum;
+            for (int k = 0; k < CORPUS_NTASKS; k++)
+                v[1 + k] = ans_loss[k], v[1 + CORPUS_NTASKS + k] = (double)ans_n[k],
+                v[1 + 2 * CORPUS_NTASKS + k] = (double)ans_ok[k];
+            memcpy(v + 1 + 3 * CORPUS_NTASKS, ev->route, (size_t)nr * sizeof *v);
+            if (g_sum(v, (int)(1 + 3 * CORPUS_NTASKS + nr))) st = MOE_ERR_IO;
+            loss_sum = v[0];
+            for (int k = 0; k < CORPUS_NTASKS; k++)
+                ans_loss[k] = v[1 + k], ans_n[k] = (int64_t)v[1 + CORPUS_NTASKS + k],
+                ans_ok[k] = (int64_t)v[1 + 2 * CORPUS_NTASKS + k];
+            memcpy(ev->route, v + 1 + 3 * CORPUS_NTASKS, (size_t)nr * sizeof *v);
+            free(v);
+        }
     }
     ev->loss = ev->tokens ? loss_sum / (double)ev->tokens : NAN;
     for (int k = 0; k < CORPUS_NTASKS; k++) {

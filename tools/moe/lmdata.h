@@ -48,6 +48,11 @@ typedef struct {
  * when max_tokens <= 0), in batches of `batch` tokens. Fills *ev (free
  * ev->route). Returns a moe_status. */
 moe_status lmdata_evaluate(lm_eval *ev, lm *m, const lm_data *d, int64_t batch, int64_t max_tokens);
+/* Expert parallel (`moe train --ep`): each of P ranks evaluates its share
+ * [r*batch/P, (r+1)*batch/P) of every batch, so the layers see the groups one
+ * process sees, and the sums are added over the ranks with sum (in place,
+ * 0 on success). P = 1 (the default) evaluates alone. */
+void lmdata_set_data_parallel(int rank, int P, int (*sum)(double *v, int n));
 /* Print the per-task table and the routing table (corpus), to f. */
 void lmdata_print_eval(FILE *f, const lm_eval *ev, const lm *m, const lm_data *d);
 

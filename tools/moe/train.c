@@ -443,6 +443,7 @@ static int train_main(train_args *ap, cli_ep *ep) {
         return 2;
     }
     lm_set_data_parallel(m, P);
+    if (a.ep) lmdata_set_data_parallel(ep->rank, P, cli_ep_sum_f64);
     lm_data d;
     history h = {0};
     uint8_t *ctx = NULL, *tgt = NULL;
