@@ -51,9 +51,14 @@ r="--layer topk --router deepseek_v3 $small --steps 80 --eval-every 20"
 "$moe" train $r --threads 1 --stop-at 20 --out "$tmp/re" >/dev/null 2>&1
 mp 2 train --ep --resume "$tmp/re/checkpoint.safetensors" --stop-at 40 --quiet --out "$tmp/re" >/dev/null 2>&1
 mp 4 train --ep --resume "$tmp/re/checkpoint.safetensors" --stop-at 60 --quiet --out "$tmp/re" >/dev/null 2>&1
+cp -r "$tmp/re" "$tmp/re2" # the P = 4 checkpoint, resumed at P = 1 here and at P = 2 below
 "$moe" train --resume "$tmp/re/checkpoint.safetensors" --threads 1 --quiet --out "$tmp/re" >"$tmp/out" 2>&1
 if same_losses "$tmp/straight/log.tsv" "$tmp/re/log.tsv" && [ "$(wc -l <"$tmp/re/log.tsv")" -eq 6 ]; then ok; else
     bad "resharded 1 -> 2 -> 4 -> 1: $(cat "$tmp/straight/log.tsv" "$tmp/re/log.tsv" "$tmp/out" | tail -n 12)"
+fi
+mp 2 train --ep --resume "$tmp/re2/checkpoint.safetensors" --quiet --out "$tmp/re2" >"$tmp/out" 2>&1
+if same_losses "$tmp/straight/log.tsv" "$tmp/re2/log.tsv" && [ "$(wc -l <"$tmp/re2/log.tsv")" -eq 6 ]; then ok; else
+    bad "the P=4 checkpoint resumed at P=2: $(cat "$tmp/re2/log.tsv" "$tmp/out" | tail -n 8)"
 fi
 
 # the same P resumes bit for bit

@@ -34,6 +34,10 @@ typedef struct {
     int64_t seed, threads, top_k;
 } forward_args;
 int forward_ep(const forward_args *a, int *argc, char ***argv);
+/* Append "grad.<name>" entries (the gradients of every parameter of l) to
+ * *ents (grown; *n entries so far); names (num_params) gets the malloc'd
+ * names. 1 on success, 0 out of memory. */
+int forward_add_grads(moe_st_entry **ents, int *n, char **names, moe_layer *l);
 /* --top-k, --mask-experts, --force-experts on layer l; 1 on success, else prints why and returns 0 */
 int forward_routing(moe_layer *l, const moe_config *cfg, int64_t top_k, const char *mask_list, const char *force_list);
 int cmd_train(int argc, char **argv);

@@ -85,6 +85,24 @@ static int expert_list(uint8_t *set, const char *flag, const char *s, int E) {
     return 1;
 }
 
+int forward_add_grads(moe_st_entry **ents, int *n, char **names, moe_layer *l) {
+    int np = moe_layer_num_params(l);
+    moe_st_entry *grown = realloc(*ents, ((size_t)*n + (size_t)np) * sizeof **ents);
+    if (!grown) return 0;
+    *ents = grown;
+    for (int i = 0; i < np; i++) {
+        moe_param *p = moe_layer_param(l, i);
+        size_t len = strlen(p->name) + 6;
+        if (!(names[i] = malloc(len))) return 0;
+        snprintf(names[i], len, "grad.%s", p->name);
+        moe_st_entry *g = &grown[(*n)++];
+        memset(g, 0, sizeof *g);
+        g->name = names[i], g->dtype = MOE_DT_F32, g->ndim = p->ndim, g->data = p->grad;
+        for (int d = 0; d < p->ndim; d++) g->shape[d] = p->shape[d];
+    }
+    return 1;
+}
+
 int forward_routing(moe_layer *l, const moe_config *cfg, int64_t top_k, const char *mask_list,
                     const char *force_list) {
     if (!top_k && !mask_list && !force_list) return 1;
@@ -364,28 +382,8 @@ int cmd_forward(int argc, char **argv) {
         memcpy(e->shape, x.shape, sizeof e->shape);
         e->data = dx;
     }
-    moe_st_entry *all = ents;
-    int n_all = n_ent;
-    if (dy_path) {
-        moe_st_entry *grown = realloc(ents, ((size_t)n_ent + (size_t)np) * sizeof *ents);
-        if (!grown) goto done;
-        ents = all = grown;
-        for (int i = 0; i < np; i++) {
-            moe_param *p = moe_layer_param(l, i);
-            size_t len = strlen(p->name) + 6;
-            names[i] = malloc(len);
-            if (!names[i]) goto done;
-            snprintf(names[i], len, "grad.%s", p->name);
-            moe_st_entry *g = &all[n_all++];
-            memset(g, 0, sizeof *g);
-            g->name = names[i];
-            g->dtype = MOE_DT_F32;
-            g->ndim = p->ndim;
-            for (int d = 0; d < p->ndim; d++) g->shape[d] = p->shape[d];
-            g->data = p->grad;
-        }
-    }
-    if ((st = moe_st_write(out_path, all, n_all, NULL, 0)) != MOE_OK) {
+    if (dy_path && !forward_add_grads(&ents, &n_ent, names, l)) goto done;
+    if ((st = moe_st_write(out_path, ents, n_ent, NULL, 0)) != MOE_OK) {
         cli_fail("forward", "--out", st);
         goto done;
     }

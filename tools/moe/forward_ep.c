@@ -181,18 +181,7 @@ static int run(const forward_args *a, const cli_ep *ep) {
     if (a->dy_path) {
         PUT("dx", MOE_DT_F32, xnd, dx);
         memcpy(ents[n - 1].shape, xs, sizeof xs);
-        moe_st_entry *grown = realloc(ents, ((size_t)n + (size_t)np) * sizeof *ents);
-        if (!grown) goto done;
-        ents = grown;
-        for (int i = 0; i < np; i++) {
-            moe_param *p = moe_layer_param(full, i);
-            size_t len = strlen(p->name) + 6;
-            if (!(names[i] = malloc(len))) goto done;
-            snprintf(names[i], len, "grad.%s", p->name);
-            memset(&ents[n], 0, sizeof ents[n]);
-            PUT(names[i], MOE_DT_F32, p->ndim, p->grad);
-            for (int d = 0; d < p->ndim; d++) ents[n - 1].shape[d] = p->shape[d];
-        }
+        if (!forward_add_grads(&ents, &n, names, full)) goto done; /* the whole layer's, global names */
     }
 #undef PUT
     if ((st = moe_st_write(a->out_path, ents, n, NULL, 0)) != MOE_OK) {
