@@ -13,10 +13,17 @@ OPT      ?= -O2 -march=native
 SAN      ?=
 BUILD    ?= build
 
+# -fvisibility=hidden: libmoe.so exports the public API only (MOE_API in moe.h)
 CFLAGS  = $(OPT) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
-          -fPIC -fopenmp -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC) $(SAN)
+          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC) $(SAN)
 LDFLAGS = -fopenmp $(SAN) -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB)
 LDLIBS  = -lopenblas -lcjson -lm
+
+# The version (moe.h's MOE_VERSION) and the soname libmoe.so.MAJOR.
+VERSION := $(shell sed -n 's/^\#define MOE_VERSION "\(.*\)"/\1/p' include/moe.h)
+MAJOR   := $(firstword $(subst ., ,$(VERSION)))
+PREFIX  ?= /usr/local
+DESTDIR ?=
 
 # Expert parallelism over MPI (include/moe_mpi.h, src/dist, build/libmoe_mpi.a,
 # `moe ... --ep` under mpirun) is built whenever mpicc is found (tools/deps.sh
@@ -45,7 +52,8 @@ BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
-.PHONY: all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean
+.PHONY: all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
+        install uninstall
 
 # deps first, then a fresh make that sees what deps installed (mpicc)
 all: deps
@@ -71,8 +79,12 @@ $(BUILD)/libmoe.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
+# libmoe.so.VERSION with the soname libmoe.so.MAJOR; libmoe.so.MAJOR and
+# libmoe.so are links to it
 $(BUILD)/libmoe.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
+	$(CC) -shared -Wl,-soname,libmoe.so.$(MAJOR) -o $@.$(VERSION) $^ $(LDFLAGS) $(LDLIBS)
+	ln -sf libmoe.so.$(VERSION) $(BUILD)/libmoe.so.$(MAJOR)
+	ln -sf libmoe.so.$(VERSION) $@
 
 $(BUILD)/moe: $(CLI_OBJ) $(BUILD)/libmoe.a $(MPI_LIB)
 	$(CC) -o $@ $(CLI_OBJ) $(MPI_LIB) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS) $(MPI_LIBS)
@@ -171,6 +183,40 @@ fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	        >build-fuzz/$$t.log 2>&1 || { tail -n 40 build-fuzz/$$t.log; exit 1; }; \
 	    echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' build-fuzz/$$t.log), no crash"; \
 	done
+
+# make install [PREFIX=/usr/local] [DESTDIR=]: the header(s), libmoe.so.VERSION
+# (soname libmoe.so.MAJOR) and its links, libmoe.a (and libmoe_mpi.a), moe.pc,
+# the CMake package (find_package(libmoe)), the tool and its man page, and the
+# Python package (when python/libmoe exists) into Debian's python3 path for
+# PREFIX, configured to load this libmoe.so. make uninstall removes them.
+PYDIR ?= $(PREFIX)/lib/python3/dist-packages
+INSTALLED = include/moe.h include/moe_mpi.h lib/libmoe.so.$(VERSION) lib/libmoe.so.$(MAJOR) lib/libmoe.so \
+            lib/libmoe.a lib/libmoe_mpi.a lib/pkgconfig/moe.pc lib/cmake/libmoe/libmoeConfig.cmake \
+            lib/cmake/libmoe/libmoeConfigVersion.cmake bin/moe share/man/man1/moe.1
+install: all
+	@d="$(DESTDIR)$(PREFIX)"; \
+	mkdir -p "$$d/include" "$$d/lib/pkgconfig" "$$d/lib/cmake/libmoe" "$$d/bin" "$$d/share/man/man1" && \
+	install -m 644 include/moe.h "$$d/include/" && \
+	install -m 755 $(BUILD)/libmoe.so.$(VERSION) "$$d/lib/" && \
+	ln -sf libmoe.so.$(VERSION) "$$d/lib/libmoe.so.$(MAJOR)" && ln -sf libmoe.so.$(MAJOR) "$$d/lib/libmoe.so" && \
+	install -m 644 $(BUILD)/libmoe.a "$$d/lib/" && \
+	if [ -f $(BUILD)/libmoe_mpi.a ]; then install -m 644 $(BUILD)/libmoe_mpi.a "$$d/lib/" && \
+	    install -m 644 include/moe_mpi.h "$$d/include/"; fi && \
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_LIB@|$(BLAS_LIB)|' \
+	    tools/pkg/moe.pc.in >"$$d/lib/pkgconfig/moe.pc" && \
+	for f in libmoeConfig libmoeConfigVersion; do \
+	    sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' tools/pkg/$$f.cmake.in \
+	        >"$$d/lib/cmake/libmoe/$$f.cmake" || exit 1; done && \
+	install -m 755 $(BUILD)/moe "$$d/bin/" && install -m 644 docs/moe.1 "$$d/share/man/man1/" && \
+	if [ -d python/libmoe ]; then mkdir -p "$(DESTDIR)$(PYDIR)" && rm -rf "$(DESTDIR)$(PYDIR)/libmoe" && \
+	    cp -r python/libmoe "$(DESTDIR)$(PYDIR)/" && rm -rf "$(DESTDIR)$(PYDIR)/libmoe/__pycache__" && \
+	    echo 'LIBRARY = "$(PREFIX)/lib/libmoe.so.$(MAJOR)"' >"$(DESTDIR)$(PYDIR)/libmoe/_install.py"; fi && \
+	echo "installed libmoe $(VERSION) into $$d"
+
+uninstall:
+	@d="$(DESTDIR)$(PREFIX)"; for f in $(INSTALLED); do rm -f "$$d/$$f"; done; \
+	rmdir "$$d/lib/cmake/libmoe" 2>/dev/null; rm -rf "$(DESTDIR)$(PYDIR)/libmoe"; \
+	echo "removed libmoe $(VERSION) from $$d"
 
 clean:
 	rm -rf build build-asan build-fuzz build-vg

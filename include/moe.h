@@ -30,7 +30,20 @@
 extern "C" {
 #endif
 
+/* The version: MAJOR is the soname (libmoe.so.0); the library is 0.x, so
+ * the API may still change between minor versions. */
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
 #define MOE_VERSION "0.1.0"
+
+/* The public API: libmoe.so exports these symbols only (the library is built
+ * with -fvisibility=hidden). */
+#if defined(__GNUC__)
+#define MOE_API __attribute__((visibility("default")))
+#else
+#define MOE_API
+#endif
 
 /* ---------------------------------------------------------------- status */
 
@@ -49,13 +62,13 @@ typedef enum {
 } moe_status;
 
 /* Short fixed name of a status ("MOE_ERR_SHAPE"). Never NULL. */
-const char *moe_status_str(moe_status s);
+MOE_API const char *moe_status_str(moe_status s);
 /* Message of the last failing call on this thread ("" if none). Never NULL. */
-const char *moe_last_error(void);
+MOE_API const char *moe_last_error(void);
 
 /* Threads used by the library's OpenMP regions and by the BLAS. n <= 0: all
  * cores. Returns the number now in use. */
-int moe_set_num_threads(int n);
+MOE_API int moe_set_num_threads(int n);
 
 /* ---------------------------------------------------------------- config */
 
@@ -175,9 +188,9 @@ typedef struct {
  * updated with gamma 1e-3, dropless, no balance loss), "expert_choice"
  * (expert choice, softmax, capacity 2 / 2). Sizes (E, K except Switch's 1,
  * groups, shared experts) are left as they are. */
-moe_status moe_config_set_router(moe_config *c, const char *recipe);
-const char *moe_score_func_name(moe_score_func f);   /* "topk_softmax", "softmax", "sigmoid" */
-const char *moe_router_kind_name(moe_router_kind k); /* "token_choice", "expert_choice" */
+MOE_API moe_status moe_config_set_router(moe_config *c, const char *recipe);
+MOE_API const char *moe_score_func_name(moe_score_func f);   /* "topk_softmax", "softmax", "sigmoid" */
+MOE_API const char *moe_router_kind_name(moe_router_kind k); /* "token_choice", "expert_choice" */
 
 /* Fill c with the defaults of the seed module of this type (SimpleMoE:
  * E=4, D=64, H=128, K=2, relu; BasicMoE: E=4, D=64, O=64; GShard MoE: E=16,
@@ -185,7 +198,7 @@ const char *moe_router_kind_name(moe_router_kind k); /* "token_choice", "expert_
  * factors 1.25 (train) and 2 (eval), loss_coef 1e-2; hierarchical: the same
  * with (Eo, Ei) = (4, 4); soft_dynamic: E=4, D=64, expert_mult 4, GELU
  * MLP experts, dropout 0; soft: the same with S=1 slot per expert). */
-void moe_config_init(moe_config *c, moe_layer_type type);
+MOE_API void moe_config_init(moe_config *c, moe_layer_type type);
 
 /* Parse a layer config from JSON text: {"type": "topk"|"dense", plus the seed
  * module's constructor argument names: num_experts, input_dim, hidden_dim,
@@ -203,12 +216,12 @@ void moe_config_init(moe_config *c, moe_layer_type type);
  * capacity_factor_train/_eval, jitter, balance_coef, z_loss_coef,
  * num_shared_experts, shared_gate (bool), expert_bias (bool),
  * bias_update_rate, num_groups, topk_groups. Unknown keys are an error. */
-moe_status moe_config_from_json(moe_config *out, const char *json_text);
+MOE_API moe_status moe_config_from_json(moe_config *out, const char *json_text);
 /* Human-readable names, NULL for out-of-range values. */
-const char *moe_layer_type_name(moe_layer_type t);
-const char *moe_activation_name(moe_activation a);
-const char *moe_expert_kind_name(moe_expert_kind k);
-const char *moe_second_policy_name(moe_second_policy p);
+MOE_API const char *moe_layer_type_name(moe_layer_type t);
+MOE_API const char *moe_activation_name(moe_activation a);
+MOE_API const char *moe_expert_kind_name(moe_expert_kind k);
+MOE_API const char *moe_second_policy_name(moe_second_policy p);
 
 /* ---------------------------------------------------------------- layer */
 
@@ -226,23 +239,23 @@ typedef struct {
 /* Create a layer; parameters are initialised from cfg->seed as PyTorch's
  * nn.Linear does (uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and
  * bias), gradients zeroed. */
-moe_status moe_layer_create(moe_layer **out, const moe_config *cfg);
-void       moe_layer_free(moe_layer *l);
-const moe_config *moe_layer_config(const moe_layer *l);
+MOE_API moe_status moe_layer_create(moe_layer **out, const moe_config *cfg);
+MOE_API void       moe_layer_free(moe_layer *l);
+MOE_API const moe_config *moe_layer_config(const moe_layer *l);
 /* Width of x rows (D) and of y rows (D for topk, O for dense). */
-int64_t moe_layer_input_dim(const moe_layer *l);
-int64_t moe_layer_output_dim(const moe_layer *l);
+MOE_API int64_t moe_layer_input_dim(const moe_layer *l);
+MOE_API int64_t moe_layer_output_dim(const moe_layer *l);
 /* 1 if this layer type returns an auxiliary (balance) loss. */
-int     moe_layer_has_aux_loss(const moe_layer *l);
+MOE_API int     moe_layer_has_aux_loss(const moe_layer *l);
 
 /* Parameter table in state_dict order. */
-int              moe_layer_num_params(const moe_layer *l);
-moe_param       *moe_layer_param(moe_layer *l, int i);          /* NULL if out of range */
-moe_param       *moe_layer_find_param(moe_layer *l, const char *name); /* NULL if absent */
-int64_t          moe_layer_num_weights(const moe_layer *l);      /* total floats */
-void             moe_layer_zero_grad(moe_layer *l);
+MOE_API int              moe_layer_num_params(const moe_layer *l);
+MOE_API moe_param       *moe_layer_param(moe_layer *l, int i);          /* NULL if out of range */
+MOE_API moe_param       *moe_layer_find_param(moe_layer *l, const char *name); /* NULL if absent */
+MOE_API int64_t          moe_layer_num_weights(const moe_layer *l);      /* total floats */
+MOE_API void             moe_layer_zero_grad(moe_layer *l);
 /* Re-initialise every parameter from seed (same rule as create). */
-void             moe_layer_init_params(moe_layer *l, uint64_t seed);
+MOE_API void             moe_layer_init_params(moe_layer *l, uint64_t seed);
 
 /* Forward flags, or-ed together: the mode (PyTorch's module.train() and
  * .eval()) and whether the forward keeps what a backward needs (PyTorch's
@@ -277,11 +290,11 @@ void             moe_layer_init_params(moe_layer *l, uint64_t seed);
  * the first bad element and the likely cause; y and aux_loss then hold what
  * was computed (to inspect), and no backward may follow. The check reads y
  * once (well under 1% of a forward+backward; README "Reliability"). */
-moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
+MOE_API moe_status moe_layer_forward(moe_layer *l, float *y, float *aux_loss,
                              const float *x, int64_t T, int flags);
 /* Forward of x (B, N, D): B groups (sequences) of N tokens; y (B, N, out_dim).
  * The same as moe_layer_forward with T = B*N for layers without groups. */
-moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
+MOE_API moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
                                  const float *x, int64_t B, int64_t N, int flags);
 
 /* Forward with a token mask: mask (B, N), nonzero for a real token, 0 for a
@@ -290,14 +303,14 @@ moe_status moe_layer_forward_seq(moe_layer *l, float *y, float *aux_loss,
  * weight; its own output row is what the seed module gives it (combine
  * weights uniform over all slots), and a row with every token masked gives
  * finite output (uniform dispatch and combine), never NaN. */
-moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
+MOE_API moe_status moe_layer_forward_masked(moe_layer *l, float *y, float *aux_loss, const float *x,
                                     const uint8_t *mask, int64_t B, int64_t N, int flags);
 /* Forward of images x (B, D, h, w) (channels first, as PyTorch's conv
  * layers): each image is a group of N = h*w tokens, token i*w + j being
  * x[b, :, i, j]; y (B, out_dim, h, w). mask (B, h*w) or NULL as above. After
  * this forward, moe_layer_backward takes dy (B, out_dim, h, w) and writes dx
  * (B, D, h, w). */
-moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
+MOE_API moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, const float *x,
                                    const uint8_t *mask, int64_t B, int64_t h, int64_t w, int flags);
 
 /* Backward of the last forward (train or eval mode; not after MOE_NO_GRAD,
@@ -310,7 +323,7 @@ moe_status moe_layer_forward_image(moe_layer *l, float *y, float *aux_loss, cons
  * parameters (float32 overflow) returns MOE_ERR_NONFINITE naming the tensor
  * and element; the gradients then hold what was computed (moe_optim_step
  * refuses them; call moe_layer_zero_grad before the next step). */
-moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux);
+MOE_API moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float daux);
 
 /* Runtime routing control of a topk layer, without rebuilding it; it holds
  * for every later forward until changed (and a pending backward is
@@ -324,21 +337,21 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
  * Errors: k out of range, fewer enabled experts than k, more forced experts
  * than k, a forced expert disabled, expert choice with k or forced experts,
  * a layer that is not topk (MOE_ERR_UNSUPPORTED). On error nothing changes. */
-moe_status moe_layer_set_routing(moe_layer *l, int top_k, const uint8_t *expert_mask,
+MOE_API moe_status moe_layer_set_routing(moe_layer *l, int top_k, const uint8_t *expert_mask,
                                  const uint8_t *force_experts);
 
 /* State buffers: tensors saved and loaded with the parameters but not trained
  * (grad is NULL; give only moe_layer_param's to an optimizer). The topk
  * layer with expert_bias has one: "gate.e_score_correction_bias" (E). */
-int        moe_layer_num_buffers(const moe_layer *l);
-moe_param *moe_layer_buffer(moe_layer *l, int i);   /* NULL if out of range */
+MOE_API int        moe_layer_num_buffers(const moe_layer *l);
+MOE_API moe_param *moe_layer_buffer(moe_layer *l, int i);   /* NULL if out of range */
 
 /* Auxiliary-loss-free balancing (DeepSeek-V3): call after each successful
  * optimizer step. With expert_bias and bias_update_rate g > 0, for every
  * enabled expert e: b_e += g * sign(mean load - load_e), the loads being the
  * selections (before capacity) counted over the train-mode forwards since the
  * last call; the counts then restart. A no-op (MOE_OK) for other layers. */
-moe_status moe_layer_update_bias(moe_layer *l);
+MOE_API moe_status moe_layer_update_bias(moe_layer *l);
 
 /* Expert parallelism (layers created by moe_layer_create_mpi, moe_mpi.h).
  * moe_layer_ep_info: this rank, the number of ranks and the routed experts
@@ -349,17 +362,27 @@ moe_status moe_layer_update_bias(moe_layer *l);
  * gate_inner.*), 0 if replicated (the gate, shared experts, norms). moe_layer_ep_traffic: seconds this rank spent in
  * the exchanges (counts and rows, forward and backward) and the bytes it sent
  * to other ranks in them, since the layer was created (0 in one process). */
-moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count);
-int        moe_layer_param_is_expert(const moe_layer *l, int i);
-void       moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes);
+MOE_API moe_status moe_layer_ep_info(const moe_layer *l, int *rank, int *size, int *first, int *count);
+MOE_API int        moe_layer_param_is_expert(const moe_layer *l, int i);
+MOE_API void       moe_layer_ep_traffic(const moe_layer *l, double *seconds, int64_t *bytes);
 /* Elements of the whole tensor before this rank's part of parameter i (a
  * gshard expert tensor split over the ranks along dim 0), else 0. */
-int64_t    moe_layer_param_offset(const moe_layer *l, int i);
+MOE_API int64_t    moe_layer_param_offset(const moe_layer *l, int i);
 /* Sum the gradients of the replicated parameters over the ranks (an
  * MPI_Allreduce, in place; collective). Call once per optimizer step, after
  * the backward(s) and before moe_optim_step. Expert gradients are left as
  * they are (each has one owner). A one-process layer: MOE_OK, no-op. */
-moe_status moe_layer_allreduce_grads(moe_layer *l);
+MOE_API moe_status moe_layer_allreduce_grads(moe_layer *l);
+
+/* The whole layer on rank 0: full, a one-process layer of the same config
+ * (moe_layer_create) on rank 0 and NULL elsewhere, receives every rank's
+ * parameters and gradients (expert tensors from their owners, replicated
+ * ones and the buffers from rank 0; call moe_layer_allreduce_grads first
+ * for the summed replicated gradients). Collective. moe_layer_save on an
+ * expert-parallel layer does this and writes the one file a single process
+ * writes; moe_layer_load reads a rank's part of such a file (every rank must
+ * see the path). */
+MOE_API moe_status moe_layer_gather(moe_layer *l, moe_layer *full);
 
 /* Routing statistics of the last forward. */
 typedef struct {
@@ -379,21 +402,21 @@ typedef struct {
     double  z_loss;          /* topk: the z-loss before its coefficient        */
     const float *expert_bias; /* (n_experts) selection bias, or NULL           */
 } moe_stats;
-moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
+MOE_API moe_status moe_layer_stats(const moe_layer *l, moe_stats *out);
 
 /* Position of the layer's random stream: the number of forwards run so far
  * (every random choice of a forward, a `random` second-expert draw or a
  * dropout mask, is keyed by the seed and this count). Save it in a checkpoint
  * and restore it to resume bit for bit. */
-uint64_t moe_layer_rng_position(const moe_layer *l);
-void     moe_layer_set_rng_position(moe_layer *l, uint64_t pos);
+MOE_API uint64_t moe_layer_rng_position(const moe_layer *l);
+MOE_API void     moe_layer_set_rng_position(moe_layer *l, uint64_t pos);
 
 /* Weights as safetensors (names and shapes of the state_dict). Load checks
  * every tensor before copying any: a missing, extra or mis-shaped tensor is an
  * error naming it, and the parameters stay as they were. F32, F64, F16 and
  * BF16 tensors are converted to float32. Save is atomic (temp file + rename). */
-moe_status moe_layer_load(moe_layer *l, const char *path);
-moe_status moe_layer_save(moe_layer *l, const char *path);
+MOE_API moe_status moe_layer_load(moe_layer *l, const char *path);
+MOE_API moe_status moe_layer_save(moe_layer *l, const char *path);
 
 /* ---------------------------------------------------------------- optim */
 
@@ -408,26 +431,26 @@ typedef struct {
     float momentum;      /* SGD, default 0                                      */
 } moe_optim_config;
 
-void moe_optim_config_init(moe_optim_config *c, moe_optim_type type);
+MOE_API void moe_optim_config_init(moe_optim_config *c, moe_optim_type type);
 
 typedef struct moe_optim moe_optim;
 
 /* The optimizer keeps pointers to params[i].data/grad (which must outlive it)
  * and owns its state. Semantics follow torch.optim.AdamW / SGD. */
-moe_status moe_optim_create(moe_optim **out, const moe_optim_config *cfg,
+MOE_API moe_status moe_optim_create(moe_optim **out, const moe_optim_config *cfg,
                             moe_param *params, int n_params);
-void       moe_optim_free(moe_optim *o);
-void       moe_optim_set_lr(moe_optim *o, float lr);
+MOE_API void       moe_optim_free(moe_optim *o);
+MOE_API void       moe_optim_set_lr(moe_optim *o, float lr);
 /* One step. If any gradient is NaN/Inf the step is skipped, nothing changes,
  * and MOE_ERR_NONFINITE names the parameter. */
-moe_status moe_optim_step(moe_optim *o);
-int64_t    moe_optim_steps(const moe_optim *o);
+MOE_API moe_status moe_optim_step(moe_optim *o);
+MOE_API int64_t    moe_optim_steps(const moe_optim *o);
 /* Checkpoints: the state of parameter i (the order given to create): *m and *v
  * point at its numel floats of first and second moments (AdamW) or momentum
  * (SGD: *v is NULL). Read them to save, write them to restore. */
-moe_status moe_optim_state(moe_optim *o, int i, float **m, float **v);
+MOE_API moe_status moe_optim_state(moe_optim *o, int i, float **m, float **v);
 /* Restore the step count (bias correction) from a checkpoint; steps >= 0. */
-moe_status moe_optim_set_steps(moe_optim *o, int64_t steps);
+MOE_API moe_status moe_optim_set_steps(moe_optim *o, int64_t steps);
 
 /* ---------------------------------------------------------------- gemm */
 
@@ -440,7 +463,7 @@ moe_status moe_optim_set_steps(moe_optim *o, int64_t steps);
  * A (K,M) when ta; op(B) (K,N) is B (K,N) with ldb, or B (N,K) when tb. Does
  * nothing when M or N is 0; with K == 0 it scales C by beta. Every dimension
  * and leading dimension must fit in an int. */
-void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+MOE_API void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float *A, int64_t lda, const float *B, int64_t ldb,
                float beta, float *C, int64_t ldc);
 
@@ -454,8 +477,8 @@ typedef enum {
     MOE_DT_COUNT
 } moe_dtype;
 
-const char *moe_dtype_name(moe_dtype t);   /* "F32"; NULL if out of range */
-size_t      moe_dtype_size(moe_dtype t);   /* bytes per element; 0 if out of range */
+MOE_API const char *moe_dtype_name(moe_dtype t);   /* "F32"; NULL if out of range */
+MOE_API size_t      moe_dtype_size(moe_dtype t);   /* bytes per element; 0 if out of range */
 
 #define MOE_ST_MAX_DIMS 8
 
@@ -474,19 +497,19 @@ typedef struct moe_st_file moe_st_file;
 /* Read and validate a whole file: header length, JSON, every dtype, shape,
  * offset and size checked against the file's length (with overflow checks),
  * no overlapping tensors, before any tensor is exposed. */
-moe_status moe_st_open(moe_st_file **out, const char *path);
+MOE_API moe_status moe_st_open(moe_st_file **out, const char *path);
 /* Same from a buffer the caller keeps alive while the file is open. */
-moe_status moe_st_parse(moe_st_file **out, const void *buf, size_t len);
-void       moe_st_close(moe_st_file *f);
-int                  moe_st_count(const moe_st_file *f);
-const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);
-const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name);
+MOE_API moe_status moe_st_parse(moe_st_file **out, const void *buf, size_t len);
+MOE_API void       moe_st_close(moe_st_file *f);
+MOE_API int                  moe_st_count(const moe_st_file *f);
+MOE_API const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);
+MOE_API const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name);
 /* "__metadata__" value for key, NULL if absent. */
-const char          *moe_st_metadata(const moe_st_file *f, const char *key);
+MOE_API const char          *moe_st_metadata(const moe_st_file *f, const char *key);
 /* Copy tensor `name` into dst as float32, converting F64/F16/BF16. If ndim >= 0
  * the tensor's shape must equal shape[0..ndim); a scalar (ndim 0) may also be
  * saved with shape (1), as torch.tensor([1.0]) is. Errors name the tensor. */
-moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name,
+MOE_API moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name,
                            int ndim, const int64_t *shape);
 
 typedef struct {
@@ -499,7 +522,7 @@ typedef struct {
 
 /* Write entries (and metadata pairs meta_kv[2*i], meta_kv[2*i+1]) atomically:
  * a temp file in the same directory, fsync, rename. Names must be unique. */
-moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n,
+MOE_API moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n,
                         const char *const *meta_kv, int n_meta);
 
 #ifdef __cplusplus

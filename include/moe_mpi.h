@@ -77,20 +77,12 @@ extern "C" {
  * (soft_dynamic, soft: MOE_ERR_UNSUPPORTED), MPI not initialised
  * (MOE_ERR_STATE). Layer types: topk with every router option, dense,
  * gshard, hierarchical. */
-moe_status moe_layer_create_mpi(moe_layer **out, const moe_config *cfg, MPI_Comm comm);
+MOE_API moe_status moe_layer_create_mpi(moe_layer **out, const moe_config *cfg, MPI_Comm comm);
 
 /* moe_layer_allreduce_grads (declared in moe.h, it needs no MPI type) sums
  * the replicated gradients over the ranks. */
 
-/* The whole layer on rank 0: full, a one-process layer of the same config
- * (moe_layer_create) on rank 0 and NULL elsewhere, receives every rank's
- * parameters and gradients (expert tensors from their owners, replicated
- * ones and the buffers from rank 0; call moe_layer_allreduce_grads first
- * for the summed replicated gradients). Collective. moe_layer_save on an
- * expert-parallel layer does this and writes the one file a single process
- * writes; moe_layer_load reads a rank's part of such a file (every rank must
- * see the path). */
-moe_status moe_layer_gather(moe_layer *l, moe_layer *full);
+/* moe_layer_gather (moe.h) gives rank 0 the whole layer with its gradients. */
 
 #ifdef __cplusplus
 }

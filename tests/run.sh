@@ -72,6 +72,7 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     done
     run "mpi forward --ep (PyTorch files)" /usr/bin/python3 tests/mpi/run_forward_ep.py
     run "mpi train --ep" sh tests/mpi/train_ep.sh
+    run "install" sh tests/install.sh
     run "cli" sh tests/cli.sh
     run "train" sh tests/train.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py

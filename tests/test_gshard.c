@@ -24,6 +24,7 @@ static void test_capacity(void) {
     CHECK(moe_top2_capacity(1024, 2.0, 16) == 128, "eval factor 2");
     CHECK(moe_top2_capacity(3, 1.25, 6) == 4, "N < E: the minimum of 4 (even above N)");
     CHECK(moe_top2_capacity(10, 100.0, 2) == 10, "capped at N");
+    CHECK(moe_top2_capacity(1024, 4.4e107, 2) == 1024, "a capacity factor past int64: capped at N, no overflow (found by fuzzing)");
     CHECK(moe_top2_capacity(13, 1.0, 3) == 4, "floor(13/3) = 4");
     CHECK(moe_top2_capacity(50, 1.1, 5) == 11, "floor(50*1.1/5) = 11");
 }

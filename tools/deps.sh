@@ -2,7 +2,8 @@
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
 #   tools/deps.sh build   OpenBLAS (OpenMP build), cJSON headers/libraries and OpenMPI
 #                         (libopenmpi-dev, openmpi-bin: expert parallelism, `--ep`)
-#   tools/deps.sh test    the above plus Debian's python3-torch for parity tests
+#   tools/deps.sh test    the above plus Debian's python3-torch for parity tests, and
+#                         pkg-config and cmake for the install test
 #   tools/deps.sh fuzz    clang and libFuzzer (make fuzz)
 #   tools/deps.sh valgrind  valgrind (make test-valgrind)
 # Without root or apt-get it stops with the exact command to run.
@@ -19,6 +20,9 @@ if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
 fi
 if [ "$what" = test ]; then
     /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
+    # the install test: a pkg-config build and a CMake project against the installed libmoe
+    command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+    command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
 fi
 if [ "$what" = valgrind ]; then
     command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"

@@ -24,8 +24,9 @@
 #define TOP2_EPS 1e-9f
 
 int64_t moe_top2_capacity(int64_t Ng, double cf, int E) {
-    int64_t c = (int64_t)floor((double)Ng * cf / (double)E);
-    if (c > Ng) c = Ng;
+    /* clamped to Ng in double first: a huge capacity factor must not overflow the cast */
+    double d = floor((double)Ng * cf / (double)E);
+    int64_t c = d >= (double)Ng ? Ng : (int64_t)d;
     return c < 4 ? 4 : c;
 }
 
