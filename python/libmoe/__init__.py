@@ -130,8 +130,9 @@ class Layer:
             raise MoEError("MOE_ERR_SHAPE", f"x {form} has shape {shape}: D = {d}, the layer's input "
                                             f"width is {self.input_dim}")
 
-    def forward_raw(self, y_addr, x_addr, mask_addr, kind, dims, flags):
-        """Forward on raw float32 addresses (libmoe.torch uses this). Returns the aux loss."""
+    def forward_raw(self, y_addr, x_addr, mask_addr, kind, dims, flags, shapes=None):
+        """Forward on raw float32 addresses (libmoe.torch uses this); shapes: (x shape, y shape)
+        for a later numpy backward. Returns the aux loss."""
         aux = ctypes.c_float(0.0)
         self.forward_count += 1
         self._last = None
@@ -143,6 +144,7 @@ class Layer:
             st = lib.moe_layer_forward_masked(self._h, _f32p(y_addr), ctypes.byref(aux), _f32p(x_addr), m,
                                               dims[0], dims[1], flags)
         _check(st, "forward")
+        self._last = shapes
         return float(aux.value)
 
     def backward_raw(self, dx_addr, dy_addr, daux):
@@ -166,14 +168,13 @@ class Layer:
             maddr = mask.ctypes.data
         y = np.empty(yshape, dtype=np.float32)
         flags = (MOE_TRAIN if train else MOE_EVAL) | (0 if grad else MOE_NO_GRAD)
-        aux = self.forward_raw(y.ctypes.data, x.ctypes.data, maddr, kind, dims, flags)
-        self._last = (x.shape, y.shape)
+        aux = self.forward_raw(y.ctypes.data, x.ctypes.data, maddr, kind, dims, flags, (x.shape, y.shape))
         return y, aux
 
     def backward(self, dy, daux=1.0):
         """dx of the latest forward; parameter gradients accumulate (+=) into .grads."""
         if self._last is None:
-            _check(lib.moe_layer_backward(self._h, None, None, 0.0), "backward")  # C's own state error
+            raise MoEError("MOE_ERR_STATE", "backward: no successful forward of this layer to differentiate")
         xshape, yshape = self._last
         dy = np.ascontiguousarray(dy, dtype=np.float32)
         if dy.shape != yshape:

@@ -39,12 +39,13 @@ __all__ = ["MoELayer", "SimpleMoE", "BasicMoE", "MoE", "HeirarchicalMoE", "Hiera
 
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, kind, dims, yshape, flags, x, mask, *params):
+    def forward(ctx, layer, param_expert, kind, dims, yshape, flags, x, mask, *params):
         y = torch.empty(yshape, dtype=torch.float32)
         maddr = mask.data_ptr() if mask is not None else 0
-        aux = layer.forward_raw(y.data_ptr(), x.data_ptr(), maddr, kind, dims, flags)
+        aux = layer.forward_raw(y.data_ptr(), x.data_ptr(), maddr, kind, dims, flags, (tuple(x.shape), tuple(yshape)))
         ctx.layer, ctx.count, ctx.xshape = layer, layer.forward_count, tuple(x.shape)
         ctx.yshape = tuple(yshape)
+        ctx.param_expert = param_expert
         return y, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
@@ -60,12 +61,32 @@ class _MoEFunction(torch.autograd.Function):
         dy = gy.to(torch.float32).contiguous()
         daux = float(gaux) if gaux is not None else 0.0
         need = ctx.needs_input_grad
-        dx = torch.empty(ctx.xshape, dtype=torch.float32) if need[5] else None
+        dx = torch.empty(ctx.xshape, dtype=torch.float32) if need[6] else None
         layer.zero_grad()
         layer.backward_raw(dx.data_ptr() if dx is not None else 0, dy.data_ptr(), daux)
-        grads = [torch.from_numpy(layer.grads[n]).clone() if need[7 + i] else None
-                 for i, n in enumerate(layer.param_names)]
-        return (None, None, None, None, None, dx, None, *grads)
+        # as in PyTorch's top-k modules, an expert that processed no token gets no gradient
+        # (None, not zeros: AdamW and momentum then leave it alone)
+        idle = set()
+        if any(e is not None for e in ctx.param_expert):
+            counts = layer.stats()["expert_counts"]
+            idle = {e for e in range(len(counts)) if counts[e] == 0}
+        grads = [torch.from_numpy(layer.grads[n]).clone() if need[8 + i] and ctx.param_expert[i] not in idle
+                 else None for i, n in enumerate(layer.param_names)]
+        return (None, None, None, None, None, None, dx, None, *grads)
+
+
+class _Container(nn.Module):
+    """A parameter holder mirroring the seed module's tree; m.experts[0] and len() work
+    as on nn.ModuleList / nn.Sequential. It has no forward: the C layer computes."""
+
+    def __getitem__(self, i):
+        return self._modules[str(i)]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
 
 
 class MoELayer(nn.Module):
@@ -81,7 +102,14 @@ class MoELayer(nn.Module):
     # ------------------------------------------------------------ plumbing
     def _attach(self, layer):
         self.layer = layer
-        self._order = list(layer.param_names) + list(layer.buffers)
+        # state_dict order: libmoe's parameter table, each buffer after its module's parameters
+        order = list(layer.param_names)
+        for b in layer.buffers:
+            pre = b.rsplit(".", 1)[0] + "." if "." in b else ""
+            last = max((i for i, n in enumerate(order) if n.startswith(pre) and n.count(".") == b.count(".")),
+                       default=len(order) - 1)
+            order.insert(last + 1, b)
+        self._order = order
         self._moe_params = []
         for name in layer.param_names:
             owner, leaf = self._owner(name)
@@ -92,6 +120,10 @@ class MoELayer(nn.Module):
             owner, leaf = self._owner(name)
             owner.register_buffer(leaf, torch.from_numpy(view))
         self._addrs = [int(layer.params[n].ctypes.data) for n in layer.param_names]
+        # topk: the routed expert each parameter belongs to (None: gate, shared experts)
+        topk = layer.config.get("type") == "topk"
+        self._param_expert = tuple(int(n.split(".")[1]) if topk and n.startswith("experts.") else None
+                                   for n in layer.param_names)
 
     def _owner(self, name):
         parts = name.split(".")
@@ -99,7 +131,7 @@ class MoELayer(nn.Module):
         for part in parts[:-1]:
             child = mod._modules.get(part)
             if child is None:
-                child = nn.Module()
+                child = _Container()
                 mod.add_module(part, child)
             mod = child
         return mod, parts[-1]
@@ -114,7 +146,7 @@ class MoELayer(nn.Module):
             layer.buffers[n][...] = self.layer.buffers[n]
         layer.rng_position = self.layer.rng_position
         new._attach(layer)
-        skip = {"_parameters", "_buffers", "_modules", "layer", "_order", "_moe_params", "_addrs"}
+        skip = {"_parameters", "_buffers", "_modules", "layer", "_order", "_moe_params", "_addrs", "_param_expert"}
         for k, v in self.__dict__.items():
             if k not in skip and k not in new.__dict__:
                 new.__dict__[k] = copy.deepcopy(v, memo)
@@ -172,7 +204,7 @@ class MoELayer(nn.Module):
         x32c = x32.contiguous()
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._moe_params))
         flags = (MOE_TRAIN if self.training else MOE_EVAL) | (0 if grad else MOE_NO_GRAD)
-        y, aux = _MoEFunction.apply(layer, kind, dims, yshape, flags, x32c, m, *self._moe_params)
+        y, aux = _MoEFunction.apply(layer, self._param_expert, kind, dims, yshape, flags, x32c, m, *self._moe_params)
         if x.dtype != torch.float32:
             y, aux = y.to(x.dtype), aux.to(x.dtype)
         return y, aux
