@@ -77,8 +77,8 @@ fi
 if [ -d python/libmoe ]; then
     if PYTHONPATH="$p/python" /usr/bin/python3 -c "
 import libmoe, sys
-assert '$p' in libmoe.library_path(), libmoe.library_path()
-print('python ok', libmoe.library_path())" >"$tmp/py.log" 2>&1; then ok; else bad "python from the prefix: $(cat "$tmp/py.log")"; fi
+assert '$p' in libmoe.library_path, libmoe.library_path
+import libmoe.torch; print('python ok', libmoe.library_path)" >"$tmp/py.log" 2>&1; then ok; else bad "python from the prefix: $(cat "$tmp/py.log")"; fi
 fi
 
 # uninstall leaves nothing behind

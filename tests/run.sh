@@ -78,6 +78,7 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
     run "parity soft (PyTorch)" /usr/bin/python3 tests/parity/run_parity_soft.py
     run "parity router (PyTorch)" /usr/bin/python3 tests/parity/run_parity_router.py
+    run "python (PyTorch)" /usr/bin/python3 tests/python/test_torch.py
 fi
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
