@@ -183,6 +183,13 @@ class Layer:
         self.backward_raw(dx.ctypes.data, dy.ctypes.data, daux)
         return dx
 
+    def grad_tensors(self):
+        """{name: torch tensor over the C gradient memory} (cached; libmoe.torch)."""
+        if getattr(self, "_grad_tensors", None) is None:
+            import torch
+            self._grad_tensors = {n: torch.from_numpy(g) for n, g in self.grads.items()}
+        return self._grad_tensors
+
     def zero_grad(self):
         lib.moe_layer_zero_grad(self._h)
 

@@ -8,10 +8,13 @@ parameter table names), so state_dicts move between these modules and the PyTorc
 ones both ways.
 
 Autograd: one torch.autograd.Function per forward whose inputs are x and every
-parameter. Its backward zeroes the C gradient block, runs the C backward with
-grad_output (and the aux loss's gradient as daux), and returns dx and a copy of each
-parameter gradient, which autograd accumulates into p.grad exactly as for any torch
-module (accumulation over backwards, optimizer.zero_grad(set_to_none=True), hooks).
+parameter. Its backward runs the C backward with grad_output (and the aux loss's
+gradient as daux) and returns dx. The parameter gradients: when every .grad is None
+or already the C gradient block's view and no hook is registered on a parameter, the
+C backward accumulates straight into that block and the views become .grad (no copy;
+accumulation over backwards and optimizer.zero_grad(set_to_none=True or False) behave
+as for any torch module). Otherwise (a .grad replaced by another tensor, gradient
+hooks) the backward zeroes the block and returns copies, which autograd accumulates.
 
 Modes: module.training -> MOE_TRAIN / MOE_EVAL; torch.no_grad() (or nothing requiring
 a gradient) -> MOE_NO_GRAD (nothing kept for backward).
@@ -46,6 +49,7 @@ class _MoEFunction(torch.autograd.Function):
         ctx.layer, ctx.count, ctx.xshape = layer, layer.forward_count, tuple(x.shape)
         ctx.yshape = tuple(yshape)
         ctx.param_expert = param_expert
+        ctx.params = params  # the leaf Parameters: the backward may hand them the C gradients
         return y, torch.tensor(aux, dtype=torch.float32)
 
     @staticmethod
@@ -62,16 +66,40 @@ class _MoEFunction(torch.autograd.Function):
         daux = float(gaux) if gaux is not None else 0.0
         need = ctx.needs_input_grad
         dx = torch.empty(ctx.xshape, dtype=torch.float32) if need[6] else None
-        layer.zero_grad()
-        layer.backward_raw(dx.data_ptr() if dx is not None else 0, dy.data_ptr(), daux)
+        names, params = layer.param_names, ctx.params
+        views = layer.grad_tensors()
         # as in PyTorch's top-k modules, an expert that processed no token gets no gradient
         # (None, not zeros: AdamW and momentum then leave it alone)
         idle = set()
         if any(e is not None for e in ctx.param_expert):
             counts = layer.stats()["expert_counts"]
             idle = {e for e in range(len(counts)) if counts[e] == 0}
-        grads = [torch.from_numpy(layer.grads[n]).clone() if need[8 + i] and ctx.param_expert[i] not in idle
-                 else None for i, n in enumerate(layer.param_names)]
+        # Zero copy: where every parameter's .grad is None or already the C gradient
+        # block's view and no gradient hook is registered, the C backward accumulates
+        # (+=) straight into the C block and that block becomes .grad: PyTorch's
+        # accumulation without copying 4 bytes per parameter twice every backward
+        # (README: "Speed"). Otherwise the gradients go through autograd as copies.
+        fast = all((p.grad is None or p.grad.data_ptr() == views[n].data_ptr()) and not p._backward_hooks
+                   for p, n in zip(params, names))
+        if fast:
+            for p, n in zip(params, names):
+                if p.grad is None:
+                    views[n].zero_()
+            layer.backward_raw(dx.data_ptr() if dx is not None else 0, dy.data_ptr(), daux)
+            for i, (p, n) in enumerate(zip(params, names)):
+                if need[8 + i] and p.grad is None and ctx.param_expert[i] not in idle:
+                    p.grad = views[n]
+            return (None, None, None, None, None, None, dx, None, *([None] * len(params)))
+        # copy path: the .grad that are the block's views keep what they hold (saved,
+        # restored), the block takes this backward alone, and autograd adds the copies
+        kept = {n: views[n].clone() for p, n in zip(params, names)
+                if p.grad is not None and p.grad.data_ptr() == views[n].data_ptr()}
+        layer.zero_grad()
+        layer.backward_raw(dx.data_ptr() if dx is not None else 0, dy.data_ptr(), daux)
+        grads = [views[n].clone() if need[8 + i] and ctx.param_expert[i] not in idle
+                 else None for i, n in enumerate(names)]
+        for n, v in kept.items():
+            views[n].copy_(v)
         return (None, None, None, None, None, None, dx, None, *grads)
 
 

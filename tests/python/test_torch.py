@@ -361,6 +361,30 @@ def test_semantics():
     T.check(np.allclose(m.layer.params["gate.weight"], want, rtol=1e-6, atol=1e-7)
             and torch.equal(m.gate.weight.detach(), torch.from_numpy(m.layer.params["gate.weight"])),
             "optimizer.step updates the C layer's weights in place")
+    # zero copy: .grad is the C gradient block itself; a replaced .grad or a hook takes the copy path
+    opt.zero_grad(set_to_none=True)
+    m(x).sum().backward()
+    T.check(m.gate.weight.grad.data_ptr() == m.layer.grads["gate.weight"].ctypes.data,
+            ".grad is a view of the C gradient block (no copy)")
+    g2 = {n: q.grad.clone() for n, q in m.named_parameters()}  # at the weights after the step
+    x2 = torch.randn(6, 8, generator=gen)
+    opt.zero_grad(set_to_none=True)
+    m(x2).sum().backward()
+    g3 = {n: q.grad.clone() for n, q in m.named_parameters()}
+    opt.zero_grad(set_to_none=True)
+    m(x).sum().backward()
+    m.gate.weight.grad = m.gate.weight.grad.clone()  # a foreign tensor: the copy path
+    m(x2).sum().backward()
+    T.check(all(torch.allclose(q.grad, g2[n] + g3[n], rtol=1e-6, atol=1e-6) for n, q in m.named_parameters()),
+            "a replaced .grad: the next backward still accumulates (g(x) + g(x2), through autograd)")
+    seen = []
+    h = m.gate.bias.register_hook(lambda g: seen.append(g.clone()))
+    opt.zero_grad(set_to_none=True)
+    m(x).sum().backward()
+    h.remove()
+    T.check(len(seen) == 1 and torch.allclose(seen[0], g2["gate.bias"], rtol=1e-6, atol=1e-7)
+            and all(torch.allclose(q.grad, g2[n], rtol=1e-6, atol=1e-7) for n, q in m.named_parameters()),
+            "a gradient hook on a parameter fires once with the gradient (copy path)")
     # requires_grad False on a parameter: no grad for it, others still
     m.gate.bias.requires_grad_(False)
     opt.zero_grad(set_to_none=True)
