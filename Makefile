@@ -53,7 +53,7 @@ BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
 .PHONY: all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
-        install uninstall
+        install uninstall test-torch2
 
 # deps first, then a fresh make that sees what deps installed (mpicc)
 all: deps
@@ -183,6 +183,21 @@ fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	        >build-fuzz/$$t.log 2>&1 || { tail -n 40 build-fuzz/$$t.log; exit 1; }; \
 	    echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' build-fuzz/$$t.log), no crash"; \
 	done
+
+# The Python suite against a current PyTorch 2.x from PyPI, in a virtual
+# environment (build/venv-torch2: about 5.4 GB with PyPI's CUDA-enabled wheels,
+# 2 minutes to install here), with the package installed by pip from
+# ./python. Not in `make test` / CI: the download is too large to repeat on
+# every run; README "Python and PyTorch" names the versions last tested.
+TORCH2_VENV ?= build/venv-torch2
+test-torch2: all
+	@[ -x $(TORCH2_VENV)/bin/python ] || /usr/bin/python3 -m venv $(TORCH2_VENV)
+	@$(TORCH2_VENV)/bin/python -c "import torch, numpy" 2>/dev/null || \
+	    $(TORCH2_VENV)/bin/pip install -q torch numpy setuptools
+	@$(TORCH2_VENV)/bin/pip install -q --no-deps --no-build-isolation --force-reinstall ./python
+	@$(TORCH2_VENV)/bin/python -c "import torch, numpy; print('PyTorch', torch.__version__, 'numpy', numpy.__version__)"
+	@cd /tmp && LIBMOE_LIBRARY=$(CURDIR)/$(BUILD)/libmoe.so MOE_PY_INSTALLED=1 \
+	    $(abspath $(TORCH2_VENV))/bin/python $(CURDIR)/tests/python/test_torch.py
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: the header(s), libmoe.so.VERSION
 # (soname libmoe.so.MAJOR) and its links, libmoe.a (and libmoe_mpi.a), moe.pc,

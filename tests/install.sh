@@ -81,6 +81,19 @@ assert '$p' in libmoe.library_path, libmoe.library_path
 import libmoe.torch; print('python ok', libmoe.library_path)" >"$tmp/py.log" 2>&1; then ok; else bad "python from the prefix: $(cat "$tmp/py.log")"; fi
 fi
 
+# pip install ./python (pure Python), then the installed library through LIBMOE_LIBRARY
+if [ -d python/libmoe ]; then
+    if /usr/bin/python3 -m pip install -q --no-deps --no-build-isolation --target "$tmp/pip" ./python \
+            >"$tmp/pip.log" 2>&1 &&
+        (cd "$tmp" && LIBMOE_LIBRARY="$p/lib/libmoe.so.0" PYTHONPATH="$tmp/pip" /usr/bin/python3 -c "
+import libmoe, libmoe.torch as lt, torch
+assert libmoe.__file__.startswith('$tmp/pip'), libmoe.__file__
+y = lt.SimpleMoE(4, 8, 16, 2)(torch.randn(3, 8))
+print('pip ok', tuple(y.shape))") >>"$tmp/pip.log" 2>&1 && grep -q "pip ok (3, 8)" "$tmp/pip.log"; then ok; else
+        bad "pip install ./python: $(tail -n 5 "$tmp/pip.log")"
+    fi
+fi
+
 # uninstall leaves nothing behind
 make --no-print-directory uninstall PREFIX="$p" PYDIR="$p/python" >/dev/null 2>&1
 left=$(find "$p" -type f -o -type l | head -n 5)

@@ -23,6 +23,9 @@ if [ "$what" = test ]; then
     # the install test: a pkg-config build and a CMake project against the installed libmoe
     command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
     command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
+    # ... and `pip install ./python`
+    /usr/bin/python3 -m pip --version >/dev/null 2>&1 || missing="$missing python3-pip"
+    /usr/bin/python3 -c "import setuptools" >/dev/null 2>&1 || missing="$missing python3-setuptools"
 fi
 if [ "$what" = valgrind ]; then
     command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
