@@ -30,8 +30,10 @@ static const char *usage_text =
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json] [--ep]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
-    "the same useful FLOPs (the rows the experts actually ran); prints tokens/s, GFLOP/s and\n"
-    "the ratio. Defaults: topk, T=4096 D=512 H=2048 E=16 K=2 mlp (relu) experts, 5 timed\n"
+    "the same useful FLOPs and the machine's fp32 FMA and bf16 dot-product peaks (register-only\n"
+    "loops on every thread; the layer's GFLOP/s as a share of the fp32 peak). The useful FLOPs\n"
+    "are those of the rows the experts actually ran; prints tokens/s, GFLOP/s and the ratios.\n"
+    "Defaults: topk, T=4096 D=512 H=2048 E=16 K=2 mlp (relu) experts, 5 timed\n"
     "iterations (medians), all cores. gshard and hierarchical run B=4 sequences of T/B\n"
     "tokens with the seed's defaults (policy random, capacity factor 1.25); hierarchical\n"
     "has E=4 outer and EI=4 inner experts unless given. soft_dynamic and soft run B=4\n"
@@ -466,11 +468,11 @@ int cmd_bench(int argc, char **argv) {
         printf("{\"layer\": \"%s\", \"expert\": \"%s\", \"T\": %lld, \"B\": %lld, \"D\": %lld, \"H\": %lld, "
                "\"E\": %lld, \"K\": %lld, \"rows\": %.1f, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, "
                "\"tokens_per_s\": %.1f, \"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, "
-               "\"ratio\": %.3f, \"check_seconds\": %.6f}\n",
+               "\"ratio\": %.3f, \"check_seconds\": %.6f, \"fp32_peak_gflops\": %.1f, \"bf16_peak_gflops\": %.1f}\n",
                moe_layer_type_name(type), kn, (long long)T, (long long)B, (long long)D, (long long)H,
                (long long)(type == MOE_LAYER_HIERARCHICAL ? E * Ei : E), (long long)(topk ? K : 2), rows,
                (long long)threads, (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense,
-               gf_moe / gf_dense, t_check);
+               gf_moe / gf_dense, t_check, cli_peak_gflops(0, (int)threads), cli_peak_gflops(1, (int)threads));
     } else {
         printf("forward+backward, fp32, %lld threads, median of %lld\n", (long long)threads, (long long)iters);
         printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
@@ -500,6 +502,10 @@ int cmd_bench(int argc, char **argv) {
                gf_dense, t_dense * 1e3, 1.0);
         printf("result checks (NaN/Inf scans of y, dx and every gradient): %.2f ms per step, %.2f%% of "
                "forward+backward\n", t_check * 1e3, 100.0 * t_check / t_moe);
+        double p32 = cli_peak_gflops(0, (int)threads), p16 = cli_peak_gflops(1, (int)threads);
+        printf("machine peak, measured now on %lld threads: fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s; this "
+               "layer (fp32) runs at %.2f of the fp32 peak, the dense sgemm at %.2f\n", (long long)threads, p32, p16,
+               p32 > 0 ? gf_moe / p32 : 0.0, p32 > 0 ? gf_dense / p32 : 0.0);
         if (soft)
             printf("useful work per call: %.1f GFLOP (experts %.0f%%, slot logits/dispatch/combine%s %.0f%%)\n",
                    soft_flops * 1e-9, 100.0 * (1.0 - 3.0 * soft_route / soft_flops),

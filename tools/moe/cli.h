@@ -27,6 +27,11 @@ int cli_isatty_err(void);
 
 int cmd_forward(int argc, char **argv);
 
+/* The machine's peak GFLOP/s on `threads` threads, measured now (peak.c):
+ * fp32 FMA (bf16 = 0) or the AVX512-BF16 dot product (bf16 = 1); 0 when the
+ * CPU lacks the instructions. About a second per call. */
+double cli_peak_gflops(int bf16, int threads);
+
 /* `moe forward`'s parsed flags, for the expert-parallel path (forward_ep.c). */
 typedef struct {
     const char *cfg_path, *w_path, *x_path, *out_path, *dy_path, *mask_list, *force_list;
