@@ -4,20 +4,18 @@
 # apt-get) or it stops with the exact command to run.
 
 CC       ?= cc
-# The OpenMP build of OpenBLAS, chosen deliberately: its threads are the same
-# OpenMP team as ours, so BLAS calls inside our parallel regions do not
-# oversubscribe the cores (see README, "C API").
-BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
-BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
+# GEMMs: oneDNN (Debian's libdnnl-dev, the OpenMP build: its threads are the
+# same OpenMP runtime as ours; libmoe runs each call single-threaded inside
+# its own regions, see src/ops/gemm.c).
 OPT      ?= -O2 -march=native
 SAN      ?=
 BUILD    ?= build
 
 # -fvisibility=hidden: libmoe.so exports the public API only (MOE_API in moe.h)
 CFLAGS  = $(OPT) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
-          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC) $(SAN)
-LDFLAGS = -fopenmp $(SAN) -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB)
-LDLIBS  = -lopenblas -lcjson -lm
+          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers $(SAN)
+LDFLAGS = -fopenmp $(SAN)
+LDLIBS  = -ldnnl -lcjson -lm
 
 # The version (moe.h's MOE_VERSION) and the soname libmoe.so.MAJOR.
 VERSION := $(shell sed -n 's/^\#define MOE_VERSION "\(.*\)"/\1/p' include/moe.h)
@@ -127,12 +125,12 @@ test-c: all $(TEST_BIN) $(MPI_TEST_BIN)
 test: deps-test all $(TEST_BIN) $(BENCH_BIN)
 	@$(MAKE) --no-print-directory test-mpi-bins
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
-	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-c
+	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DMOE_GEMM_PROBE" test-c
 	@sh tests/run.sh
 
 test-asan:
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
-	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-c
+	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DMOE_GEMM_PROBE" test-c
 	@ONLY_ASAN=1 sh tests/run.sh
 
 bench: all $(BENCH_BIN)
@@ -155,7 +153,7 @@ bench: all $(BENCH_BIN)
 VALGRIND_TESTS = test_badinput test_corpus test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft
 test-valgrind:
 	@sh tools/deps.sh valgrind
-	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 test-c
+	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 SAN="-DMOE_GEMM_PROBE -DMOE_VALGRIND" test-c
 	@for t in $(VALGRIND_TESTS); do \
 	    valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
 	        build-vg/tests/$$t >build-vg/$$t.valgrind 2>&1 || { tail -n 40 build-vg/$$t.valgrind; exit 1; }; \
@@ -169,11 +167,11 @@ test-valgrind:
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = safetensors config forward
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
-             -D_GNU_SOURCE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -I$(BLAS_INC)
+             -D_GNU_SOURCE -DMOE_GEMM_PROBE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers
 build-fuzz/fuzz_%: fuzz/fuzz_%.c $(LIB_SRC) $(HDRS) | deps-fuzz
 	@mkdir -p build-fuzz
 	clang $(FUZZ_FLAGS) $< $(LIB_SRC) $(if $(filter %forward,$*),tools/moe/forward.c tools/moe/forward_ep.c tools/moe/ep_none.c tools/moe/cli.c) \
-	    -o $@ -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lcjson -lm
+	    -o $@ -ldnnl -lcjson -lm
 
 fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	@for t in $(FUZZ_TARGETS); do \
@@ -217,7 +215,7 @@ install: all
 	install -m 644 $(BUILD)/libmoe.a "$$d/lib/" && \
 	if [ -f $(BUILD)/libmoe_mpi.a ]; then install -m 644 $(BUILD)/libmoe_mpi.a "$$d/lib/" && \
 	    install -m 644 include/moe_mpi.h "$$d/include/"; fi && \
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_LIB@|$(BLAS_LIB)|' \
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' \
 	    tools/pkg/moe.pc.in >"$$d/lib/pkgconfig/moe.pc" && \
 	for f in libmoeConfig libmoeConfigVersion; do \
 	    sed -e 's|@VERSION@|$(VERSION)|' -e 's|@MAJOR@|$(MAJOR)|' tools/pkg/$$f.cmake.in \

@@ -66,8 +66,8 @@ MOE_API const char *moe_status_str(moe_status s);
 /* Message of the last failing call on this thread ("" if none). Never NULL. */
 MOE_API const char *moe_last_error(void);
 
-/* Threads used by the library's OpenMP regions and by the BLAS. n <= 0: all
- * cores. Returns the number now in use. */
+/* Threads used by the library's OpenMP regions (its GEMMs included). n <= 0:
+ * all cores. Returns the number now in use. */
 MOE_API int moe_set_num_threads(int n);
 
 /* ---------------------------------------------------------------- config */
@@ -454,15 +454,14 @@ MOE_API moe_status moe_optim_set_steps(moe_optim *o, int64_t steps);
 
 /* ---------------------------------------------------------------- gemm */
 
-/* C (M,N) = alpha * op(A) op(B) + beta * C, row-major float32, through the
- * CBLAS with libmoe's own threading: C is cut into at most 4 tiles along its
- * longer side (the cut depends only on the shape), each one single-threaded
- * BLAS call, so the result has the same bits on any thread count, inside or
- * outside an OpenMP parallel region (a BLAS left to its own threads changes
- * the last bits with the thread count). op(A) (M,K) is A (M,K) with lda, or
+/* C (M,N) = alpha * op(A) op(B) + beta * C, row-major float32, through
+ * oneDNN's sgemm with libmoe's own threading: C is cut into at most 4 tiles
+ * along its longer side (the cut depends only on the shape), each one
+ * single-threaded oneDNN call, so the result has the same bits on any thread
+ * count, inside or outside an OpenMP parallel region (a GEMM left to its own
+ * threads changes the last bits with the thread count). op(A) (M,K) is A (M,K) with lda, or
  * A (K,M) when ta; op(B) (K,N) is B (K,N) with ldb, or B (N,K) when tb. Does
- * nothing when M or N is 0; with K == 0 it scales C by beta. Every dimension
- * and leading dimension must fit in an int. */
+ * nothing when M or N is 0; with K == 0 it scales C by beta. */
 MOE_API void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float *A, int64_t lda, const float *B, int64_t ldb,
                float beta, float *C, int64_t ldc);

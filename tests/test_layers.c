@@ -218,11 +218,8 @@ static void test_save_load(void) {
 /* ---- thread counts ----
  * Runs 0 and 1 use 2 threads, run 2 uses 1 thread. The same thread count must
  * give the same bits run to run (our own loops split work statically and
- * reduce in a fixed order). 1 vs 2 threads is checked to 1e-5 relative, not
- * bit for bit: OpenBLAS 0.3.21 picks different sgemm kernels by thread count
- * (a bare cblas_sgemm of 300x48 by 48x80 already differs in the last bit), so
- * bit identity across thread counts needs our own GEMM partitioning - that is
- * the [harden] issue's determinism work. */
+ * reduce in a fixed order). 1 vs 2 threads is checked here to 1e-5 relative;
+ * test_determinism checks the bits (moe_sgemm's own tiling). */
 static int max_rel_ok(const float *a, const float *b, size_t n, float rtol) {
     float amax = 0;
     for (size_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(a[i]));
@@ -357,7 +354,7 @@ static void test_learns(void) {
     moe_layer_free(l);
 }
 
-/* The decode kernel against its reference (a BLAS GEMM) on awkward shapes:
+/* The decode kernel against its reference (moe_sgemm) on awkward shapes:
  * 1..MOE_SMALL_ROWS rows, K below, at and off the 16-lane width, odd N,
  * strided A and C, accumulation into C. */
 static void test_small_gemm(void) {
@@ -385,11 +382,73 @@ static void test_small_gemm(void) {
                     }
                 free(A), free(W), free(C), free(R);
             }
-    CHECK(ok, "moe_sgemm_nt_small differs from the BLAS reference (worst %g)", worst);
+    CHECK(ok, "moe_sgemm_nt_small differs from the GEMM reference (worst %g)", worst);
+}
+
+/* moe_sgemm (oneDNN, libmoe's tiling) against its plain twin moe_sgemm_ref on
+ * awkward shapes: both transposes, 1-row and odd sizes, sizes that cut into
+ * 1..4 tiles along either side, leading dimensions wider than the matrix,
+ * alpha/beta (beta 0 must ignore NaN in C), K = 0; and the same bits on 1 and
+ * 2 threads, inside a parallel region and in an expert task (moe__in_task). */
+static void test_sgemm(void) {
+    static const int64_t Ms[] = {1, 3, 17, 130, 513}, Ns[] = {1, 5, 64, 300}, Ks[] = {0, 1, 7, 33, 260};
+    unsigned long long st = 777;
+    int ok = 1, same = 1, cases = 0;
+    double worst = 0;
+    for (int mi = 0; mi < 5; mi++)
+        for (int ni = 0; ni < 4; ni++)
+            for (int ki = 0; ki < 5; ki++)
+                for (int tr = 0; tr < 4; tr++) {
+                    int ta = tr & 1, tb = tr >> 1;
+                    int64_t M = Ms[mi], N = Ns[ni], K = Ks[ki];
+                    int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
+                    int64_t ra = ta ? K : M, rb = tb ? N : K;
+                    float alpha = (tr == 1) ? -0.5f : 1.0f, beta = (tr == 2) ? 0.75f : (tr == 3 ? 0.0f : 1.0f);
+                    float *A = malloc((size_t)(ra * lda + 1) * sizeof *A), *B = malloc((size_t)(rb * ldb + 1) * sizeof *B);
+                    float *C0 = malloc((size_t)(M * ldc) * sizeof *C0), *C1 = malloc((size_t)(M * ldc) * sizeof *C1);
+                    float *C2 = malloc((size_t)(M * ldc) * sizeof *C2), *C3 = malloc((size_t)(M * ldc) * sizeof *C3);
+                    float *R = malloc((size_t)(M * ldc) * sizeof *R);
+                    for (int64_t i = 0; i < ra * lda + 1; i++) A[i] = check_nrand(&st);
+                    for (int64_t i = 0; i < rb * ldb + 1; i++) B[i] = check_nrand(&st);
+                    for (int64_t i = 0; i < M * ldc; i++)
+                        R[i] = C0[i] = C1[i] = C2[i] = C3[i] = (beta == 0.0f && i % 7 == 0) ? NAN : check_nrand(&st);
+                    moe_sgemm_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, R, ldc);
+                    moe_set_num_threads(2);
+                    moe_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc);
+                    moe_set_num_threads(1);
+                    moe_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C1, ldc);
+                    moe_set_num_threads(2);
+#pragma omp parallel num_threads(2)
+                    {
+#pragma omp single
+                        moe_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C2, ldc);
+                    }
+                    moe__in_task = 1; /* an expert task's GEMM: one untiled call */
+                    moe_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C3, ldc);
+                    moe__in_task = 0;
+                    for (int64_t r = 0; r < M; r++)
+                        for (int64_t j = 0; j < ldc; j++) {
+                            int64_t i = r * ldc + j;
+                            double d = j < N ? fabs((double)C0[i] - R[i]) : 0.0;
+                            double tol = 1e-5 * (1.0 + sqrt((double)K));
+                            ok &= (j < N) ? (d <= tol) : (memcmp(&C0[i], &R[i], 4) == 0); /* padding untouched */
+                            if (d > worst) worst = d;
+                        }
+                    same &= memcmp(C0, C1, (size_t)(M * ldc) * 4) == 0 && memcmp(C0, C2, (size_t)(M * ldc) * 4) == 0;
+                    if (memcmp(C0, C3, (size_t)(M * ldc) * 4) != 0) /* untiled: same values, maybe other bits */
+                        for (int64_t i = 0; i < M * ldc; i++)
+                            ok &= fabs((double)C3[i] - C0[i]) <= 1e-5 * (1.0 + sqrt((double)K)) || (C3[i] != C3[i] && C0[i] != C0[i]);
+                    cases++;
+                    free(A), free(B), free(C0), free(C1), free(C2), free(C3), free(R);
+                }
+    CHECK(ok, "moe_sgemm differs from its plain twin moe_sgemm_ref (worst %g over %d cases)", worst, cases);
+    CHECK(same, "moe_sgemm: 1 and 2 threads, or inside a parallel region, give different bits");
+    CHECK(cases == 400, "sgemm cases %d", cases);
 }
 
 int main(void) {
     moe_set_num_threads(2);
+    test_sgemm();
     test_topk_kernel();
     test_topk_reference();
     test_params();

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
-#   tools/deps.sh build   OpenBLAS (OpenMP build), cJSON headers/libraries and OpenMPI
+#   tools/deps.sh build   oneDNN (GEMMs), cJSON headers/libraries and OpenMPI
 #                         (libopenmpi-dev, openmpi-bin: expert parallelism, `--ep`)
 #   tools/deps.sh test    the above plus Debian's python3-torch for parity tests, and
 #                         pkg-config and cmake for the install test
@@ -11,8 +11,8 @@ set -eu
 what=${1:-build}
 missing=""
 
-[ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ] && \
-[ -f /usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ] || missing="$missing libopenblas-openmp-dev"
+[ -f /usr/include/oneapi/dnnl/dnnl.h ] && \
+[ -f /usr/lib/x86_64-linux-gnu/libdnnl.so ] || missing="$missing libdnnl-dev"
 [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
 if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
     command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"

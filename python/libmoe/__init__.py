@@ -42,7 +42,7 @@ def _check(st, what=""):
 
 
 def set_num_threads(n):
-    """Threads of libmoe's OpenMP regions and BLAS (n <= 0: all cores); returns the count."""
+    """Threads of libmoe's OpenMP regions, its GEMMs included (n <= 0: all cores); returns the count."""
     return lib.moe_set_num_threads(int(n))
 
 

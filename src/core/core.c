@@ -96,10 +96,6 @@ float moe_rng_uniform(uint64_t seed, uint64_t counter) {
 
 /* ---------------------------------------------------------------- threads */
 
-/* OpenBLAS (the OpenMP build we link) exports this; declared here so the
- * public header does not depend on cblas.h. */
-void openblas_set_num_threads(int n);
-
 static double g_check_seconds;
 
 double moe__clock(void) {
@@ -129,6 +125,5 @@ int moe_set_num_threads(int n) {
 #else
     if (n <= 0) n = 1;
 #endif
-    openblas_set_num_threads(n);
     return n;
 }

@@ -1,12 +1,77 @@
 /*
- * GEMM through CBLAS (OpenBLAS), plus the bias/column-sum helpers around it.
+ * GEMM through oneDNN (dnnl_sgemm), plus the bias/column-sum helpers around it.
  * Dimension key: M rows, N cols, K inner.
+ *
+ * Why oneDNN: it picks its kernels by the CPU's features at run time
+ * (AVX-512 where the CPU has it), whatever OPENBLAS_CORETYPE says, and the
+ * same library gives the bf16 GEMMs of mixed precision. One provider:
+ * OpenBLAS is no longer linked.
  */
 #include "ops.h"
 
-#include <cblas.h>
+#include <oneapi/dnnl/dnnl.h>
+#ifdef MOE_VALGRIND
+#include <valgrind/valgrind.h>
+#endif
 
 _Thread_local int moe__in_task;
+
+void moe_sgemm_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                   const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    /* The plain twin of moe_sgemm: a dot product per element, in double. */
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            double s = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                s += (double)(ta ? A[k * lda + i] : A[i * lda + k]) * (double)(tb ? B[j * ldb + k] : B[k * ldb + j]);
+            float c = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+            C[i * ldc + j] = c + alpha * (float)s;
+        }
+}
+
+/* One single-threaded oneDNN call. oneDNN (OpenMP build) would otherwise
+ * size its own team from omp_get_max_threads(), and its split of K and of
+ * the tiles depends on that count, so the last bits would depend on the
+ * thread count. omp_set_num_threads(1) sets only the calling task's ICV; it
+ * is restored after. A failure (oneDNN cannot allocate its packing buffer)
+ * falls back to the plain twin: the product is still computed, never lost. */
+static void sgemm_1(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+#ifdef MOE_GEMM_PROBE
+    /* Sanitizer and valgrind builds (Makefile): ASan does not see inside
+     * oneDNN, so every element the GEMM reads or writes is touched here
+     * first, in instrumented code: a short or misaligned buffer passed by
+     * libmoe is reported at this line. */
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) (void)*(const volatile float *)(ta ? &A[k * lda + i] : &A[i * lda + k]);
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < N; j++) (void)*(const volatile float *)(tb ? &B[j * ldb + k] : &B[k * ldb + j]);
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            volatile float *c = &C[i * ldc + j];
+            *c = *c;
+        }
+#endif
+#ifdef _OPENMP
+    int save = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+#ifdef MOE_VALGRIND
+    /* oneDNN's JIT sgemm kernels load whole vectors past the end of oneDNN's
+     * own packing buffers (its allocation, not ours; the extra lanes are
+     * unused). Memcheck cannot tell, so its reports are off during the call;
+     * the probe above has checked libmoe's arguments. */
+    VALGRIND_DISABLE_ERROR_REPORTING;
+#endif
+    dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#ifdef MOE_VALGRIND
+    VALGRIND_ENABLE_ERROR_REPORTING;
+#endif
+#ifdef _OPENMP
+    omp_set_num_threads(save);
+#endif
+    if (st != dnnl_success) moe_sgemm_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
 
 void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float *A, int64_t lda, const float *B, int64_t ldb,
@@ -17,14 +82,11 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
             for (int64_t j = 0; j < N; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
         return;
     }
-    /* Sizes were checked against INT_MAX when the layer planned its shapes. */
-    CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
-    /* Our threads, not the BLAS's: C is cut into at most 4 tiles along its
+    /* Our threads, not the library's: C is cut into at most 4 tiles along its
      * longer side, the cut depending only on the shape, and each tile is one
-     * single-threaded BLAS call (OpenBLAS's OpenMP build runs a call made in
-     * a parallel region on the calling thread). Every element is then summed
+     * single-threaded oneDNN call (sgemm_1). Every element is then summed
      * the same way on any thread count, and inside or outside the caller's
-     * parallel regions, which OpenBLAS's own threading does not give (its
+     * parallel regions, which oneDNN's own threading does not give (its
      * split changes the last bits). Rows of C are rows of op(A), columns of C
      * columns of op(B). Inside a parallel region the tiles run on this thread.
      * An expert task's GEMM (moe__in_task) is one call on this thread in
@@ -34,23 +96,20 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
     int64_t tile = ((L + nt - 1) / nt + 15) / 16 * 16;
     nt = (L + tile - 1) / tile;
     if (moe__in_task) { /* one expert's GEMM (moe_each_expert): always one call on this thread */
-        cblas_sgemm(CblasRowMajor, TA, TB, (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C,
-                    (int)ldc);
+        sgemm_1(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     int nested = 0;
 #ifdef _OPENMP
     nested = omp_in_parallel();
 #endif
-#pragma omp parallel for schedule(dynamic, 1) if (!nested) /* one tile too: then the BLAS sees a parallel region and runs single-threaded */
+#pragma omp parallel for schedule(dynamic, 1) if (!nested)
     for (int64_t i = 0; i < nt; i++) {
         int64_t a = i * tile, n = L - a < tile ? L - a : tile;
         if (M >= N) /* rows a..a+n of C: rows of op(A) */
-            cblas_sgemm(CblasRowMajor, TA, TB, (int)n, (int)N, (int)K, alpha, ta ? A + a : A + a * lda, (int)lda, B,
-                        (int)ldb, beta, C + a * ldc, (int)ldc);
+            sgemm_1(ta, tb, n, N, K, alpha, ta ? A + a : A + a * lda, lda, B, ldb, beta, C + a * ldc, ldc);
         else /* columns a..a+n of C: columns of op(B) */
-            cblas_sgemm(CblasRowMajor, TA, TB, (int)M, (int)n, (int)K, alpha, A, (int)lda, tb ? B + a * ldb : B + a,
-                        (int)ldb, beta, C + a, (int)ldc);
+            sgemm_1(ta, tb, M, n, K, alpha, A, lda, tb ? B + a * ldb : B + a, ldb, beta, C + a, ldc);
     }
 }
 

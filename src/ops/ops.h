@@ -11,11 +11,17 @@
 
 #include "internal.h"
 
-/* moe_sgemm (C = alpha op(A) op(B) + beta C through CBLAS, with libmoe's
+/* moe_sgemm (C = alpha op(A) op(B) + beta C through oneDNN, with libmoe's
  * thread-count-independent tiling) is public: see moe.h. While moe__in_task
  * is set on a thread (moe_each_expert's tasks), its GEMMs are one
- * single-threaded BLAS call each, untiled, on any thread count. */
+ * single-threaded oneDNN call each, untiled, on any thread count. */
 extern _Thread_local int moe__in_task;
+
+/* The plain twin of moe_sgemm (same arguments, row-major, ta/tb transpose A/B):
+ * each element a dot product summed in double, then rounded. Tests compare
+ * moe_sgemm against it; moe_sgemm falls back to it if oneDNN fails. */
+void moe_sgemm_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                   const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
 /* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
  * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM

@@ -15,7 +15,7 @@
 #include "ep.h"
 #include "internal.h" /* moe__check_seconds: the time of the library's result checks */
 
-#include <cblas.h>
+#include <oneapi/dnnl/dnnl.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -444,12 +444,12 @@ int cmd_bench(int argc, char **argv) {
         double t1 = cli_now();
         moe_layer_stats(l, &stats);
         rows += (soft ? (double)A : (double)(stats.assignments + T * shared)) / (double)iters;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, A, D, H, 1, Ha, H, W2, H, 0, Y, D);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, A, H, D, 1, dY, D, W2, H, 0, dHa, H);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
+        dnnl_sgemm('N', 'T', A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
+        dnnl_sgemm('N', 'T', A, D, H, 1, Ha, H, W2, H, 0, Y, D);
+        dnnl_sgemm('T', 'N', D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
+        dnnl_sgemm('N', 'N', A, H, D, 1, dY, D, W2, H, 0, dHa, H);
+        dnnl_sgemm('T', 'N', H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
+        dnnl_sgemm('N', 'N', A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
         double t2 = cli_now();
         tm[it] = t1 - t0, td[it] = t2 - t1;
     }
