@@ -178,6 +178,18 @@ typedef struct {
     int             num_groups;             /* G: experts in G equal groups; 0 or 1: no groups */
     int             topk_groups;            /* tokens choose among the experts of the best M
                                                groups (group score: sum of its top-2 scores + bias) */
+    /* bf16 mixed precision, as torch.autocast('cpu', dtype=torch.bfloat16)
+     * runs the experts' nn.Linear layers (JSON "bf16": true, `--bf16`): the
+     * expert GEMMs, forward and backward, take their inputs rounded to bf16
+     * (weights through bf16 copies, activations and gradients converted on
+     * the fly) and accumulate and write fp32. Parameters, gradients and the
+     * optimizer state stay fp32 (master weights); the router, biases,
+     * activations, combine and losses are fp32. The bf16 copies are refreshed
+     * at the first forward after the parameters change (moe_optim_step,
+     * moe_layer_load, moe_layer_init_params, moe_layer_param/find_param, or
+     * moe_layer_params_changed). Implemented for topk; other types return
+     * MOE_ERR_UNSUPPORTED at create. 0 (default): fp32 everywhere. */
+    int             bf16;
 } moe_config;
 
 /* Set the router fields of a topk config c to a named recipe: "topk" (seed
@@ -254,6 +266,10 @@ MOE_API moe_param       *moe_layer_param(moe_layer *l, int i);          /* NULL 
 MOE_API moe_param       *moe_layer_find_param(moe_layer *l, const char *name); /* NULL if absent */
 MOE_API int64_t          moe_layer_num_weights(const moe_layer *l);      /* total floats */
 MOE_API void             moe_layer_zero_grad(moe_layer *l);
+/* Say that parameter values were written directly (through a pointer held
+ * from before, by another library, ...): a bf16 layer (cfg.bf16) then
+ * refreshes its bf16 weight copies at its next forward. Cheap; any layer. */
+MOE_API void             moe_layer_params_changed(moe_layer *l);
 /* Re-initialise every parameter from seed (same rule as create). */
 MOE_API void             moe_layer_init_params(moe_layer *l, uint64_t seed);
 

@@ -97,6 +97,19 @@ float moe_rng_uniform(uint64_t seed, uint64_t counter) {
 /* ---------------------------------------------------------------- threads */
 
 static double g_check_seconds;
+static uint64_t g_params_gen = 1;
+
+void moe__params_bump(void) {
+#pragma omp atomic
+    g_params_gen++;
+}
+
+uint64_t moe__params_gen(void) {
+    uint64_t g;
+#pragma omp atomic read
+    g = g_params_gen;
+    return g;
+}
 
 double moe__clock(void) {
 #ifdef _OPENMP

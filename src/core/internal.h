@@ -45,6 +45,12 @@ int64_t moe__alloc_count(void);
  * the expert-parallel exchanges. */
 double moe__clock(void);
 void   moe__check_add(double seconds);
+/* The parameters' generation: bumped (thread-safe) by whatever may change
+ * parameter values (moe_optim_step, load, init, handing out a parameter
+ * pointer, moe_layer_params_changed). A bf16 layer refreshes its bf16 weight
+ * copies when the generation moved since it made them. */
+void     moe__params_bump(void);
+uint64_t moe__params_gen(void);
 double moe__check_seconds(void);
 
 /* Overflow-checked size arithmetic: return 0 on overflow, 1 on success. */

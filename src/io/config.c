@@ -225,6 +225,10 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
         int64_t n = 0;
         int known = 0;
         if (strcmp(k, "type") == 0) continue;
+        if (strcmp(k, "bf16") == 0) { /* any type; moe_layer_create says which implement it */
+            if ((st = get_bool(&c.bf16, v)) != MOE_OK) break;
+            continue;
+        }
         if (is_topk) {
             st = router_key(&c, v, &known);
             if (st != MOE_OK) break;
@@ -274,7 +278,7 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
                                    "leaky_slope, seed, router, score, normalize, route_scale, capacity_factor, "
                                    "capacity_factor_train, capacity_factor_eval, jitter, balance_coef, "
                                    "z_loss_coef, num_shared_experts, shared_gate, expert_bias, "
-                                   "bias_update_rate, num_groups, topk_groups"
+                                   "bias_update_rate, num_groups, topk_groups, bf16"
                                  : "num_experts, input_dim, output_dim, seed");
         }
         if (st != MOE_OK) break;

@@ -44,6 +44,16 @@ static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
     bias_rows(hp, f->b1 + e * H2, n, H2);
+    if (f->W1h) { /* bf16: the inputs rounded, fp32 accumulation and output */
+        moe_gemm_bf16(0, 1, n, H2, D, f->x16 + r0 * D, f->W1h + e * H2 * D, 1.0f, hp);
+        if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
+        else moe_act_forward(h, hp, n * H, f->act, f->slope);
+        dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
+        moe_to_bf16(f->h16 + r0 * H, h, n * H);
+        bias_rows(y, f->b2 + e * D, n, D);
+        moe_gemm_bf16(0, 1, n, D, H, f->h16 + r0 * H, f->W2h + e * D * H, 1.0f, y);
+        return;
+    }
     if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(hp, H2, a->xe + r0 * D, D, f->W1 + e * H2 * D, n, H2, D);
     else moe_sgemm(0, 1, n, H2, D, 1.0f, a->xe + r0 * D, D, f->W1 + e * H2 * D, D, 1.0f, hp, H2);
     if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
@@ -60,20 +70,27 @@ static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     const float *dy = a->dye + r0 * D, *h = a->ha + r0 * H, *hp = a->hpre + r0 * H2, *x = a->xe + r0 * D;
     float *dh = a->dha + r0 * H, *dhp = a->dhpre + r0 * H2;
+    const uint16_t *dy16 = f->W1h ? f->dy16 + r0 * D : NULL;
     moe_colsum_acc(f->db2 + e * D, dy, n, D);
     /* dW2 (D,H) += dye^T ha ; dha (n,H) = dye W2 */
-    moe_sgemm(1, 0, D, H, n, 1.0f, dy, D, h, H, 1.0f, f->dW2 + e * D * H, H);
+    if (dy16) moe_gemm_bf16(1, 0, D, H, n, dy16, f->h16 + r0 * H, 1.0f, f->dW2 + e * D * H);
+    else moe_sgemm(1, 0, D, H, n, 1.0f, dy, D, h, H, 1.0f, f->dW2 + e * D * H, H);
     /* each gradient scanned right after it is written, while in cache */
     double t0 = moe__clock();
     int bad = moe_any_nonfinite(f->db2 + e * D, D) | moe_any_nonfinite(f->dW2 + e * D * H, D * H);
     double tc = moe__clock() - t0;
-    moe_sgemm(0, 0, n, H, D, 1.0f, dy, D, f->W2 + e * D * H, H, 0.0f, dh, H);
+    if (dy16) moe_gemm_bf16(0, 0, n, H, D, dy16, f->W2h + e * D * H, 0.0f, dh);
+    else moe_sgemm(0, 0, n, H, D, 1.0f, dy, D, f->W2 + e * D * H, H, 0.0f, dh, H);
     /* through dropout: the same mask, the same scale (regenerated from the stream) */
     dropout_rows(a->dha, r0, n, H, f->dropout, f->stream);
     if (f->kind != MOE_EXPERT_MLP) moe_glu_backward(dhp, dh, hp, n, H, f->kind);
     else moe_act_backward(dhp, dh, hp, n * H, f->act, f->slope);
     /* dW1 (H2,D) += dhpre^T xe ; db1 += colsum ; dxe (n,D) = dhpre W1 */
-    moe_sgemm(1, 0, H2, D, n, 1.0f, dhp, H2, x, D, 1.0f, f->dW1 + e * H2 * D, D);
+    uint16_t *dhp16 = dy16 ? f->dhp16 + r0 * H2 : NULL;
+    if (dhp16) {
+        moe_to_bf16(dhp16, dhp, n * H2);
+        moe_gemm_bf16(1, 0, H2, D, n, dhp16, f->x16 + r0 * D, 1.0f, f->dW1 + e * H2 * D);
+    } else moe_sgemm(1, 0, H2, D, n, 1.0f, dhp, H2, x, D, 1.0f, f->dW1 + e * H2 * D, D);
     moe_colsum_acc(f->db1 + e * H2, dhp, n, H2);
     t0 = moe__clock();
     bad |= moe_any_nonfinite(f->dW1 + e * H2 * D, H2 * D) | moe_any_nonfinite(f->db1 + e * H2, H2);
@@ -83,7 +100,8 @@ static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {
 #pragma omp atomic write
         w->grad_bad = 1;
     }
-    if (a->dxe) moe_sgemm(0, 0, n, D, H2, 1.0f, dhp, H2, f->W1 + e * H2 * D, D, 0.0f, a->dxe + r0 * D, D);
+    if (a->dxe && dhp16) moe_gemm_bf16(0, 0, n, D, H2, dhp16, f->W1h + e * H2 * D, 0.0f, a->dxe + r0 * D);
+    else if (a->dxe) moe_sgemm(0, 0, n, D, H2, 1.0f, dhp, H2, f->W1 + e * H2 * D, D, 0.0f, a->dxe + r0 * D, D);
 }
 
 void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
@@ -115,12 +133,14 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
                      float *ye) {
     ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL, 0};
+    if (f->W1h) moe_to_bf16_par(f->x16, xe, offsets[f->E] * f->D);
     moe_each_expert(offsets, f->E, expert_forward, &a);
 }
 
 int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,
                      const float *ha, const float *dye, float *dha, float *dhpre, float *dxe) {
     ffn_args a = {f, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe, 0};
+    if (f->W1h) moe_to_bf16_par(f->dy16, dye, offsets[f->E] * f->D);
     moe_each_expert(offsets, f->E, expert_backward, &a);
     return a.grad_bad;
 }

@@ -29,6 +29,13 @@ typedef struct {
     float slope;                    /* leaky_relu                               */
     float dropout;                  /* p in [0, 1); 0: none                     */
     uint64_t stream;                /* dropout RNG stream of this forward       */
+    /* bf16 mixed precision (autocast): W1h, W2h the bf16 copies of W1, W2;
+     * NULL runs fp32. Then the GEMMs take bf16 inputs and accumulate and
+     * write fp32: x16 (R,D), h16 (R,H) are the forward's inputs rounded to
+     * bf16 (kept for the backward), dy16 (R,D) and dhp16 (R,H2) the
+     * backward's scratch. Biases, activations, dropout stay fp32. */
+    const uint16_t *W1h, *W2h;
+    uint16_t *x16, *h16, *dy16, *dhp16;
 } moe_ffn;
 
 static inline int64_t moe_ffn_h2(const moe_ffn *f) { return f->kind == MOE_EXPERT_MLP ? f->H : 2 * f->H; }

@@ -196,6 +196,7 @@ moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights) {
 
 void moe_layer_init_params(moe_layer *l, uint64_t seed) {
     if (!l) return;
+    moe__params_bump();
     /* nn.Linear's default: weight kaiming_uniform(a=sqrt(5)) and bias both
      * come out as uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)). Parameter i draws
      * its own counter stream, so the values do not depend on memory layout. */
@@ -237,11 +238,18 @@ moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *
     if (ep && (cfg->num_experts < 1 || cfg->num_experts > 65536)) ep->free(ep), ep = NULL;
     if (cfg->num_experts < 1)
         return moe_err(MOE_ERR_ARG, "num_experts must be >= 1, got %d", cfg->num_experts);
+    if (cfg->bf16 && cfg->type != MOE_LAYER_TOPK) {
+        if (ep) ep->free(ep);
+        return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for topk layers only, not %s: "
+                                            "set bf16 to false (fp32)", moe_layer_type_name(cfg->type));
+    }
     if (cfg->num_experts > 65536)
         return moe_err(MOE_ERR_ARG, "num_experts = %d is more than the supported 65536", cfg->num_experts);
-    if (cfg->input_dim < 1 || cfg->input_dim > INT_MAX / 4)
+    if (cfg->input_dim < 1 || cfg->input_dim > INT_MAX / 4) {
+        if (ep) ep->free(ep);
         return moe_err(MOE_ERR_ARG, "input_dim must be in [1, %d], got %lld", INT_MAX / 4,
                        (long long)cfg->input_dim);
+    }
 
     moe_layer *l = moe_calloc(sizeof *l);
     if (!l) {
@@ -308,6 +316,7 @@ void moe_layer_free(moe_layer *l) {
     moe_free(l->ep_mem);
     if (l->ep) l->ep->free(l->ep);
     moe_free(l->wmem);
+    moe_free(l->w16);
     moe_free(l->gmem);
     moe_free(l->expert_counts);
     moe_free(l->rt_enabled);
@@ -331,14 +340,27 @@ moe_param *moe_layer_buffer(moe_layer *l, int i) {
 int64_t moe_layer_num_weights(const moe_layer *l) { return l ? l->n_weights : 0; }
 
 moe_param *moe_layer_param(moe_layer *l, int i) {
+    moe__params_bump(); /* the caller may write through the pointer */
     return (l && i >= 0 && i < l->n_params) ? &l->params[i] : NULL;
 }
 
 moe_param *moe_layer_find_param(moe_layer *l, const char *name) {
+    moe__params_bump();
     if (!l || !name) return NULL;
     for (int i = 0; i < l->n_params; i++)
         if (strcmp(l->params[i].name, name) == 0) return &l->params[i];
     return NULL;
+}
+
+void moe_layer_params_changed(moe_layer *l) { (void)l, moe__params_bump(); }
+
+const uint16_t *moe__layer_bf16_weights(moe_layer *l) {
+    uint64_t gen = moe__params_gen();
+    if (l->w16 && l->w16_gen == gen) return l->w16;
+    if (!l->w16 && !(l->w16 = moe_alloc((size_t)l->n_weights * sizeof *l->w16))) return NULL;
+    moe_to_bf16_par(l->w16, l->wmem, l->n_weights);
+    l->w16_gen = gen;
+    return l->w16;
 }
 
 void moe_layer_zero_grad(moe_layer *l) {

@@ -57,6 +57,8 @@ struct moe_layer {
                                   rank's slice of it, else 0                        */
     int64_t    next_init_id;   /* init_id of the next parameter registered        */
     float     *wmem, *gmem;    /* (n_weights) parameters and gradients        */
+    uint16_t  *w16;            /* (n_weights) bf16 copy of wmem (cfg.bf16), or NULL */
+    uint64_t   w16_gen;        /* moe__params_gen() when w16 was made          */
     int64_t    n_weights;
 
     int64_t *expert_counts;    /* (n_expert_counts) rows per expert, last forward */
@@ -153,5 +155,9 @@ int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 /* Slots per token of the topk layer's assignment arrays (K or E, plus shared). */
 int     moe__topk_slots(const moe_layer *l);
 int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
+
+/* The bf16 copy of the parameters (cfg.bf16), refreshed if the parameters'
+ * generation moved since it was made; NULL if it cannot be allocated. */
+const uint16_t *moe__layer_bf16_weights(moe_layer *l);
 
 #endif

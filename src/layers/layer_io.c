@@ -104,6 +104,7 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
     /* expert parallel: every rank reads its own part of the one file (a path
      * every rank sees), and a failure on any rank fails them all */
     moe_status st = path ? load_local(l, path) : moe_err(MOE_ERR_ARG, "moe_layer_load: NULL path");
+    moe__params_bump();
     return l->ep ? l->ep->agree(l->ep, st) : st;
 }
 

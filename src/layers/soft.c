@@ -185,7 +185,7 @@ static moe_ffn ffn_of(const moe_layer *l, soft_params p, const soft_params *g, f
     const moe_config *c = &l->cfg;
     moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g ? g->W1 : NULL, g ? g->b1 : NULL, g ? g->W2 : NULL,
                  g ? g->b2 : NULL, c->input_dim, c->hidden_dim, c->num_experts, c->expert,
-                 c->activation, c->leaky_slope, dropout, stream};
+                 c->activation, c->leaky_slope, dropout, stream, NULL, NULL, NULL, NULL, NULL, NULL};
     return f;
 }
 

@@ -51,6 +51,7 @@ typedef struct {
     int32_t *slot;  /* (A)     token of each row                         */
     int64_t *offsets; /* (Et+1)                                          */
     float *xe, *hpre, *ha, *ye, *dye, *dha, *dhpre, *dxe; /* (A, D|H|H2) */
+    uint16_t *x16, *h16, *dy16, *dhp16; /* (A, D|H|D|H2) bf16 (cfg.bf16; else 0 rows) */
 } topk_ws;
 
 static int is_glu(const moe_config *c) { return c->expert != MOE_EXPERT_MLP; }
@@ -113,6 +114,11 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, topk_
     w->dha = moe__carve(base, &off, A, H, F);
     w->dhpre = moe__carve(base, &off, A, H2, F);
     w->dxe = moe__carve(base, &off, A, D, F);
+    int64_t A16 = c->bf16 ? A : 0;
+    w->x16 = moe__carve(base, &off, A16, D, 2);
+    w->h16 = moe__carve(base, &off, A16, H, 2);
+    w->dy16 = moe__carve(base, &off, A16, D, 2);
+    w->dhp16 = moe__carve(base, &off, A16, H2, 2);
     return off;
 }
 
@@ -157,7 +163,8 @@ static topk_params params_of(const moe_layer *l, float *mem) {
 static moe_ffn ffn_of(const moe_layer *l, topk_params p, topk_params g) {
     const moe_config *c = &l->cfg;
     moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
-                 (int)routed_local(l) + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0};
+                 (int)routed_local(l) + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0,
+                 NULL, NULL, NULL, NULL, NULL, NULL};
     return f;
 }
 
@@ -169,7 +176,25 @@ typedef struct {
     float *x, *hpre, *ha, *y, *dy, *dha, *dhpre, *dx; /* (Rb, D|H2|H)              */
     float *raw;                                      /* (Rr, D) exchange scratch  */
     int64_t *off;                                    /* (El + Ns + 1)             */
+    uint16_t *x16, *h16, *dy16, *dhp16;              /* (Rb, D|H|D|H2) bf16       */
 } topk_bank;
+
+/* bf16 mixed precision: the bank's GEMMs on the bf16 weight copies (made
+ * fresh when refresh) and the bank's bf16 buffers. MOE_ERR_NOMEM if the
+ * copies cannot be allocated. */
+static moe_status ffn_bf16(moe_layer *l, moe_ffn *f, const topk_bank *b, int refresh) {
+    if (!l->cfg.bf16) return MOE_OK;
+    /* the backward uses the copies its forward used, even if a parameter
+     * changed in between (the fp32 path computes with the new values there) */
+    const uint16_t *w16 = refresh ? moe__layer_bf16_weights(l) : l->w16;
+    if (!w16) return moe_err(MOE_ERR_NOMEM, "cannot allocate the bf16 weight copies (%lld values)",
+                             (long long)l->n_weights);
+    int64_t o[P_END + 1];
+    param_offsets(l, o);
+    f->W1h = w16 + o[P_W1], f->W2h = w16 + o[P_W2];
+    f->x16 = b->x16, f->h16 = b->h16, f->dy16 = b->dy16, f->dhp16 = b->dhp16;
+    return MOE_OK;
+}
 
 static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base, topk_bank *b) {
     const moe_config *c = &l->cfg;
@@ -185,13 +210,19 @@ static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base
     b->dha = moe__carve(base, &off, Rb, H, F);
     b->dhpre = moe__carve(base, &off, Rb, H2, F);
     b->dx = moe__carve(base, &off, Rb, D, F);
+    int64_t R16 = c->bf16 ? Rb : 0;
+    b->x16 = moe__carve(base, &off, R16, D, 2);
+    b->h16 = moe__carve(base, &off, R16, H, 2);
+    b->dy16 = moe__carve(base, &off, R16, D, 2);
+    b->dhp16 = moe__carve(base, &off, R16, H2, 2);
     return off;
 }
 
 /* The bank of the current forward (after its exchange plan is set). */
 static void bank_of(const moe_layer *l, const topk_ws *w, topk_bank *b) {
     if (!l->ep) {
-        *b = (topk_bank){w->xe, w->hpre, w->ha, w->ye, w->dye, w->dha, w->dhpre, w->dxe, NULL, w->offsets};
+        *b = (topk_bank){w->xe,  w->hpre,    w->ha,  w->ye,  w->dye, w->dha, w->dhpre, w->dxe,
+                         NULL,   w->offsets, w->x16, w->h16, w->dy16, w->dhp16};
         return;
     }
     int64_t E = l->cfg.num_experts, Ts = w->offsets[E + l->cfg.num_shared] - w->offsets[E];
@@ -296,6 +327,9 @@ static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *
     bank_of(l, &w, &bk);
     moe_status st = l->ep ? ep_out(l, &w, &bk) : MOE_OK; /* exchange out */
     if (st != MOE_OK) return st;
+    st = ffn_bf16(l, &f, &bk, 1);
+    if (l->ep) st = l->ep->agree(l->ep, st);
+    if (st != MOE_OK) return st;
     moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.y);
     if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
@@ -331,6 +365,7 @@ static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float 
         memcpy(bk.dy + l->plan.Rr * D, w.dye + Rs * D, (size_t)(Ts * D) * sizeof(float));
         if ((st = moe_ep_rows_out(l->ep, &l->plan, bk.dy, bk.raw, w.dye, D)) != MOE_OK) return st;
     }
+    ffn_bf16(l, &f, &bk, 0); /* the forward's copies, as they were: cannot fail */
     /* expert parallel: the input gradients always go back (every rank takes part) */
     l->grad_bad = moe_ffn_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
                                    dx || l->ep ? bk.dx : NULL);

@@ -23,6 +23,23 @@ extern _Thread_local int moe__in_task;
 void moe_sgemm_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
+/* ---- bf16 mixed precision (bf16.c) ----
+ * bf16 values are uint16_t: the upper half of a float32. */
+uint16_t moe_f32_to_bf16(float f); /* round to nearest even; NaN stays NaN */
+float    moe_bf16_to_f32(uint16_t h);
+void     moe_to_bf16(uint16_t *dst, const float *src, int64_t n);     /* this thread */
+void     moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n); /* all threads */
+/* C (M,N) = op(A) op(B) + beta C, beta 0 or 1, A and B bf16, C and the
+ * accumulation fp32, every matrix dense row-major: op(A) (M,K) is A (M,K), or
+ * A (K,M) when ta; op(B) (K,N) is B (K,N), or B (N,K) when tb. One
+ * single-threaded oneDNN call (the expert tasks are the parallelism): the
+ * bits depend only on the shape. Falls back to the twin if oneDNN fails. */
+void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
+                   float beta, float *C);
+/* Its plain twin: exact products summed in double. Any beta. */
+void moe_gemm_bf16_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
+                       float beta, float *C);
+
 /* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
  * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM
  * packs it first. The same product as moe_sgemm(0, 1, n, N, K, 1, A, lda,

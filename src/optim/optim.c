@@ -93,6 +93,7 @@ moe_status moe_optim_step(moe_optim *o) {
     }
     const moe_optim_config *c = &o->cfg;
     o->steps++;
+    moe__params_bump(); /* bf16 layers refresh their weight copies */
     float lr = c->lr, wd = c->weight_decay;
     if (c->type == MOE_OPTIM_ADAMW) {
         /* torch.optim.AdamW: p -= lr*wd*p; m,v moments; p -= lr/bc1 * m / (sqrt(v/bc2) + eps) */

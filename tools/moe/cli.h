@@ -37,6 +37,7 @@ typedef struct {
     const char *cfg_path, *w_path, *x_path, *out_path, *dy_path, *mask_list, *force_list;
     int eval, have_seed, show_stats;
     int64_t seed, threads, top_k;
+    int bf16;
 } forward_args;
 int forward_ep(const forward_args *a, int *argc, char ***argv);
 /* Append "grad.<name>" entries (the gradients of every parameter of l) to

@@ -16,7 +16,7 @@ static const char *usage_text =
     "usage: moe forward --config LAYER.json --weights W.safetensors --input X.safetensors\n"
     "                   --out OUT.safetensors [--grad-output DY.safetensors] [--eval]\n"
     "                   [--seed N] [--threads N] [--top-k K] [--mask-experts LIST]\n"
-    "                   [--force-experts LIST] [--stats] [--ep]\n"
+    "                   [--force-experts LIST] [--stats] [--bf16] [--ep]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
     "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\"|\n"
@@ -60,6 +60,9 @@ static const char *usage_text =
     "  --mask-experts LIST topk: comma-separated experts to disable (they get no tokens)\n"
     "  --force-experts LIST topk: comma-separated experts every token uses (within its K)\n"
     "  --stats             print routing statistics (tokens per expert, dropped, bias)\n"
+    "  --bf16              bf16 mixed precision (topk), as torch.autocast('cpu',\n"
+    "                      dtype=torch.bfloat16) runs the experts: bf16 GEMM inputs, fp32\n"
+    "                      accumulation, outputs, parameters, router and losses (config \"bf16\")\n"
     "  --ep                expert parallel under mpirun (mpirun -np P moe forward --ep ...; topk,\n"
     "                      gshard): rank 0 reads x and dy and splits the batch over the ranks by\n"
     "                      groups (x (B, N, D): B sequences; a 2-D x (T, D): P groups of T/P rows),\n"
@@ -231,7 +234,7 @@ static void free_rows(tensor_in *t) {
 int cmd_forward(int argc, char **argv) {
     const char *cfg_path = NULL, *w_path = NULL, *x_path = NULL, *out_path = NULL, *dy_path = NULL;
     const char *mask_list = NULL, *force_list = NULL;
-    int eval = 0, bad = 0, have_seed = 0, show_stats = 0, use_ep = 0;
+    int eval = 0, bad = 0, have_seed = 0, show_stats = 0, use_ep = 0, bf16 = 0;
     int64_t seed = 0, threads = 0, top_k = 0;
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
@@ -254,6 +257,7 @@ int cmd_forward(int argc, char **argv) {
         else if ((v = cli_flag(argc, argv, &i, "--force-experts", &bad))) force_list = v;
         else if (!strcmp(argv[i], "--stats")) show_stats = 1;
         else if (!strcmp(argv[i], "--eval")) eval = 1;
+        else if (!strcmp(argv[i], "--bf16")) bf16 = 1;
         else if (!strcmp(argv[i], "--ep")) use_ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe forward: unknown option '%s'\n\n%s", argv[i], usage_text);
@@ -267,7 +271,7 @@ int cmd_forward(int argc, char **argv) {
     }
     if (use_ep) {
         forward_args fa = {cfg_path, w_path, x_path, out_path, dy_path, mask_list, force_list, eval,
-                           have_seed, show_stats, seed, threads, top_k};
+                           have_seed, show_stats, seed, threads, top_k, bf16};
         return forward_ep(&fa, &argc, &argv);
     }
     moe_set_num_threads((int)threads);
@@ -288,6 +292,7 @@ int cmd_forward(int argc, char **argv) {
     free(text);
     if (st != MOE_OK) return cli_fail("forward", cfg_path, st);
     if (have_seed) cfg.seed = (uint64_t)seed;
+    if (bf16) cfg.bf16 = 1;
     if ((st = moe_layer_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", cfg_path, st);
     if (w_path && (st = moe_layer_load(l, w_path)) != MOE_OK) {
         cli_fail("forward", "--weights", st);

@@ -56,6 +56,7 @@ static int run(const forward_args *a, const cli_ep *ep) {
     free(text);
     if (st != MOE_OK) return cli_fail("forward", a->cfg_path, st); /* the same file: every rank alike */
     if (a->have_seed) cfg.seed = (uint64_t)a->seed;
+    if (a->bf16) cfg.bf16 = 1;
     if ((st = cli_ep_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", a->cfg_path, st);
     if (a->w_path && (st = moe_layer_load(l, a->w_path)) != MOE_OK) {
         cli_fail("forward", "--weights", st);
