@@ -27,7 +27,7 @@ static const char *usage_text =
     "usage: moe bench [--layer topk|gshard|hierarchical|soft_dynamic|soft] [--tokens T]\n"
     "                 [--batch B] [--dim D] [--hidden H] [--experts E] [--inner EI] [--top-k K]\n"
     "                 [--slots S] [--router NAME] [--shared N] [--decode]\n"
-    "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--json] [--ep]\n"
+    "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--bf16] [--json] [--ep]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
     "the same useful FLOPs and the machine's fp32 FMA and bf16 dot-product peaks (register-only\n"
@@ -41,6 +41,8 @@ static const char *usage_text =
     "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n"
     "topk takes a router recipe (--router topk|switch|mixtral|st_moe|deepseek_v3|\n"
     "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n"
+    "--bf16 (topk): bf16 mixed precision (autocast); the dense baseline then runs the same\n"
+    "GEMMs as oneDNN bf16 x bf16 -> fp32 matmuls on all threads, and the ratio is to the bf16 peak.\n"
     "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
     "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
     "(bytes copied per second) and a read-only stream on every thread, run between the calls.\n"
@@ -48,6 +50,61 @@ static const char *usage_text =
     "T tokens (B groups) split over the P ranks, E/P experts per rank, --threads per rank\n"
     "(default: the cores / P); prints the global tokens/s and GFLOP/s, the bytes the ranks\n"
     "sent each other per step and the time inside the exchanges.\n";
+
+/* The bf16 dense baseline: one oneDNN matmul primitive per GEMM of the
+ * baseline, bf16 x bf16 -> fp32 with fixed shapes, on oneDNN's own threads
+ * (its best: brgemm kernels where the CPU has AVX512-BF16). */
+typedef struct {
+    dnnl_engine_t eng;
+    dnnl_stream_t strm;
+    dnnl_primitive_t p[6];
+    dnnl_memory_t m[6][3];
+} dense_bf16;
+
+static int mm_make(dense_bf16 *d, int i, int ta, int tb, int64_t M, int64_t N, int64_t K, void *A, void *B, float *C,
+                   int sum) {
+    dnnl_dims_t ad = {M, K}, bd = {K, N}, cd = {M, N};
+    dnnl_memory_desc_t a, b, c;
+    dnnl_matmul_desc_t md;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    int ok = dnnl_memory_desc_init_by_tag(&a, 2, ad, dnnl_bf16, ta ? dnnl_ba : dnnl_ab) == dnnl_success &&
+             dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_bf16, tb ? dnnl_ba : dnnl_ab) == dnnl_success &&
+             dnnl_memory_desc_init_by_tag(&c, 2, cd, dnnl_f32, dnnl_ab) == dnnl_success &&
+             dnnl_matmul_desc_init(&md, &a, &b, NULL, &c) == dnnl_success &&
+             dnnl_primitive_attr_create(&attr) == dnnl_success;
+    if (ok && sum)
+        ok = dnnl_post_ops_create(&po) == dnnl_success && dnnl_post_ops_append_sum(po, 1.0f) == dnnl_success &&
+             dnnl_primitive_attr_set_post_ops(attr, po) == dnnl_success;
+    ok = ok && dnnl_primitive_desc_create(&pd, &md, attr, d->eng, NULL) == dnnl_success &&
+         dnnl_primitive_create(&d->p[i], pd) == dnnl_success &&
+         dnnl_memory_create(&d->m[i][0], &a, d->eng, A) == dnnl_success &&
+         dnnl_memory_create(&d->m[i][1], &b, d->eng, B) == dnnl_success &&
+         dnnl_memory_create(&d->m[i][2], &c, d->eng, C) == dnnl_success;
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (po) dnnl_post_ops_destroy(po);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    return ok;
+}
+
+static int mm_run(dense_bf16 *d) {
+    for (int i = 0; i < 6; i++) {
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, d->m[i][0]}, {DNNL_ARG_WEIGHTS, d->m[i][1]}, {DNNL_ARG_DST, d->m[i][2]}};
+        if (dnnl_primitive_execute(d->p[i], d->strm, 3, args) != dnnl_success) return 0;
+    }
+    return dnnl_stream_wait(d->strm) == dnnl_success;
+}
+
+static void mm_free(dense_bf16 *d) {
+    for (int i = 0; i < 6; i++) {
+        if (d->p[i]) dnnl_primitive_destroy(d->p[i]);
+        for (int j = 0; j < 3; j++)
+            if (d->m[i][j]) dnnl_memory_destroy(d->m[i][j]);
+    }
+    if (d->strm) dnnl_stream_destroy(d->strm);
+    if (d->eng) dnnl_engine_destroy(d->eng);
+}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -250,7 +307,7 @@ int cmd_bench(int argc, char **argv) {
     const char *cmd = "bench";
     int64_t T = 4096, D = 512, H = 2048, E = -1, K = 2, iters = 5, threads = 0, B = -1, Ei = 4, S = 0;
     int64_t shared = 0;
-    int have_k = 0, decode = 0, use_ep = 0;
+    int have_k = 0, decode = 0, use_ep = 0, bf16 = 0;
     const char *router = NULL;
     int json = 0, bad = 0;
     moe_layer_type type = MOE_LAYER_TOPK;
@@ -306,6 +363,7 @@ int cmd_bench(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--json")) json = 1;
         else if (!strcmp(argv[i], "--decode")) decode = 1;
+        else if (!strcmp(argv[i], "--bf16")) bf16 = 1;
         else if (!strcmp(argv[i], "--ep")) use_ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe bench: unknown option '%s'\n\n%s", argv[i], usage_text);
@@ -369,6 +427,7 @@ int cmd_bench(int argc, char **argv) {
     if (router && moe_config_set_router(&c, router) != MOE_OK) return cli_fail(cmd, "--router", MOE_ERR_ARG);
     if (!router || have_k) c.top_k = (int)K; /* a recipe's K (Switch: 1) unless --top-k */
     K = c.top_k, c.num_shared = (int)shared;
+    c.bf16 = bf16;
     if (soft) {
         c.activation = MOE_ACT_GELU;
         if (S == 0) S = N / E > 0 ? N / E : 1;
@@ -393,6 +452,9 @@ int cmd_bench(int argc, char **argv) {
     float *x = malloc(nx * 4), *y = malloc(nx * 4), *dy = malloc(nx * 4), *dx = malloc(nx * 4);
     float *X = NULL, *W1 = NULL, *Hp = NULL, *Ha = NULL, *W2 = NULL, *Y = NULL, *dY = NULL, *dW2 = NULL;
     float *dHa = NULL, *dW1 = NULL, *dX = NULL;
+    uint16_t *X16 = NULL, *W116 = NULL, *W216 = NULL, *Hp16 = NULL, *Ha16 = NULL, *dY16 = NULL;
+    dense_bf16 dd;
+    memset(&dd, 0, sizeof dd);
     double *tm = malloc((size_t)iters * sizeof *tm), *td = malloc((size_t)iters * sizeof *td), rows = 0;
     int rc = 1;
     if (!x || !y || !dy || !dx || !tm || !td) {
@@ -432,6 +494,25 @@ int cmd_bench(int argc, char **argv) {
     fill(X, na, 3, 2.0f), fill(W1, (size_t)(H2 * D), 4, 0.1f);
     fill(W2, (size_t)(D * H), 5, 0.1f), fill(dY, na, 6, 0.01f), fill(Hp, nh2, 7, 1.0f), fill(Ha, nh, 8, 1.0f);
     memset(dW1, 0, (size_t)(H2 * D) * 4), memset(dW2, 0, (size_t)(D * H) * 4);
+    if (bf16) { /* the baseline's operands in bf16, and its six matmuls */
+        X16 = malloc(na * 2), W116 = malloc((size_t)(H2 * D) * 2), W216 = malloc((size_t)(D * H) * 2);
+        Hp16 = malloc(nh2 * 2), Ha16 = malloc(nh * 2), dY16 = malloc(na * 2);
+        if (!X16 || !W116 || !W216 || !Hp16 || !Ha16 || !dY16) {
+            fprintf(stderr, "moe bench: out of memory\n");
+            goto done;
+        }
+        cli_to_bf16(X16, X, na), cli_to_bf16(W116, W1, (size_t)(H2 * D)), cli_to_bf16(W216, W2, (size_t)(D * H));
+        cli_to_bf16(Hp16, Hp, nh2), cli_to_bf16(Ha16, Ha, nh), cli_to_bf16(dY16, dY, na);
+        if (dnnl_engine_create(&dd.eng, dnnl_cpu, 0) != dnnl_success ||
+            dnnl_stream_create(&dd.strm, dd.eng, dnnl_stream_default_flags) != dnnl_success ||
+            !mm_make(&dd, 0, 0, 1, A, H2, D, X16, W116, Hp, 0) || !mm_make(&dd, 1, 0, 1, A, D, H, Ha16, W216, Y, 0) ||
+            !mm_make(&dd, 2, 1, 0, D, H, A, dY16, Ha16, dW2, 1) || !mm_make(&dd, 3, 0, 0, A, H, D, dY16, W216, dHa, 0) ||
+            !mm_make(&dd, 4, 1, 0, H2, D, A, Hp16, X16, dW1, 1) || !mm_make(&dd, 5, 0, 0, A, D, H2, Hp16, W116, dX, 0) ||
+            !mm_run(&dd)) {
+            fprintf(stderr, "moe bench: oneDNN cannot run the bf16 dense baseline on this CPU\n");
+            goto done;
+        }
+    }
 
     double check0 = moe__check_seconds();
     for (int64_t it = 0; it < iters; it++) {
@@ -444,12 +525,15 @@ int cmd_bench(int argc, char **argv) {
         double t1 = cli_now();
         moe_layer_stats(l, &stats);
         rows += (soft ? (double)A : (double)(stats.assignments + T * shared)) / (double)iters;
-        dnnl_sgemm('N', 'T', A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
-        dnnl_sgemm('N', 'T', A, D, H, 1, Ha, H, W2, H, 0, Y, D);
-        dnnl_sgemm('T', 'N', D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
-        dnnl_sgemm('N', 'N', A, H, D, 1, dY, D, W2, H, 0, dHa, H);
-        dnnl_sgemm('T', 'N', H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
-        dnnl_sgemm('N', 'N', A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
+        if (bf16) mm_run(&dd);
+        else {
+            dnnl_sgemm('N', 'T', A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
+            dnnl_sgemm('N', 'T', A, D, H, 1, Ha, H, W2, H, 0, Y, D);
+            dnnl_sgemm('T', 'N', D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
+            dnnl_sgemm('N', 'N', A, H, D, 1, dY, D, W2, H, 0, dHa, H);
+            dnnl_sgemm('T', 'N', H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
+            dnnl_sgemm('N', 'N', A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
+        }
         double t2 = cli_now();
         tm[it] = t1 - t0, td[it] = t2 - t1;
     }
@@ -468,13 +552,16 @@ int cmd_bench(int argc, char **argv) {
         printf("{\"layer\": \"%s\", \"expert\": \"%s\", \"T\": %lld, \"B\": %lld, \"D\": %lld, \"H\": %lld, "
                "\"E\": %lld, \"K\": %lld, \"rows\": %.1f, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, "
                "\"tokens_per_s\": %.1f, \"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, "
-               "\"ratio\": %.3f, \"check_seconds\": %.6f, \"fp32_peak_gflops\": %.1f, \"bf16_peak_gflops\": %.1f}\n",
+               "\"ratio\": %.3f, \"check_seconds\": %.6f, \"fp32_peak_gflops\": %.1f, \"bf16_peak_gflops\": %.1f, "
+               "\"bf16\": %s}\n",
                moe_layer_type_name(type), kn, (long long)T, (long long)B, (long long)D, (long long)H,
                (long long)(type == MOE_LAYER_HIERARCHICAL ? E * Ei : E), (long long)(topk ? K : 2), rows,
                (long long)threads, (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense,
-               gf_moe / gf_dense, t_check, cli_peak_gflops(0, (int)threads), cli_peak_gflops(1, (int)threads));
+               gf_moe / gf_dense, t_check, cli_peak_gflops(0, (int)threads), cli_peak_gflops(1, (int)threads),
+               bf16 ? "true" : "false");
     } else {
-        printf("forward+backward, fp32, %lld threads, median of %lld\n", (long long)threads, (long long)iters);
+        printf("forward+backward, %s, %lld threads, median of %lld\n", bf16 ? "bf16 mixed precision (autocast)" : "fp32",
+               (long long)threads, (long long)iters);
         printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
         char shape[96];
         if (topk)
@@ -498,14 +585,16 @@ int cmd_bench(int argc, char **argv) {
             snprintf(name, sizeof name, "%s (%s)", moe_layer_type_name(type), kn);
         printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
                gf_moe / gf_dense);
-        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", "dense sgemm, same FLOP", shape, (double)T / t_dense,
+        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", bf16 ? "dense bf16, same FLOP" : "dense sgemm, same FLOP",
+               shape, (double)T / t_dense,
                gf_dense, t_dense * 1e3, 1.0);
         printf("result checks (NaN/Inf scans of y, dx and every gradient): %.2f ms per step, %.2f%% of "
                "forward+backward\n", t_check * 1e3, 100.0 * t_check / t_moe);
         double p32 = cli_peak_gflops(0, (int)threads), p16 = cli_peak_gflops(1, (int)threads);
+        double pk = bf16 ? p16 : p32;
         printf("machine peak, measured now on %lld threads: fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s; this "
-               "layer (fp32) runs at %.2f of the fp32 peak, the dense sgemm at %.2f\n", (long long)threads, p32, p16,
-               p32 > 0 ? gf_moe / p32 : 0.0, p32 > 0 ? gf_dense / p32 : 0.0);
+               "layer (%s) runs at %.2f of the %s peak, the dense baseline at %.2f\n", (long long)threads, p32, p16,
+               bf16 ? "bf16" : "fp32", pk > 0 ? gf_moe / pk : 0.0, bf16 ? "bf16" : "fp32", pk > 0 ? gf_dense / pk : 0.0);
         if (soft)
             printf("useful work per call: %.1f GFLOP (experts %.0f%%, slot logits/dispatch/combine%s %.0f%%)\n",
                    soft_flops * 1e-9, 100.0 * (1.0 - 3.0 * soft_route / soft_flops),
@@ -518,6 +607,8 @@ int cmd_bench(int argc, char **argv) {
 done:
     free(x), free(y), free(dy), free(dx), free(X), free(W1), free(Hp), free(Ha), free(W2), free(Y), free(dY);
     free(dW2), free(dHa), free(dW1), free(dX), free(tm), free(td);
+    free(X16), free(W116), free(W216), free(Hp16), free(Ha16), free(dY16);
+    mm_free(&dd);
     moe_layer_free(l);
     return rc;
 }
