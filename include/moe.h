@@ -433,6 +433,17 @@ MOE_API void     moe_layer_set_rng_position(moe_layer *l, uint64_t pos);
  * BF16 tensors are converted to float32. Save is atomic (temp file + rename). */
 MOE_API moe_status moe_layer_load(moe_layer *l, const char *path);
 MOE_API moe_status moe_layer_save(moe_layer *l, const char *path);
+/* moe_layer_create followed by moe_layer_load(path), in one call and without
+ * the random initialisation the load would overwrite: the parameters (every
+ * tensor of the state_dict, shapes as cfg gives them, F32/F64/F16/BF16) and
+ * buffers are read from the file straight into the layer, gradients zeroed.
+ * The layer is bit-identical to the create + load one. Errors: those of
+ * moe_layer_create (cfg) and moe_layer_load (the file: MOE_ERR_IO,
+ * MOE_ERR_FORMAT, MOE_ERR_NOTFOUND, MOE_ERR_SHAPE, MOE_ERR_UNSUPPORTED,
+ * MOE_ERR_NONFINITE), MOE_ERR_ARG for a NULL argument; on error *out is NULL
+ * and nothing is leaked. One process (expert-parallel layers: create, then
+ * moe_layer_load). */
+MOE_API moe_status moe_layer_create_load(moe_layer **out, const moe_config *cfg, const char *path);
 
 /* ---------------------------------------------------------------- optim */
 
@@ -509,9 +520,13 @@ typedef struct {
 
 typedef struct moe_st_file moe_st_file;
 
-/* Read and validate a whole file: header length, JSON, every dtype, shape,
- * offset and size checked against the file's length (with overflow checks),
- * no overlapping tensors, before any tensor is exposed. */
+/* Map a file (mmap, read-only, private: tensors' data points into the
+ * mapping until moe_st_close) and validate it whole: header length, JSON,
+ * every dtype, shape, offset and size checked against the file's size when
+ * opened (with overflow checks; a file shorter than its header says is
+ * MOE_ERR_FORMAT, nothing past its end is touched), no overlapping tensors,
+ * the checksum if the file has one, before any tensor is exposed. The file
+ * must not be truncated by another process while it is open. */
 MOE_API moe_status moe_st_open(moe_st_file **out, const char *path);
 /* Same from a buffer the caller keeps alive while the file is open. */
 MOE_API moe_status moe_st_parse(moe_st_file **out, const void *buf, size_t len);

@@ -30,6 +30,20 @@ expect 1 "nope.safetensors" "$moe" forward --config "$tmp/t.json" --input "$tmp/
 printf 'not a safetensors file at all' >"$tmp/junk.safetensors"
 expect 1 "MOE_ERR_FORMAT" "$moe" forward --config "$tmp/t.json" --input "$tmp/junk.safetensors" --out y
 
+# --weights: the layer is created from the file (no random init first); a bad
+# file is the weights' error, a bad config still the config's
+printf '{"type": "topk", "num_experts": 4, "input_dim": 8, "hidden_dim": 16, "top_k": 2}' >"$tmp/w8.json"
+printf '{"type": "topk", "num_experts": 4, "input_dim": 8, "hidden_dim": 16, "top_k": 7}' >"$tmp/w8bad.json"
+head -c 100 "$tmp/junk.safetensors" >"$tmp/short.safetensors"
+printf '\377\377\0\0\0\0\0\0{}' >"$tmp/claims.safetensors"
+expect 1 "moe forward: --weights: MOE_ERR_FORMAT: .*claims.safetensors: header length 65535 is past the end of the file (10 bytes)" \
+    "$moe" forward --config "$tmp/w8.json" --weights "$tmp/claims.safetensors" --input "$tmp/junk.safetensors" --out "$tmp/o.safetensors"
+expect 1 "moe forward: --weights: MOE_ERR_IO: .*nope.safetensors: cannot open" \
+    "$moe" forward --config "$tmp/w8.json" --weights "$tmp/nope.safetensors" --input x --out "$tmp/o.safetensors"
+expect 1 "w8bad.json: MOE_ERR_ARG: .*top_k = 7" \
+    "$moe" forward --config "$tmp/w8bad.json" --weights "$tmp/claims.safetensors" --input x --out "$tmp/o.safetensors"
+if [ -e "$tmp/o.safetensors" ]; then bad "a refused run wrote its output"; else ok; fi
+
 # a short real training run: loss reported, weights written, loadable
 expect 0 "validation loss" "$moe" train --steps 30 --batch 64 --dim 32 --hidden 32 --quiet --out "$tmp/run"
 if [ -s "$tmp/run/checkpoint.safetensors" ] && [ -s "$tmp/run/plot.svg" ]; then ok; else

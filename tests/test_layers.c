@@ -9,6 +9,9 @@
 #include "moe.h"
 #include "ops.h"
 
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -226,6 +229,149 @@ static int max_rel_ok(const float *a, const float *b, size_t n, float rtol) {
     for (size_t i = 0; i < n; i++)
         if (!(fabsf(a[i] - b[i]) <= rtol * amax)) return 0;
     return 1;
+}
+
+/* Same bits in every parameter and buffer of a and b. */
+static int same_layer(moe_layer *a, moe_layer *b) {
+    int same = moe_layer_num_params(a) == moe_layer_num_params(b) &&
+               moe_layer_num_buffers(a) == moe_layer_num_buffers(b);
+    for (int i = 0; same && i < moe_layer_num_params(a); i++)
+        same = !memcmp(moe_layer_param(a, i)->data, moe_layer_param(b, i)->data,
+                       (size_t)moe_layer_param(a, i)->numel * 4);
+    for (int i = 0; same && i < moe_layer_num_buffers(a); i++)
+        same = !memcmp(moe_layer_buffer(a, i)->data, moe_layer_buffer(b, i)->data,
+                       (size_t)moe_layer_buffer(a, i)->numel * 4);
+    return same;
+}
+
+/* moe_layer_create_load (no random init; the file read from its mapping
+ * straight into the parameters) against create + moe_layer_load: the same
+ * parameters and buffers, bit for bit, the same forward and backward; F16
+ * and BF16 files convert the same way; bad files are refused with the
+ * errors load gives and *out NULL; a failed load leaves a layer as it was. */
+static void test_create_load(void) {
+    char dir[] = "/tmp/moe_cl_XXXXXX", path[64], half[64];
+    if (!mkdtemp(dir)) return;
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    snprintf(half, sizeof half, "%s/h.safetensors", dir);
+    moe_config c;
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.input_dim = 24, c.hidden_dim = 40, c.num_experts = 6, c.top_k = 2, c.seed = 3;
+    CHECK_STATUS(moe_config_set_router(&c, "deepseek_v3"), MOE_OK); /* a buffer: expert_bias */
+    c.num_shared = 1;
+    moe_layer *a, *b, *d;
+    CHECK_STATUS(moe_layer_create(&a, &c), MOE_OK);
+    CHECK(moe_layer_num_buffers(a) == 1, "a buffer to load");
+    for (int64_t j = 0; j < moe_layer_buffer(a, 0)->numel; j++) moe_layer_buffer(a, 0)->data[j] = frand();
+    CHECK_STATUS(moe_layer_save(a, path), MOE_OK);
+    moe_config c2 = c;
+    c2.seed = 4; /* other initial values, overwritten by the load */
+    CHECK_STATUS(moe_layer_create(&b, &c2), MOE_OK);
+    CHECK_STATUS(moe_layer_load(b, path), MOE_OK);
+    CHECK_STATUS(moe_layer_create_load(&d, &c2, path), MOE_OK);
+    CHECK(d && same_layer(a, b) && same_layer(a, d), "create + load, create_load and the saved layer differ");
+    int64_t T = 33, D = c.input_dim;
+    float *x = malloc((size_t)(T * D) * 4), *dy = malloc((size_t)(T * D) * 4);
+    float *y1 = malloc((size_t)(T * D) * 4), *y2 = malloc((size_t)(T * D) * 4);
+    float *dx1 = malloc((size_t)(T * D) * 4), *dx2 = malloc((size_t)(T * D) * 4);
+    for (int64_t i = 0; i < T * D; i++) x[i] = frand(), dy[i] = frand();
+    float a1 = 0, a2 = 0;
+    CHECK_STATUS(moe_layer_forward(b, y1, &a1, x, T, MOE_TRAIN), MOE_OK);
+    CHECK_STATUS(moe_layer_backward(b, dx1, dy, 1.0f), MOE_OK);
+    CHECK_STATUS(moe_layer_forward(d, y2, &a2, x, T, MOE_TRAIN), MOE_OK);
+    CHECK_STATUS(moe_layer_backward(d, dx2, dy, 1.0f), MOE_OK);
+    int same = !memcmp(y1, y2, (size_t)(T * D) * 4) && !memcmp(&a1, &a2, 4) && !memcmp(dx1, dx2, (size_t)(T * D) * 4);
+    for (int i = 0; same && i < moe_layer_num_params(b); i++)
+        same = !memcmp(moe_layer_param(b, i)->grad, moe_layer_param(d, i)->grad, (size_t)moe_layer_param(b, i)->numel * 4);
+    CHECK(same, "create_load's forward and backward differ from create + load's");
+    /* a forward-only layer's gradients read as zero (calloc'd lazily) */
+    moe_layer *z;
+    CHECK_STATUS(moe_layer_create_load(&z, &c, path), MOE_OK);
+    int zero = z != NULL;
+    for (int i = 0; zero && i < moe_layer_num_params(z); i++)
+        for (int64_t j = 0; j < moe_layer_param(z, i)->numel; j++) zero &= moe_layer_param(z, i)->grad[j] == 0.0f;
+    CHECK(zero, "create_load's gradients are not zero");
+    moe_layer_free(z);
+    /* an F16 / BF16 copy of the file: converted on the way in, as load does */
+    for (int dt = 0; dt < 2; dt++) {
+        int n = moe_layer_num_params(a) + moe_layer_num_buffers(a);
+        moe_st_entry *e = calloc((size_t)n, sizeof *e);
+        uint16_t **hv = calloc((size_t)n, sizeof *hv);
+        for (int i = 0; i < n; i++) {
+            moe_param *p = i < moe_layer_num_params(a) ? moe_layer_param(a, i)
+                                                       : moe_layer_buffer(a, i - moe_layer_num_params(a));
+            hv[i] = malloc((size_t)p->numel * 2);
+            for (int64_t j = 0; j < p->numel; j++) {
+                uint32_t u;
+                memcpy(&u, &p->data[j], 4);
+                hv[i][j] = dt ? (uint16_t)(u >> 16) : (uint16_t)0x3c00; /* BF16: truncated; F16: 1.0 */
+            }
+            e[i] = (moe_st_entry){.name = p->name, .dtype = dt ? MOE_DT_BF16 : MOE_DT_F16, .ndim = p->ndim, .data = hv[i]};
+            memcpy(e[i].shape, p->shape, sizeof p->shape);
+        }
+        CHECK_STATUS(moe_st_write(half, e, n, NULL, 0), MOE_OK);
+        moe_layer *h1, *h2;
+        CHECK_STATUS(moe_layer_create(&h1, &c), MOE_OK);
+        CHECK_STATUS(moe_layer_load(h1, half), MOE_OK);
+        CHECK_STATUS(moe_layer_create_load(&h2, &c, half), MOE_OK);
+        CHECK(h2 && same_layer(h1, h2), "%s file: create_load differs from create + load", dt ? "BF16" : "F16");
+        CHECK(h2 && moe_layer_param(h2, 0)->data[1] == (dt ? moe_layer_param(h2, 0)->data[1] : 1.0f), "F16 1.0");
+        moe_layer_free(h1), moe_layer_free(h2);
+        for (int i = 0; i < n; i++) free(hv[i]);
+        free(hv), free(e);
+    }
+    /* refused files: the same status as load, *out NULL */
+    moe_layer *r = (moe_layer *)1;
+    moe_config c3 = c;
+    c3.hidden_dim = 41;
+    CHECK_STATUS(moe_layer_create_load(&r, &c3, path), MOE_ERR_SHAPE);
+    CHECK(r == NULL && strstr(moe_last_error(), "check the layer config") != NULL, "shape: %s", moe_last_error());
+    CHECK_STATUS(moe_layer_create_load(&r, &c, "/nonexistent/w.safetensors"), MOE_ERR_IO);
+    CHECK(r == NULL, "*out NULL");
+    c3 = c, c3.num_experts = 0;
+    CHECK_STATUS(moe_layer_create_load(&r, &c3, path), MOE_ERR_ARG); /* the config's error first */
+    CHECK_STATUS(moe_layer_create_load(NULL, &c, path), MOE_ERR_ARG);
+    CHECK_STATUS(moe_layer_create_load(&r, NULL, path), MOE_ERR_ARG);
+    CHECK_STATUS(moe_layer_create_load(&r, &c, NULL), MOE_ERR_ARG);
+    /* truncated copies of the file: a format error naming the file; a header
+     * claiming more bytes than the file has likewise; load leaves b as it was */
+    FILE *fp = fopen(path, "rb");
+    fseek(fp, 0, SEEK_END);
+    long len = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    unsigned char *raw = malloc((size_t)len);
+    CHECK(fread(raw, 1, (size_t)len, fp) == (size_t)len, "read");
+    fclose(fp);
+    int bad = 0, changed = 0;
+    for (long cut = 0; cut < len; cut += cut < 64 ? 7 : 509) {
+        fp = fopen(half, "wb");
+        fwrite(raw, 1, (size_t)cut, fp);
+        fclose(fp);
+        r = (moe_layer *)1;
+        moe_status st = moe_layer_create_load(&r, &c, half);
+        bad += st != MOE_ERR_FORMAT || r != NULL || strstr(moe_last_error(), half) == NULL;
+        bad += moe_layer_load(b, half) != MOE_ERR_FORMAT;
+        changed += !same_layer(a, b);
+    }
+    CHECK(bad == 0 && changed == 0, "%d truncated files not refused with a message, %d changed the layer", bad, changed);
+    for (int i = 0; i < 8; i++) raw[i] = (unsigned char)((uint64_t)len >> (8 * i)); /* header length = file */
+    fp = fopen(half, "wb");
+    fwrite(raw, 1, (size_t)len, fp);
+    fclose(fp);
+    CHECK_STATUS(moe_layer_create_load(&r, &c, half), MOE_ERR_FORMAT);
+    CHECK(r == NULL && strstr(moe_last_error(), "past the end of the file"), "message: %s", moe_last_error());
+    /* a non-finite value: refused by both, b unchanged */
+    float *w0 = moe_layer_param(a, 3)->data, keep = w0[2];
+    w0[2] = NAN;
+    CHECK_STATUS(moe_layer_save(a, half), MOE_OK);
+    w0[2] = keep;
+    CHECK_STATUS(moe_layer_create_load(&r, &c, half), MOE_ERR_NONFINITE);
+    CHECK(r == NULL && strstr(moe_last_error(), "element 2 is not finite"), "message: %s", moe_last_error());
+    CHECK_STATUS(moe_layer_load(b, half), MOE_ERR_NONFINITE);
+    CHECK(same_layer(a, b), "a refused load changed the layer");
+    unlink(path), unlink(half), rmdir(dir);
+    free(raw), free(x), free(dy), free(y1), free(y2), free(dx1), free(dx2);
+    moe_layer_free(a), moe_layer_free(b), moe_layer_free(d);
 }
 
 static void test_threads(void) {
@@ -453,6 +599,7 @@ int main(void) {
     test_topk_reference();
     test_params();
     test_save_load();
+    test_create_load();
     test_threads();
     test_optim();
     test_learns();

@@ -437,6 +437,115 @@ static void test_truncated(void) {
     free(raw);
 }
 
+/* FNV-1a of a file's bytes (the golden values below come from the writer
+ * before it computed the checksum while writing: the bytes must not change). */
+static uint64_t fnv_file(const char *path, size_t *len) {
+    unsigned char *b = read_all(path, len);
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; b && i < *len; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    free(b);
+    return b ? h : 0;
+}
+
+/* moe_st_write's output, byte for byte: tensors that end off an 8-byte word,
+ * one of several 4 MiB pieces (hashed and written a piece at a time), an
+ * empty one, metadata; and what moe_st_open reads back from the mapping. */
+static void test_write_bytes(void) {
+    size_t nbig = ((size_t)9 << 20) + 5, nf = 1001;
+    unsigned char *big = malloc(nbig);
+    float *fl = malloc(nf * sizeof *fl);
+    unsigned long long rs = 42;
+    for (size_t i = 0; i < nbig; i++) big[i] = (unsigned char)(i * 131 + (i >> 9));
+    for (size_t i = 0; i < nf; i++) fl[i] = check_nrand(&rs);
+    const uint16_t h3[3] = {0x3c00, 0xc000, 0x7bff};
+    moe_st_entry e[] = {
+        {.name = "w", .dtype = MOE_DT_F32, .ndim = 2, .shape = {7, 143}, .data = fl},
+        {.name = "big", .dtype = MOE_DT_U8, .ndim = 1, .shape = {(int64_t)nbig}, .data = big},
+        {.name = "h", .dtype = MOE_DT_F16, .ndim = 1, .shape = {3}, .data = h3},
+        {.name = "empty", .dtype = MOE_DT_F32, .ndim = 2, .shape = {0, 4}},
+        {.name = "s", .dtype = MOE_DT_F32, .ndim = 0, .data = fl + 5},
+    };
+    const char *meta[] = {"format", "pt", "note", "h64:0000000000000000"};
+    const char *path = tmp_path("bytes.safetensors");
+    CHECK_STATUS(moe_st_write(path, e, 5, meta, 2), MOE_OK);
+    size_t len = 0;
+    uint64_t h = fnv_file(path, &len);
+    CHECK(len == 9441643 && h == 0x7fbc2d6aec267b01ull, "file is %zu bytes, FNV-1a %016llx", len, (unsigned long long)h);
+    const moe_st_entry one = {.name = "x", .dtype = MOE_DT_F32, .ndim = 1, .shape = {3}, .data = fl};
+    CHECK_STATUS(moe_st_write(path, &one, 1, NULL, 0), MOE_OK);
+    h = fnv_file(path, &len);
+    CHECK(len == 140 && h == 0x87bafa126356d52dull, "file is %zu bytes, FNV-1a %016llx", len, (unsigned long long)h);
+    /* read back through the mapping: the same bytes, the checksum verified */
+    CHECK_STATUS(moe_st_write(path, e, 5, meta, 2), MOE_OK);
+    moe_st_file *f = NULL;
+    CHECK_STATUS(moe_st_open(&f, path), MOE_OK);
+    const moe_st_tensor *t = moe_st_find(f, "big");
+    CHECK(t && t->nbytes == nbig && memcmp(t->data, big, nbig) == 0, "big tensor read back");
+    float back[1001];
+    CHECK_STATUS(moe_st_read_f32(back, f, "w", 2, (const int64_t[]){7, 143}), MOE_OK);
+    CHECK(memcmp(back, fl, sizeof back) == 0, "F32 tensor read back bit for bit");
+    CHECK(moe_st_metadata(f, "note") && strcmp(moe_st_metadata(f, "note"), "h64:0000000000000000") == 0,
+          "metadata kept");
+    moe_st_close(f);
+    unlink(path);
+    free(big);
+    free(fl);
+}
+
+/* moe_st_open maps the file: every cut of a file whose data spans several
+ * pages is refused with MOE_ERR_FORMAT and a message (never a fault from
+ * touching past the end), and so is a header that claims more bytes than
+ * the file has. */
+static void test_mapped_truncated(void) {
+    static float w[3000];
+    for (int i = 0; i < 3000; i++) w[i] = (float)i;
+    moe_st_entry e[] = {
+        {.name = "a", .dtype = MOE_DT_F32, .ndim = 2, .shape = {1000, 2}, .data = w},
+        {.name = "b", .dtype = MOE_DT_F32, .ndim = 1, .shape = {1000}, .data = w + 2000},
+    };
+    const char *path = tmp_path("mapped.safetensors");
+    CHECK_STATUS(moe_st_write(path, e, 2, NULL, 0), MOE_OK);
+    size_t len = 0;
+    unsigned char *raw = read_all(path, &len);
+    CHECK(raw && len > 12000, "read back");
+    int bad = 0, nomsg = 0, n = 0;
+    for (size_t cut = 0; raw && cut < len; cut += cut < 200 ? 1 : 997) {
+        write_bytes(path, raw, cut);
+        moe_st_file *f = (moe_st_file *)1;
+        moe_status st = moe_st_open(&f, path);
+        bad += st != MOE_ERR_FORMAT || f != NULL;
+        nomsg += strstr(moe_last_error(), path) == NULL;
+        moe_st_close(f == (moe_st_file *)1 ? NULL : f);
+        n++;
+    }
+    CHECK(bad == 0, "%d of %d cut files were not refused with MOE_ERR_FORMAT", bad, n);
+    CHECK(nomsg == 0, "%d refusals without the path in the message", nomsg);
+    /* cut at a page boundary inside the data: the tensors' ends are past it */
+    write_bytes(path, raw, 8192);
+    moe_st_file *f = NULL;
+    CHECK_STATUS(moe_st_open(&f, path), MOE_ERR_FORMAT);
+    CHECK_MSG("past the end of the data (");
+    /* a header length larger than the file */
+    unsigned char *b = malloc(len);
+    memcpy(b, raw, len);
+    uint64_t hl = (uint64_t)len;
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)(hl >> (8 * i));
+    write_bytes(path, b, len);
+    CHECK_STATUS(moe_st_open(&f, path), MOE_ERR_FORMAT);
+    CHECK_MSG("past the end of the file");
+    CHECK(f == NULL, "*out NULL");
+    /* the whole file again: opens, and reads the values */
+    write_bytes(path, raw, len);
+    CHECK_STATUS(moe_st_open(&f, path), MOE_OK);
+    float back[1000];
+    CHECK_STATUS(moe_st_read_f32(back, f, "b", 1, (const int64_t[]){1000}), MOE_OK);
+    CHECK(memcmp(back, w + 2000, sizeof back) == 0, "values read from the mapping");
+    moe_st_close(f);
+    unlink(path);
+    free(b);
+    free(raw);
+}
+
 static void test_io_errors(void) {
     moe_st_file *f = (moe_st_file *)1;
     CHECK_STATUS(moe_st_open(&f, "/nonexistent/w.safetensors"), MOE_ERR_IO);
@@ -599,6 +708,8 @@ int main(void) {
     test_io_errors();
     test_write_args();
     test_checksum();
+    test_write_bytes();
+    test_mapped_truncated();
     CHECK(count_files("") == 2, "temp dir not clean (%d entries)", count_files("")); /* . and .. */
     rmdir(g_dir);
     return check_summary("test_safetensors");

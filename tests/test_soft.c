@@ -254,7 +254,8 @@ static void test_dropout_bank(void) {
     float *ye = malloc(sizeof(float) * R * D);
     int64_t off[2] = {0, R};
     const float p = 0.3f;
-    moe_ffn f = {W1, b1, W2, b2, NULL, NULL, NULL, NULL, D, H, 1, MOE_EXPERT_MLP, MOE_ACT_GELU, 0.0f, p, 99};
+    moe_ffn f = {W1, b1, W2, b2, NULL, NULL, NULL, NULL, D, H, 1, MOE_EXPERT_MLP, MOE_ACT_GELU, 0.0f, p, 99,
+                 NULL, NULL, NULL, NULL, NULL, NULL};
     moe_ffn_forward(&f, off, xe, hpre, ha, ye);
     int64_t zeros = 0, bad = 0, live = 0; /* live: gelu != 0 (it underflows for x < -5.5) */
     for (int64_t i = 0; i < R * H; i++) {

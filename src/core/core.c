@@ -79,6 +79,29 @@ void *moe_calloc(size_t nbytes) {
 
 void moe_free(void *p) { free(p); }
 
+void *moe_calloc_lazy(size_t nbytes) {
+    if (g_fail_at >= 0 && g_allocs++ == g_fail_at) return NULL;
+    size_t total;
+    if (!moe_add_size(&total, nbytes ? nbytes : 1, 64)) return NULL;
+    /* calloc, unlike aligned_alloc + memset, leaves a big block's fresh pages
+     * untouched (they read as zero): the pages are faulted in when first
+     * used, not all here. The block is aligned by hand; the pointer calloc
+     * gave sits just before it (calloc's pointers are 16-aligned, so there is
+     * room). */
+    unsigned char *raw = calloc(1, total);
+    if (!raw) return NULL;
+    unsigned char *p = (unsigned char *)(((uintptr_t)raw + 64) & ~(uintptr_t)63);
+    memcpy(p - sizeof raw, &raw, sizeof raw);
+    return p;
+}
+
+void moe_free_lazy(void *p) {
+    if (!p) return;
+    void *raw;
+    memcpy(&raw, (unsigned char *)p - sizeof raw, sizeof raw);
+    free(raw);
+}
+
 /* ---------------------------------------------------------------- rng */
 
 uint64_t moe_rng_u64(uint64_t seed, uint64_t counter) {

@@ -30,6 +30,12 @@ void moe_err_clear(void);
 void *moe_alloc(size_t nbytes);
 void *moe_calloc(size_t nbytes);
 void  moe_free(void *p);
+/* A zeroed block like moe_calloc's whose pages are not touched here (a big
+ * block's pages come from the system zeroed and are faulted in on first
+ * use): for big arrays a run may never use, such as the gradients of a
+ * forward-only run. Pair with moe_free_lazy. */
+void *moe_calloc_lazy(size_t nbytes);
+void  moe_free_lazy(void *p);
 
 /* Tests only: make the n-th allocation from now (0-based) fail, counting
  * moe_alloc/moe_calloc and cJSON's; n < 0 turns it off. moe__alloc_count:
@@ -70,5 +76,16 @@ static inline int moe_add_size(size_t *out, size_t a, size_t b) {
 uint64_t moe_rng_u64(uint64_t seed, uint64_t counter);
 /* Uniform float in [0, 1) with 24 random bits. */
 float    moe_rng_uniform(uint64_t seed, uint64_t counter);
+
+/* safetensors, for the layer's loader (src/io/safetensors.c).
+ * moe__st_check_f32: tensor `name` of f exists, has shape[0..ndim) (ndim < 0:
+ * any) and a float dtype (F32, F64, F16, BF16): *out is it; otherwise the
+ * error moe_st_read_f32 gives, *out NULL. Nothing is read.
+ * moe__st_convert_f32: elements [begin, begin + n) of such a tensor (the
+ * caller checked the range against t->numel) into dst (n) as float32, read
+ * straight from the file's mapping or buffer: one copy, no staging. */
+moe_status moe__st_check_f32(const moe_st_tensor **out, const moe_st_file *f, const char *name, int ndim,
+                             const int64_t *shape);
+void       moe__st_convert_f32(float *dst, const moe_st_tensor *t, size_t begin, size_t n);
 
 #endif

@@ -1,6 +1,8 @@
 /*
  * safetensors files: read, validate, convert to float32, write atomically.
  *
+ * Files are mapped (mmap, read-only, private), not read into a buffer.
+ *
  * Layout: u64 little-endian N | N bytes of UTF-8 JSON header | data buffer.
  * The header maps each tensor name to {"dtype", "shape", "data_offsets":
  * [begin, end]} (offsets into the data buffer), plus an optional
@@ -27,6 +29,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,7 +38,8 @@
 #define ST_MAX_INT    ((uint64_t)1 << 53)    /* largest JSON integer accepted (exact in a double) */
 
 struct moe_st_file {
-    void                 *owned;   /* file contents (moe_st_open); NULL for moe_st_parse */
+    void                 *map;     /* the file mapped read-only (moe_st_open); NULL for moe_st_parse */
+    size_t                map_len; /* its length: the file's size when opened */
     cJSON                *root;    /* parsed header: owns tensor names and metadata strings */
     const cJSON          *meta;    /* "__metadata__" object, or NULL */
     int                   n;
@@ -262,20 +267,32 @@ static moe_status check_metadata(const cJSON *m, const char *label) {
  * order. It detects damage (flipped bits, truncation inside the data, a
  * tensor's bytes swapped); it is not a defence against a deliberate forgery. */
 #define ST_CHECKSUM_KEY "libmoe.checksum"
-static uint64_t st_hash(uint64_t h, const unsigned char *p, size_t n) {
+/* The hash's word loop over p[0..n) (n a multiple of 8), so a tensor can be
+ * hashed a piece at a time (moe_st_write: while it is written). */
+static uint64_t st_hash_words(uint64_t h, const unsigned char *p, size_t n) {
     const uint64_t k = 0x9E3779B97F4A7C15ull;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+    for (size_t i = 0; i + 8 <= n; i += 8) {
         uint64_t w;
         memcpy(&w, p + i, 8);
         h = (h ^ w) * k;
         h ^= h >> 29;
     }
-    for (; i < n; i++) {
-        h = (h ^ p[i]) * k;
+    return h;
+}
+
+/* The end of a tensor of n bytes whose words were hashed: its tail bytes
+ * p[0..n % 8), then its length. */
+static uint64_t st_hash_end(uint64_t h, const unsigned char *tail, size_t n) {
+    const uint64_t k = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < n % 8; i++) {
+        h = (h ^ tail[i]) * k;
         h ^= h >> 29;
     }
     return (h ^ (uint64_t)n) * k;
+}
+
+static uint64_t st_hash(uint64_t h, const unsigned char *p, size_t n) {
+    return st_hash_end(st_hash_words(h, p, n & ~(size_t)7), p + (n & ~(size_t)7), n);
 }
 
 static void st_hash_str(char out[24], uint64_t h) { snprintf(out, 24, "h64:%016llx", (unsigned long long)h); }
@@ -399,41 +416,49 @@ moe_status moe_st_open(moe_st_file **out, const char *path) {
     if (!out) return moe_err(MOE_ERR_ARG, "moe_st_open: out is NULL");
     *out = NULL;
     if (!path) return moe_err(MOE_ERR_ARG, "moe_st_open: path is NULL");
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return moe_err(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return moe_err(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
-    int rc = fstat(fileno(fp), &sb), e = errno;
+    int rc = fstat(fd, &sb), e = errno;
     if (rc != 0 || !S_ISREG(sb.st_mode)) {
-        fclose(fp);
+        close(fd);
         return moe_err(MOE_ERR_IO, "%s: cannot read: %s", path, rc ? strerror(e) : "not a regular file");
     }
     if ((uintmax_t)sb.st_size > SIZE_MAX - 1) {
-        fclose(fp);
+        close(fd);
         return moe_err(MOE_ERR_NOMEM, "%s: file of %lld bytes does not fit in memory", path,
                        (long long)sb.st_size);
     }
+    /* The file is mapped read-only and private, never read into a buffer:
+     * tensors are used in place (moe_st_read_f32 copies straight from the
+     * page cache). Every check below is made against the size fstat gave, so
+     * a header that claims more bytes than the file has is a format error
+     * and nothing past the end is touched. (Like any mmap reader, a file
+     * that another process truncates while it is open would fault.) An empty
+     * file cannot be mapped; it gets the same "too short" error as any
+     * file under 8 bytes. */
     size_t len = (size_t)sb.st_size;
-    unsigned char *buf = moe_alloc(len ? len : 1);
-    if (!buf) {
-        fclose(fp);
-        return moe_err(MOE_ERR_NOMEM, "%s: out of memory reading %zu bytes", path, len);
+    static const unsigned char empty[1];
+    void *map = NULL;
+    if (len > 0) {
+        map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+        e = errno;
+        if (map == MAP_FAILED) {
+            close(fd);
+            return moe_err(e == ENOMEM ? MOE_ERR_NOMEM : MOE_ERR_IO, "%s: cannot map %zu bytes: %s", path, len,
+                           strerror(e));
+        }
     }
-    size_t got = fread(buf, 1, len, fp);
-    moe_status st = MOE_OK;
-    if (got != len)
-        st = ferror(fp) ? moe_err(MOE_ERR_IO, "%s: read failed after %zu of %zu bytes: %s", path, got, len,
-                                  strerror(errno))
-                        : moe_err(MOE_ERR_IO, "%s: file shrank while reading (%zu of %zu bytes)", path, got, len);
-    else if (fgetc(fp) != EOF)
-        st = moe_err(MOE_ERR_IO, "%s: file grew while reading (expected %zu bytes)", path, len);
-    fclose(fp);
-    moe_st_file *f = st == MOE_OK ? moe_calloc(sizeof *f) : NULL;
+    close(fd); /* the mapping keeps the file */
+    moe_st_file *f = moe_calloc(sizeof *f);
     if (!f) {
-        moe_free(buf);
-        return st != MOE_OK ? st : moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
+        if (map) munmap(map, len);
+        return moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
     }
-    f->owned = buf;
-    if ((st = parse_into(f, buf, len, path)) != MOE_OK) {
+    f->map = map;
+    f->map_len = len;
+    moe_status st = parse_into(f, map ? map : empty, len, path);
+    if (st != MOE_OK) {
         moe_st_close(f);
         return st;
     }
@@ -446,7 +471,7 @@ void moe_st_close(moe_st_file *f) {
     cJSON_Delete(f->root);
     moe_free(f->t);
     moe_free(f->by_name);
-    moe_free(f->owned);
+    if (f->map) munmap(f->map, f->map_len);
     moe_free(f);
 }
 
@@ -485,7 +510,9 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name, int ndim, const int64_t *shape) {
+moe_status moe__st_check_f32(const moe_st_tensor **out, const moe_st_file *f, const char *name, int ndim,
+                             const int64_t *shape) {
+    *out = NULL;
     if (!f || !name) return moe_err(MOE_ERR_ARG, "moe_st_read_f32: NULL file or name");
     if (ndim > MOE_ST_MAX_DIMS || (ndim > 0 && !shape))
         return moe_err(MOE_ERR_ARG, "moe_st_read_f32: tensor '%s': bad expected shape (ndim %d%s)", name, ndim,
@@ -505,18 +532,23 @@ moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name, i
     if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_F64 && t->dtype != MOE_DT_F16 && t->dtype != MOE_DT_BF16)
         return moe_err(MOE_ERR_UNSUPPORTED, "tensor '%s' has dtype %s; only F32, F64, F16 and BF16 convert to "
                        "float32", name, k_dtype_name[t->dtype]);
-    if (!dst && t->numel > 0) return moe_err(MOE_ERR_ARG, "moe_st_read_f32: tensor '%s': dst is NULL", name);
+    *out = t;
+    return MOE_OK;
+}
+
+void moe__st_convert_f32(float *dst, const moe_st_tensor *t, size_t begin, size_t n) {
     const unsigned char *p = t->data; /* may be unaligned: every load is a memcpy */
-    size_t n = (size_t)t->numel;
     if (t->dtype == MOE_DT_F32) {
-        if (n) memcpy(dst, p, n * 4);
+        if (n) memcpy(dst, p + 4 * begin, n * 4);
     } else if (t->dtype == MOE_DT_F64) {
+        p += 8 * begin;
         for (size_t i = 0; i < n; i++) {
             double d;
             memcpy(&d, p + 8 * i, 8);
             dst[i] = (float)d;
         }
     } else {
+        p += 2 * begin;
         for (size_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, p + 2 * i, 2);
@@ -528,6 +560,14 @@ moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name, i
             }
         }
     }
+}
+
+moe_status moe_st_read_f32(float *dst, const moe_st_file *f, const char *name, int ndim, const int64_t *shape) {
+    const moe_st_tensor *t;
+    moe_status st = moe__st_check_f32(&t, f, name, ndim, shape);
+    if (st != MOE_OK) return st;
+    if (!dst && t->numel > 0) return moe_err(MOE_ERR_ARG, "moe_st_read_f32: tensor '%s': dst is NULL", name);
+    moe__st_convert_f32(dst, t, 0, (size_t)t->numel);
     return MOE_OK;
 }
 
@@ -615,6 +655,36 @@ static char *build_header(const moe_st_entry *entries, int n, const size_t *size
     return text;
 }
 
+/* write(2)/pwrite(2) of all n bytes (short writes and EINTR retried); 0 with
+ * errno on failure. */
+static int write_all(int fd, const void *buf, size_t n) {
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n > ((size_t)1 << 30) ? (size_t)1 << 30 : n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (w == 0) errno = EIO;
+            return 0;
+        }
+        p += w, n -= (size_t)w;
+    }
+    return 1;
+}
+
+static int pwrite_all(int fd, const void *buf, size_t n, off_t off) {
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = pwrite(fd, p, n, off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (w == 0) errno = EIO;
+            return 0;
+        }
+        p += w, n -= (size_t)w, off += w;
+    }
+    return 1;
+}
+
 moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, const char *const *meta_kv,
                         int n_meta) {
     if (!path || !path[0] || n < 0 || (n > 0 && !entries) || n_meta < 0 || (n_meta > 0 && !meta_kv))
@@ -625,6 +695,7 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
     size_t *sizes = moe_alloc(m * sizeof *sizes);
     const char **names = moe_alloc(m * sizeof *names);
     char *hdr = NULL, *tmp = NULL;
+    unsigned char *head = NULL;
     const char **meta2 = NULL;
     if (!sizes || !names) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
@@ -637,11 +708,12 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
                          ST_CHECKSUM_KEY);
             goto done;
         }
-    /* the caller's metadata and the checksum of the data, in entry order */
-    uint64_t h = 0x6c69626d6f65ull;
-    for (int i = 0; i < n; i++) h = st_hash(h, entries[i].data, sizes[i]);
+    /* The caller's metadata and the checksum of the data, in entry order. The
+     * checksum is computed as the data is written (one pass over it), so the
+     * header goes out first with a placeholder of the same width and is
+     * written again, with the checksum, at the end. */
     char sum[24];
-    st_hash_str(sum, h);
+    st_hash_str(sum, 0);
     meta2 = moe_alloc((size_t)(2 * n_meta + 2) * sizeof *meta2);
     if (!meta2) {
         st = moe_err(MOE_ERR_NOMEM, "%s: out of memory", path);
@@ -655,28 +727,57 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
     }
 
     /* u64 LE length, header padded with spaces so the data starts 8-aligned,
-     * then the tensors' bytes in entry order. */
+     * then the tensors' bytes in entry order: the header in one write, the
+     * data straight from the caller's arrays, a piece at a time (hashed just
+     * before it is written, while it is in cache). */
     size_t hl = strlen(hdr), padded = (hl + 7) & ~(size_t)7;
-    unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    if (!(head = moe_alloc(8 + padded))) {
+        st = moe_err(MOE_ERR_NOMEM, "%s: out of memory building the header", path);
+        goto done;
+    }
+    for (int i = 0; i < 8; i++) head[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    memcpy(head + 8, hdr, hl);
+    memset(head + 8 + hl, ' ', padded - hl);
     snprintf(tmp, strlen(path) + 32, "%s.tmp.%ld", path, (long)getpid());
-    FILE *fp = fopen(tmp, "wb");
-    if (!fp) {
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    if (fd < 0) {
         st = moe_err(MOE_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;
     }
-    int ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(hdr, 1, hl, fp) == hl;
-    for (size_t i = hl; ok && i < padded; i++) ok = fputc(' ', fp) != EOF;
-    for (int i = 0; ok && i < n; i++) ok = sizes[i] == 0 || fwrite(entries[i].data, 1, sizes[i], fp) == sizes[i];
-    ok = ok && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
-    int err = errno;
-    if (fclose(fp) != 0 && ok) ok = 0, err = errno;
+    const size_t piece = (size_t)4 << 20; /* a multiple of 8 */
+    uint64_t h = 0x6c69626d6f65ull;
+    int ok = write_all(fd, head, 8 + padded), err = ok ? 0 : errno;
+    for (int i = 0; ok && i < n; i++) {
+        const unsigned char *p = entries[i].data;
+        for (size_t at = 0; ok && at < sizes[i]; at += piece) {
+            size_t m = sizes[i] - at < piece ? sizes[i] - at : piece;
+            h = st_hash_words(h, p + at, m & ~(size_t)7);
+            if (!(ok = write_all(fd, p + at, m))) err = errno;
+        }
+        h = st_hash_end(h, sizes[i] ? p + (sizes[i] & ~(size_t)7) : p, sizes[i]);
+    }
+    if (ok) { /* the header again, now with the checksum: same length */
+        st_hash_str(sum, h);
+        moe_free(hdr);
+        hdr = build_header(entries, n, sizes, meta2, n_meta + 1);
+        if (!hdr || strlen(hdr) != hl) {
+            close(fd);
+            unlink(tmp);
+            st = moe_err(MOE_ERR_NOMEM, "%s: out of memory building the header", path);
+            goto done;
+        }
+        memcpy(head + 8, hdr, hl);
+        if (!(ok = pwrite_all(fd, head, 8 + padded, 0))) err = errno;
+    }
+    if (ok && fsync(fd) != 0) ok = 0, err = errno;
+    if (close(fd) != 0 && ok) ok = 0, err = errno;
     if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
     if (!ok) {
         unlink(tmp);
-        st = moe_err(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(err));
+        st = moe_err(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(err ? err : EIO));
     }
 done:
+    moe_free(head);
     moe_free(meta2);
     moe_free(tmp);
     moe_free(hdr);

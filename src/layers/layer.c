@@ -182,7 +182,7 @@ moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights) {
     if (n_weights <= 0 || !moe_mul_size(&bytes, (size_t)n_weights, sizeof(float)))
         return moe_err(MOE_ERR_ARG, "layer too large: %lld parameters", (long long)n_weights);
     l->wmem = moe_alloc(bytes);
-    l->gmem = moe_calloc(bytes);
+    l->gmem = moe_calloc_lazy(bytes); /* a forward-only run never touches the gradients */
     if (!l->wmem || !l->gmem)
         return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for %lld parameters", 2 * bytes,
                        (long long)n_weights);
@@ -229,7 +229,26 @@ moe_status moe_layer_create(moe_layer **out, const moe_config *cfg) {
     return moe__layer_create_ep(out, cfg, NULL);
 }
 
+moe_status moe_layer_create_load(moe_layer **out, const moe_config *cfg, const char *path) {
+    moe_err_clear();
+    if (out) *out = NULL;
+    if (!out || !cfg || !path) return moe_err(MOE_ERR_ARG, "moe_layer_create_load: NULL argument");
+    moe_layer *l = NULL;
+    moe_status st = moe__layer_create_opts(&l, cfg, NULL, 0); /* no random init: the file's values follow */
+    if (st == MOE_OK) st = moe__layer_load_fresh(l, path);
+    if (st != MOE_OK) {
+        moe_layer_free(l);
+        return st;
+    }
+    *out = l;
+    return MOE_OK;
+}
+
 moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *ep) {
+    return moe__layer_create_opts(out, cfg, ep, 1);
+}
+
+moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep *ep, int init) {
     if (!out || !cfg) {
         if (ep) ep->free(ep);
         return moe_err(MOE_ERR_ARG, "moe_layer_create: NULL argument");
@@ -297,7 +316,7 @@ moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *
         moe_layer_free(l);
         return st;
     }
-    moe_layer_init_params(l, cfg->seed);
+    if (init) moe_layer_init_params(l, cfg->seed);
     *out = l;
     return MOE_OK;
 }
@@ -317,7 +336,7 @@ void moe_layer_free(moe_layer *l) {
     if (l->ep) l->ep->free(l->ep);
     moe_free(l->wmem);
     moe_free(l->w16);
-    moe_free(l->gmem);
+    moe_free_lazy(l->gmem);
     moe_free(l->expert_counts);
     moe_free(l->rt_enabled);
     moe_free(l->rt_forced);

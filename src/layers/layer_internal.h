@@ -140,6 +140,13 @@ static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, 
 /* Create a layer sharded over ep's ranks (ep is owned by the layer from here
  * on, freed with it, also on failure). */
 moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *ep);
+/* The same; init 0 leaves the parameters uninitialised (their values come
+ * from a file next: moe__layer_load_fresh). */
+moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep *ep, int init);
+/* Fill a layer created with init 0 from the safetensors file at path (the
+ * checks of moe_layer_load; on error the layer holds partial values and the
+ * caller frees it). */
+moe_status moe__layer_load_fresh(moe_layer *l, const char *path);
 
 /* Per-kind constructors: validate cfg, set in/out dims and ops, register params. */
 moe_status moe__topk_create(moe_layer *l);

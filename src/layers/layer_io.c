@@ -11,26 +11,10 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------- load/save */
-
-/* Read tensor `name` of f into dst: the whole tensor as p's shape, or, for a
- * rank's slice of a tensor split over ranks (global_dim0[i] > 0), the slice
- * [init_skip, init_skip + numel) of the whole tensor. */
-static moe_status read_param(moe_layer *l, int i, float *dst, const moe_st_file *f) {
-    const moe_param *p = moe__saved_tensor(l, i);
-    if (i >= l->n_params || !l->global_dim0[i]) return moe_st_read_f32(dst, f, p->name, p->ndim, p->shape);
-    int64_t shape[MOE_ST_MAX_DIMS], total = l->global_dim0[i];
-    shape[0] = l->global_dim0[i];
-    for (int d = 1; d < p->ndim; d++) shape[d] = p->shape[d], total *= p->shape[d];
-    float *whole = moe_alloc((size_t)total * sizeof(float));
-    if (!whole) return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of '%s'", p->name);
-    moe_status st = moe_st_read_f32(whole, f, p->name, p->ndim, shape);
-    if (st == MOE_OK) memcpy(dst, whole + l->init_skip[i], (size_t)p->numel * sizeof(float));
-    moe_free(whole);
-    return st;
-}
 
 int moe_layer_param_is_expert(const moe_layer *l, int i) {
     /* every layer names its experts' tensors "experts.*" (state_dict names);
@@ -41,41 +25,75 @@ int moe_layer_param_is_expert(const moe_layer *l, int i) {
            (l->cfg.type == MOE_LAYER_HIERARCHICAL && strncmp(n, "gate_inner.", 11) == 0);
 }
 
-static moe_status load_local(moe_layer *l, const char *path) {
-    moe_st_file *f = NULL;
-    moe_status st = moe_st_open(&f, path);
-    if (st != MOE_OK) return st;
-    /* Every tensor is read into a staging copy and checked before any
-     * parameter changes, so a bad file leaves the layer as it was. Buffers
-     * are staged after the parameters. */
-    int n = l->n_params + l->n_buffers;
-    int64_t nb = 0;
-    for (int i = 0; i < l->n_buffers; i++) nb += l->buffers[i].numel;
-    float *stage = moe_alloc((size_t)(l->n_weights + nb) * sizeof(float));
-    if (!stage) {
-        moe_st_close(f);
-        return moe_err(MOE_ERR_NOMEM, "cannot allocate a staging copy of the weights");
+/* Elements per step of the loader's conversions and scans: 256 KiB of
+ * float32, so a step's values are still in cache when they are scanned. */
+#define LOAD_CHUNK ((size_t)1 << 16)
+
+/* Saved tensor i of l (a parameter, then the buffers) in f, checked: present,
+ * the shape the layer wants, a float dtype. *t is it and *begin the first
+ * element to read: 0, or for a rank's slice of a tensor split over ranks
+ * (global_dim0[i] > 0) the slice's offset in the whole tensor. */
+static moe_status find_saved(const moe_st_tensor **t, size_t *begin, moe_layer *l, int i, const moe_st_file *f,
+                             const char *path) {
+    const moe_param *p = moe__saved_tensor(l, i);
+    *t = NULL;
+    *begin = 0;
+    if (!moe_st_find(f, p->name))
+        return moe_err(MOE_ERR_NOTFOUND, "%s: tensor '%s' is missing (a %s layer needs it)", path, p->name,
+                       moe_layer_type_name(l->cfg.type));
+    int64_t shape[MOE_ST_MAX_DIMS];
+    for (int d = 0; d < p->ndim; d++) shape[d] = p->shape[d];
+    if (i < l->n_params && l->global_dim0[i]) shape[0] = l->global_dim0[i], *begin = (size_t)l->init_skip[i];
+    moe_status st = moe__st_check_f32(t, f, p->name, p->ndim, shape);
+    if (st != MOE_OK) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", moe_last_error());
+        return moe_err(st, "%s: %s (check the layer config against the weights)", path, msg);
     }
-    for (int i = 0, boff = 0; i < n && st == MOE_OK; i++) {
-        const moe_param *p = moe__saved_tensor(l, i);
-        float *dst = i < l->n_params ? stage + l->param_off[i] : stage + l->n_weights + boff;
-        if (i >= l->n_params) boff += (int)p->numel;
-        if (!moe_st_find(f, p->name)) {
-            st = moe_err(MOE_ERR_NOTFOUND, "%s: tensor '%s' is missing (a %s layer needs it)", path,
-                         p->name, moe_layer_type_name(l->cfg.type));
-            break;
-        }
-        st = read_param(l, i, dst, f);
-        if (st != MOE_OK) {
-            char msg[1024];
-            snprintf(msg, sizeof msg, "%s", moe_last_error());
-            st = moe_err(st, "%s: %s (check the layer config against the weights)", path, msg);
-            break;
-        }
-        int64_t bad = moe_find_nonfinite(dst, p->numel);
-        if (bad >= 0)
-            st = moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path,
-                         p->name, (long long)bad);
+    return MOE_OK;
+}
+
+/* Where saved tensor i lives in the layer. */
+static float *saved_dst(moe_layer *l, int i) { return moe__saved_tensor(l, i)->data; }
+
+/* Convert elements [begin, begin + n) of t to float32 and check them, LOAD_CHUNK
+ * at a time: into dst (n) when dst is not NULL, else only checked (an F32
+ * tensor on a float boundary is scanned where it lies, others go through
+ * scratch (LOAD_CHUNK)). Non-finite: the error, naming the element. */
+static moe_status read_checked(float *dst, float *scratch, const moe_st_tensor *t, size_t begin, size_t n,
+                               const char *path) {
+    const unsigned char *src = t->dtype == MOE_DT_F32 ? (const unsigned char *)t->data + 4 * begin : NULL;
+    int in_place = !dst && src && (uintptr_t)src % sizeof(float) == 0;
+    for (size_t c = 0; c < n; c += LOAD_CHUNK) {
+        size_t m = n - c < LOAD_CHUNK ? n - c : LOAD_CHUNK;
+        const float *v = in_place ? (const float *)src + c : dst ? dst + c : scratch;
+        if (!in_place) moe__st_convert_f32(dst ? dst + c : scratch, t, begin + c, m);
+        if (moe_any_nonfinite(v, (int64_t)m))
+            return moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path, t->name,
+                           (long long)(c + (size_t)moe_find_nonfinite(v, (int64_t)m)));
+    }
+    return MOE_OK;
+}
+
+/* Load the layer's parameters and buffers from f. Every tensor is checked
+ * (present, shape, dtype, finite values, nothing unexpected in the file)
+ * before any parameter changes, so a bad file leaves the layer as it was;
+ * the values are then copied straight from the file's mapping into the
+ * parameter block, converted where the dtype is not F32: no staging copy.
+ * fresh: the layer's parameters hold nothing yet (a layer being created from
+ * the file, freed on failure), so each tensor is copied and checked in the
+ * same pass. */
+static moe_status load_from(moe_layer *l, const moe_st_file *f, const char *path, int fresh) {
+    int n = l->n_params + l->n_buffers;
+    float *scratch = fresh ? NULL : moe_alloc(LOAD_CHUNK * sizeof(float));
+    if (!fresh && !scratch) return moe_err(MOE_ERR_NOMEM, "cannot allocate a buffer to check the weights");
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n && st == MOE_OK; i++) {
+        const moe_st_tensor *t;
+        size_t begin;
+        if ((st = find_saved(&t, &begin, l, i, f, path)) == MOE_OK)
+            st = read_checked(fresh ? saved_dst(l, i) : NULL, scratch, t, begin,
+                              (size_t)moe__saved_tensor(l, i)->numel, path);
     }
     for (int i = 0; i < moe_st_count(f) && st == MOE_OK; i++) {
         const char *name = moe_st_tensor_at(f, i)->name;
@@ -86,24 +104,32 @@ static moe_status load_local(moe_layer *l, const char *path) {
             st = moe_err(MOE_ERR_FORMAT, "%s: unexpected tensor '%s' (not a parameter of this %s layer)",
                          path, name, moe_layer_type_name(l->cfg.type));
     }
-    if (st == MOE_OK) {
-        memcpy(l->wmem, stage, (size_t)l->n_weights * sizeof(float));
-        for (int b = 0, boff = 0; b < l->n_buffers; b++) {
-            memcpy(l->buffers[b].data, stage + l->n_weights + boff, (size_t)l->buffers[b].numel * sizeof(float));
-            boff += (int)l->buffers[b].numel;
-        }
+    for (int i = 0; i < n && st == MOE_OK && !fresh; i++) { /* all checked: copy */
+        const moe_st_tensor *t;
+        size_t begin;
+        st = find_saved(&t, &begin, l, i, f, path);
+        if (st == MOE_OK) moe__st_convert_f32(saved_dst(l, i), t, begin, (size_t)moe__saved_tensor(l, i)->numel);
     }
-    moe_free(stage);
+    moe_free(scratch);
+    return st;
+}
+
+static moe_status load_local(moe_layer *l, const char *path, int fresh) {
+    moe_st_file *f = NULL;
+    moe_status st = moe_st_open(&f, path);
+    if (st == MOE_OK) st = load_from(l, f, path, fresh);
     moe_st_close(f);
     return st;
 }
+
+moe_status moe__layer_load_fresh(moe_layer *l, const char *path) { return load_local(l, path, 1); }
 
 moe_status moe_layer_load(moe_layer *l, const char *path) {
     moe_err_clear();
     if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_load: NULL argument");
     /* expert parallel: every rank reads its own part of the one file (a path
      * every rank sees), and a failure on any rank fails them all */
-    moe_status st = path ? load_local(l, path) : moe_err(MOE_ERR_ARG, "moe_layer_load: NULL path");
+    moe_status st = path ? load_local(l, path, 0) : moe_err(MOE_ERR_ARG, "moe_layer_load: NULL path");
     moe__params_bump();
     return l->ep ? l->ep->agree(l->ep, st) : st;
 }

@@ -293,9 +293,17 @@ int cmd_forward(int argc, char **argv) {
     if (st != MOE_OK) return cli_fail("forward", cfg_path, st);
     if (have_seed) cfg.seed = (uint64_t)seed;
     if (bf16) cfg.bf16 = 1;
-    if ((st = moe_layer_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", cfg_path, st);
-    if (w_path && (st = moe_layer_load(l, w_path)) != MOE_OK) {
-        cli_fail("forward", "--weights", st);
+    /* with --weights the parameters come from the file: no random init first */
+    if (!w_path && (st = moe_layer_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", cfg_path, st);
+    if (w_path && (st = moe_layer_create_load(&l, &cfg, w_path)) != MOE_OK) {
+        /* a config error is the config's; anything else is the weights file's */
+        moe_layer *probe = NULL;
+        char msg[2048];
+        snprintf(msg, sizeof msg, "%s", moe_last_error());
+        moe_status cst = moe_layer_create(&probe, &cfg);
+        moe_layer_free(probe);
+        if (cst != MOE_OK) return cli_fail("forward", cfg_path, cst);
+        fprintf(stderr, "moe forward: --weights: %s: %s\n", moe_status_str(st), msg);
         goto done;
     }
     if (!forward_routing(l, &cfg, top_k, mask_list, force_list)) goto done;
