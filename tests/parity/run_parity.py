@@ -326,6 +326,89 @@ def parity_case(tally, tool, cfg, T, seed, train=True, grad=True):
             report(tally, what, problems)
 
 
+# ------------------------------------------------------------------ bf16 mixed precision
+# `moe forward --bf16` against the same module under torch.autocast('cpu',
+# dtype=torch.bfloat16), forward and backward, its gate kept in float32 (as MoE
+# code runs routers: libmoe's router is fp32, and a bf16 gate would change the
+# choices of near-tie tokens). Autocast rounds more than libmoe (each Linear's
+# output too), so the two are compared in the relative L2 norm, and libmoe's
+# error against the float64 reference must be no larger than autocast's own
+# (times 1.5, plus 1e-3): at least as accurate as PyTorch's bf16.
+BF16_TOL = 2e-2
+BF16_CASES = [
+    topk(64, 128, 4, 2, 16),                          # the seed's defaults
+    topk(32, 48, 8, 2, 40, "gelu"),
+    topk(16, 32, 8, 2, 5, "silu"),                    # T < E
+    topk(20, 36, 4, 4, 25, "gelu"),                   # k = E
+    topk(40, 72, 6, 2, 1, "silu"),                    # one token
+    topk(48, 96, 8, 2, 64, expert="swiglu"),
+    topk(40, 80, 6, 3, 50, expert="geglu"),
+    topk(256, 512, 8, 2, 128, expert="swiglu"),       # a larger inner dimension
+]
+
+
+class Fp32Gate(torch.nn.Module):
+    def __init__(self, gate):
+        super().__init__()
+        self.inner = gate
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.inner(x.float())
+
+
+def autocast_outputs(model, x, dy, train=True):
+    """{'y', 'dx', 'grad.<name>'} of the module in float32 under bf16 autocast (gate fp32)."""
+    m = copy.deepcopy(model).float().train(train)
+    m.gate = Fp32Gate(m.gate)
+    xr = x.detach().clone().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(xr)
+    y.float().backward(dy.float())
+    out = {"y": y.detach().float(), "dx": xr.grad}
+    for name, p in m.named_parameters():
+        out["grad." + name.replace("gate.inner.", "gate.")] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return out
+
+
+def rel_l2(a, b):
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    n = float(b.norm())
+    return float((a - b).norm()) / n if n > 0 else float((a - b).norm())
+
+
+def bf16_case(tally, moe, cfg, T, seed):
+    what = "bf16 autocast " + describe(cfg, T)
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        d = Path(tmp)
+        model, x, dy = make_case(cfg, T, seed, d)
+        rc, log = run_moe(moe, forward_args(d, True, True) + ["--bf16"])
+        if rc != 0:
+            tally.check(False, what, f"moe forward --bf16 exited {rc}: {log.strip()[:300]}")
+            return
+        ours = stio.load(d / "OUT.safetensors")
+        auto = autocast_outputs(model, x, dy)
+        exact = reference_outputs(model, x, dy)
+        problems = []
+        for name, a in auto.items():
+            if name not in ours:
+                problems.append(f"OUT lacks {name}")
+                continue
+            o = ours[name]
+            if float(exact[name].abs().max()) == 0.0:  # an expert no token chose
+                if float(o.abs().max()) != 0.0:
+                    problems.append(f"{name} should be 0")
+                continue
+            e_auto, e_ours, e_torch = rel_l2(o, a), rel_l2(o, exact[name]), rel_l2(a, exact[name])
+            if VERBOSE:
+                print(f"     {name:28s} vs autocast {e_auto:.2e}  vs fp64: ours {e_ours:.2e} autocast {e_torch:.2e}")
+            if not e_auto <= BF16_TOL:
+                problems.append(f"{name}: relative L2 difference to autocast {e_auto:.3g} > {BF16_TOL}")
+            if not e_ours <= 1.5 * e_torch + 1e-3:
+                problems.append(f"{name}: error vs float64 {e_ours:.3g}, autocast's {e_torch:.3g}")
+        report(tally, what, problems)
+
+
 # ------------------------------------------------------------------ gshard / hierarchical
 # x is (B, N, D); groups are the sequences. A case sets policy, threshold and capacity
 # factor of the mode it tests and gives the other mode different ones (policy random, or
@@ -726,6 +809,8 @@ def main():
     for i, c in enumerate(GS_CASES):
         gs_parity_case(tally, tool, c, 3000 + i)
     if not self_test:
+        for i, (cfg, T) in enumerate(BF16_CASES):
+            bf16_case(tally, moe, cfg, T, 5000 + i)
         error_cases(tally, moe)
         dense_quirk(tally)
         refg.self_checks(tally.check)

@@ -70,6 +70,7 @@ char *ckpt_config_json(const lm_config *c) {
         cJSON_AddNumberToObject(r, "num_groups", m->num_groups);
         cJSON_AddNumberToObject(r, "topk_groups", m->topk_groups);
     }
+    cJSON_AddBoolToObject(y, "bf16", m->bf16); /* mixed precision: resumed as it ran */
     char seed[32];
     snprintf(seed, sizeof seed, "%" PRIu64, m->seed); /* a string: JSON numbers lose 64-bit seeds */
     cJSON_AddStringToObject(y, "seed", seed);
@@ -155,6 +156,7 @@ moe_status ckpt_config_parse(lm_config *c, const char *json) {
     m->capacity_factor_train = cf1, m->capacity_factor_eval = cf2, m->loss_coef = coef;
     m->expert_mult = mult, m->dropout = (float)drop, m->slots_per_expert = (int64_t)S;
     m->seed = strtoull(seed->valuestring, NULL, 10);
+    m->bf16 = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(y, "bf16")); /* absent in older checkpoints: fp32 */
     ok = router_parse(m, cJSON_GetObjectItemCaseSensitive(y, "router"));
     cJSON_Delete(o);
     return ok ? MOE_OK : MOE_ERR_FORMAT;

@@ -56,6 +56,9 @@ static const char *usage_text =
     "  --bias-rate F     selection bias update rate (aux-loss-free balancing)\n"
     "  --dense           the same model with one plain FFN of the same active size\n"
     "                    (hidden K*H) per block, for comparison\n"
+    "  --bf16            bf16 mixed precision (autocast) in the topk MoE blocks (and\n"
+    "                    --dense's FFN): bf16 GEMM inputs, fp32 accumulation, fp32 master\n"
+    "                    weights and optimizer state; kept by checkpoints\n"
     "training:\n"
     "  --data FILE       train on a text file (90% train, 10% validation)\n"
     "  --steps N         total steps (default 12000)\n"
@@ -179,7 +182,7 @@ typedef struct {
     lm_config c;
     train_opts t;
     int64_t stop_at, threads, E, K, H, Ei;
-    int quiet, dense, have_H, have_K, ep;
+    int quiet, dense, have_H, have_K, ep, bf16;
     const char *router, *score;          /* router recipe and score function, or NULL */
     double cf, bal, zl, jit, rate;       /* router flags, NAN when not given           */
     int64_t shared, groups, topk_groups; /* -1 when not given                          */
@@ -316,6 +319,7 @@ static int parse(train_args *a, int argc, char **argv) {
             }
             kind = (moe_expert_kind)k, have_kind = 1;
         } else if (!strcmp(argv[i], "--dense")) a->dense = 1;
+        else if (!strcmp(argv[i], "--bf16")) a->bf16 = 1;
         else if (!strcmp(argv[i], "--quiet")) a->quiet = 1;
         else if (!strcmp(argv[i], "--ep")) a->ep = 1;
         else if (!bad) {
@@ -365,6 +369,12 @@ static int parse(train_args *a, int argc, char **argv) {
         }
     }
     m->seed = (uint64_t)t->seed;
+    if (a->bf16 && !(type == MOE_LAYER_TOPK || a->dense)) {
+        fprintf(stderr, "moe train: --bf16 is implemented for --layer topk (and --dense); %s trains in fp32\n",
+                moe_layer_type_name(type));
+        return 2;
+    }
+    m->bf16 = a->bf16;
     if (type != MOE_LAYER_TOPK && type != MOE_LAYER_DENSE && !a->dense && t->batch % c->group) {
         fprintf(stderr, "moe train: --batch %lld is not a multiple of --group %lld (%s layers route groups)\n",
                 (long long)t->batch, (long long)c->group, moe_layer_type_name(type));
