@@ -57,6 +57,16 @@
 #include <math.h>
 #include <string.h>
 
+/* The bf16 GEMM inputs of R expert rows (none for an fp32 layer). */
+static void carve16(const moe_config *c, char *base, size_t *off, int64_t R, int64_t D, int64_t H, uint16_t **x16,
+                    uint16_t **h16, uint16_t **dy16, uint16_t **dh16) {
+    int64_t R16 = c->bf16 ? R : 0;
+    *x16 = moe__carve(base, off, R16, D, 2);
+    *h16 = moe__carve(base, off, R16, H, 2);
+    *dy16 = moe__carve(base, off, R16, D, 2);
+    *dh16 = moe__carve(base, off, R16, H, 2);
+}
+
 typedef struct {
     int64_t *start, *len;  /* (S) segments                                      */
     int32_t *set;          /* (S)                                               */
@@ -71,6 +81,7 @@ typedef struct {
     float *imp;                          /* (A1) importance of outer rows        */
     float *xo, *yo, *dyo, *dxo;          /* (A1,D) outer buffers (hierarchical)  */
     float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* expert rows (Amax,D|H)     */
+    uint16_t *x16, *h16, *dy16, *dh16;   /* their bf16 GEMM inputs (cfg.bf16)     */
     /* hierarchical, expert parallel (L2 and the expert rows are the owner's, in l->ep_mem) */
     int64_t *bn;                         /* (P,2) groups and N of every rank      */
     int64_t *ocount;                     /* (Eo) rows sent to each outer expert   */
@@ -163,6 +174,7 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws
     w->ye = moe__carve(base, &off, Amax, D, F);
     w->dye = moe__carve(base, &off, Amax, D, F);
     w->dxe = moe__carve(base, &off, Amax, D, F);
+    carve16(c, base, &off, Amax, D, H, &w->x16, &w->h16, &w->dy16, &w->dh16);
     return off;
 }
 
@@ -193,10 +205,11 @@ static gs_params params_of(const moe_layer *l, float *mem) {
 typedef struct {
     float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
     float *raw;                                   /* (R, D) exchange scratch   */
+    uint16_t *x16, *h16, *dy16, *dh16;            /* (R, D|H) bf16 (cfg.bf16)  */
 } gs_rows;
 
 static gs_rows rows_of(const gs_ws *w) {
-    gs_rows r = {w->xe, w->hpre, w->ha, w->dha, w->ye, w->dye, w->dxe, NULL};
+    gs_rows r = {w->xe, w->hpre, w->ha, w->dha, w->ye, w->dye, w->dxe, NULL, w->x16, w->h16, w->dy16, w->dh16};
     return r;
 }
 
@@ -211,6 +224,7 @@ static size_t ep_rows_layout(const moe_layer *l, int64_t R, char *base, gs_rows 
     r->ye = moe__carve(base, &off, R, D, F);
     r->dye = moe__carve(base, &off, R, D, F);
     r->dxe = moe__carve(base, &off, R, D, F);
+    carve16(&l->cfg, base, &off, R, D, H, &r->x16, &r->h16, &r->dy16, &r->dh16);
     return off;
 }
 
@@ -218,14 +232,23 @@ typedef struct {
     const moe_config *c;
     const gs_rows *w;
     const gs_params *p, *g;
+    const uint16_t *w1h, *w2h; /* bf16 copies of p->w1, p->w2 (cfg.bf16), else NULL */
     int grad_bad;  /* backward: set when an expert gradient holds a NaN or Inf */
 } gs_experts;
 
-/* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k]. */
+/* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k].
+ * bf16 (autocast): the GEMM inputs rounded to bf16, fp32 accumulation. */
 static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
+    if (a->w1h) {
+        moe_gemm_bf16(0, 0, n, H, D, w->x16 + r0 * D, a->w1h + k * D * H, 0.0f, w->hpre + r0 * H);
+        moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
+        moe_to_bf16(w->h16 + r0 * H, w->ha + r0 * H, n * H);
+        moe_gemm_bf16(0, 0, n, D, H, w->h16 + r0 * H, a->w2h + k * H * D, 0.0f, w->ye + r0 * D);
+        return;
+    }
     moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, a->p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
     moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
     moe_sgemm(0, 0, n, D, H, 1.0f, w->ha + r0 * H, H, a->p->w2 + k * H * D, D, 0.0f, w->ye + r0 * D, D);
@@ -236,16 +259,24 @@ static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
+    const uint16_t *dy16 = a->w1h ? w->dy16 + r0 * D : NULL, *h16 = a->w1h ? w->h16 + r0 * H : NULL;
+    uint16_t *dh16 = a->w1h ? w->dh16 + r0 * H : NULL;
     /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
-    moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
+    if (dy16) moe_gemm_bf16(1, 0, H, D, n, h16, dy16, 1.0f, a->g->w2 + k * H * D);
+    else moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
     double t0 = moe__clock();
     int bad = moe_any_nonfinite(a->g->w2 + k * H * D, H * D); /* scanned while in cache */
     double tc = moe__clock() - t0;
-    moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, a->p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
+    if (dy16) moe_gemm_bf16(0, 1, n, H, D, dy16, a->w2h + k * H * D, 0.0f, w->dha + r0 * H);
+    else moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, a->p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
     moe_act_backward(w->dha + r0 * H, w->dha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation,
                      a->c->leaky_slope);
     /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
-    moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, a->g->w1 + k * D * H, H);
+    if (dh16) {
+        moe_to_bf16(dh16, w->dha + r0 * H, n * H);
+        moe_gemm_bf16(1, 0, D, H, n, w->x16 + r0 * D, dh16, 1.0f, a->g->w1 + k * D * H);
+    } else
+        moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, a->g->w1 + k * D * H, H);
     t0 = moe__clock();
     bad |= moe_any_nonfinite(a->g->w1 + k * D * H, D * H);
     moe__check_add(tc + moe__clock() - t0);
@@ -254,18 +285,31 @@ static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
 #pragma omp atomic write
         wa->grad_bad = 1;
     }
-    moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
+    if (dh16) moe_gemm_bf16(0, 1, n, D, H, dh16, a->w1h + k * D * H, 0.0f, w->dxe + r0 * D);
+    else moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
+}
+
+/* The bf16 copies of p's expert weights (the layer's copy, made by the
+ * forward), or NULL for fp32. */
+static void bf16_of(const moe_layer *l, const gs_params *p, gs_experts *a) {
+    if (!l->cfg.bf16) return;
+    a->w1h = l->w16 + (p->w1 - l->wmem);
+    a->w2h = l->w16 + (p->w2 - l->wmem);
 }
 
 static void experts_forward(const moe_layer *l, const gs_rows *w, const gs_params *p, const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, NULL, 0};
+    gs_experts a = {&l->cfg, w, p, NULL, NULL, NULL, 0};
+    bf16_of(l, p, &a);
+    if (a.w1h) moe_to_bf16_par(w->x16, w->xe, off[nk] * l->cfg.input_dim);
     moe_each_expert(off, nk, expert_forward, &a);
 }
 
 /* Returns 1 if an expert gradient holds a NaN or Inf. */
 static int experts_backward(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g,
                             const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, g, 0};
+    gs_experts a = {&l->cfg, w, p, g, NULL, NULL, 0};
+    bf16_of(l, p, &a);
+    if (a.w1h) moe_to_bf16_par(w->dy16, w->dye, off[nk] * l->cfg.input_dim);
     moe_each_expert(off, nk, expert_backward, &a);
     return a.grad_bad;
 }
@@ -333,6 +377,7 @@ static size_t hier_ep_layout(const moe_layer *l, int64_t Rr, int64_t G, char *ba
     r->ye = moe__carve(base, &off, A2, D, F);
     r->dye = moe__carve(base, &off, A2, D, F);
     r->dxe = moe__carve(base, &off, A2, D, F);
+    carve16(c, base, &off, A2, D, H, &r->x16, &r->h16, &r->dy16, &r->dh16);
     return off;
 }
 
@@ -503,6 +548,7 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
     gs_ws w;
     layout(l, B, N, l->ws, &w);
     gs_params p = params_of(l, l->wmem);
+    moe__layer_bf16_weights(l); /* bf16: the expert weights' copies, fresh */
     uint64_t stream = moe_rng_u64(c->seed, 0x3000000ull + 2 * l->forward_calls);
 
     /* first gate over the tokens: one segment per sequence */

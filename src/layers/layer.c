@@ -183,8 +183,9 @@ moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights) {
         return moe_err(MOE_ERR_ARG, "layer too large: %lld parameters", (long long)n_weights);
     l->wmem = moe_alloc(bytes);
     l->gmem = moe_calloc_lazy(bytes); /* a forward-only run never touches the gradients */
-    if (!l->wmem || !l->gmem)
-        return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for %lld parameters", 2 * bytes,
+    if (l->cfg.bf16) l->w16 = moe_alloc(bytes / 2); /* the bf16 copies: made now, so a forward cannot fail for them */
+    if (!l->wmem || !l->gmem || (l->cfg.bf16 && !l->w16))
+        return moe_err(MOE_ERR_NOMEM, "cannot allocate %zu bytes for %lld parameters", (l->cfg.bf16 ? 5 : 4) * bytes / 2,
                        (long long)n_weights);
     l->n_weights = n_weights;
     for (int i = 0; i < l->n_params; i++) {
@@ -257,10 +258,11 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
     if (ep && (cfg->num_experts < 1 || cfg->num_experts > 65536)) ep->free(ep), ep = NULL;
     if (cfg->num_experts < 1)
         return moe_err(MOE_ERR_ARG, "num_experts must be >= 1, got %d", cfg->num_experts);
-    if (cfg->bf16 && cfg->type != MOE_LAYER_TOPK) {
+    if (cfg->bf16 && cfg->type != MOE_LAYER_TOPK && cfg->type != MOE_LAYER_GSHARD &&
+        cfg->type != MOE_LAYER_HIERARCHICAL) {
         if (ep) ep->free(ep);
-        return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for topk layers only, not %s: "
-                                            "set bf16 to false (fp32)", moe_layer_type_name(cfg->type));
+        return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for topk, gshard and hierarchical "
+                                            "layers, not %s: set bf16 to false (fp32)", moe_layer_type_name(cfg->type));
     }
     if (cfg->num_experts > 65536)
         return moe_err(MOE_ERR_ARG, "num_experts = %d is more than the supported 65536", cfg->num_experts);
@@ -375,8 +377,7 @@ void moe_layer_params_changed(moe_layer *l) { (void)l, moe__params_bump(); }
 
 const uint16_t *moe__layer_bf16_weights(moe_layer *l) {
     uint64_t gen = moe__params_gen();
-    if (l->w16 && l->w16_gen == gen) return l->w16;
-    if (!l->w16 && !(l->w16 = moe_alloc((size_t)l->n_weights * sizeof *l->w16))) return NULL;
+    if (!l->w16 || l->w16_gen == gen) return l->w16; /* NULL: not a bf16 layer */
     moe_to_bf16_par(l->w16, l->wmem, l->n_weights);
     l->w16_gen = gen;
     return l->w16;

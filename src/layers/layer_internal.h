@@ -163,8 +163,9 @@ int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 int     moe__topk_slots(const moe_layer *l);
 int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 
-/* The bf16 copy of the parameters (cfg.bf16), refreshed if the parameters'
- * generation moved since it was made; NULL if it cannot be allocated. */
+/* The bf16 copy of the parameters (cfg.bf16: allocated with the
+ * parameters), refreshed if the parameters' generation moved since it was
+ * made; NULL for an fp32 layer. */
 const uint16_t *moe__layer_bf16_weights(moe_layer *l);
 
 #endif

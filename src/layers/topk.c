@@ -180,20 +180,15 @@ typedef struct {
 } topk_bank;
 
 /* bf16 mixed precision: the bank's GEMMs on the bf16 weight copies (made
- * fresh when refresh) and the bank's bf16 buffers. MOE_ERR_NOMEM if the
- * copies cannot be allocated. */
-static moe_status ffn_bf16(moe_layer *l, moe_ffn *f, const topk_bank *b, int refresh) {
-    if (!l->cfg.bf16) return MOE_OK;
-    /* the backward uses the copies its forward used, even if a parameter
-     * changed in between (the fp32 path computes with the new values there) */
+ * fresh when refresh; the backward uses the copies its forward used, even if
+ * a parameter changed in between) and the bank's bf16 buffers. */
+static void ffn_bf16(moe_layer *l, moe_ffn *f, const topk_bank *b, int refresh) {
+    if (!l->cfg.bf16) return;
     const uint16_t *w16 = refresh ? moe__layer_bf16_weights(l) : l->w16;
-    if (!w16) return moe_err(MOE_ERR_NOMEM, "cannot allocate the bf16 weight copies (%lld values)",
-                             (long long)l->n_weights);
     int64_t o[P_END + 1];
     param_offsets(l, o);
     f->W1h = w16 + o[P_W1], f->W2h = w16 + o[P_W2];
     f->x16 = b->x16, f->h16 = b->h16, f->dy16 = b->dy16, f->dhp16 = b->dhp16;
-    return MOE_OK;
 }
 
 static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base, topk_bank *b) {
@@ -327,9 +322,7 @@ static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *
     bank_of(l, &w, &bk);
     moe_status st = l->ep ? ep_out(l, &w, &bk) : MOE_OK; /* exchange out */
     if (st != MOE_OK) return st;
-    st = ffn_bf16(l, &f, &bk, 1);
-    if (l->ep) st = l->ep->agree(l->ep, st);
-    if (st != MOE_OK) return st;
+    ffn_bf16(l, &f, &bk, 1);
     moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.y);
     if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
@@ -365,7 +358,7 @@ static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float 
         memcpy(bk.dy + l->plan.Rr * D, w.dye + Rs * D, (size_t)(Ts * D) * sizeof(float));
         if ((st = moe_ep_rows_out(l->ep, &l->plan, bk.dy, bk.raw, w.dye, D)) != MOE_OK) return st;
     }
-    ffn_bf16(l, &f, &bk, 0); /* the forward's copies, as they were: cannot fail */
+    ffn_bf16(l, &f, &bk, 0);
     /* expert parallel: the input gradients always go back (every rank takes part) */
     l->grad_bad = moe_ffn_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
                                    dx || l->ep ? bk.dx : NULL);
