@@ -144,7 +144,18 @@ bench: all $(BENCH_BIN)
 	./$(BUILD)/moe bench --router deepseek_v3 --shared 1 --expert swiglu
 	./$(BUILD)/moe bench --decode
 	./$(BUILD)/moe bench --tokens 8192 --dim 1024 --hidden 4096 --experts 8 --iters 3
-	for t in 1 2; do ./$(BUILD)/moe bench --threads $$t; ./$(BUILD)/moe bench --layer gshard --threads $$t; done
+	for p in "" --bf16; do for t in 1 2; do ./$(BUILD)/moe bench --threads $$t $$p; \
+	    ./$(BUILD)/moe bench --layer gshard --threads $$t $$p; done; done
+	./$(BUILD)/moe bench --bf16 --expert swiglu
+	./$(BUILD)/moe bench --bf16 --layer hierarchical
+	./$(BUILD)/moe bench --bf16 --decode
+	@echo "real model shapes (about 15 GB of memory, several minutes):"
+	for p in "" --bf16; do for t in 256 2048; do \
+	    ./$(BUILD)/moe bench --tokens $$t --dim 4096 --hidden 14336 --experts 8 --top-k 2 --expert swiglu --iters 2 $$p; \
+	    done; done
+	for p in "" --bf16; do for t in 1024 4096; do \
+	    ./$(BUILD)/moe bench --tokens $$t --dim 2048 --hidden 1408 --experts 64 --top-k 6 --shared 2 \
+	        --router deepseek_v3 --expert swiglu --iters 2 $$p; done; done
 	/usr/bin/python3 bench/torch_bench.py --table
 
 # The C tests under valgrind memcheck (errors and definite leaks fail), built

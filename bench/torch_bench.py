@@ -1,7 +1,13 @@
-"""libmoe against PyTorch, in one run, on this machine.
+"""libmoe against PyTorch at its very best, in one run, on this machine.
 
-Times a layer's forward+backward (train mode, fp32) in PyTorch, then runs
-`build/moe bench --json` on the same shape and prints both and the ratio.
+Times a layer's forward+backward (train mode) in PyTorch, then runs
+`build/moe bench --json` (fp32, and --bf16 where libmoe has it) on the same
+shape and prints both and the ratios. PyTorch runs in every setting that can
+make it faster, each in its own process, and the best time of all is the
+yardstick: fp32 and bf16 autocast (torch.autocast('cpu', dtype=torch.bfloat16)),
+1 and all threads, and OPENBLAS_CORETYPE as this process has it and unset
+(OpenBLAS reads it at load time; it picks PyTorch's fp32 GEMM kernels), in
+that worker process alone.
   topk:   the parity reference module (tests/parity/reference.py: per-expert
           gather with index, expert MLP, index_add - the usual eager sparse MoE)
   gshard: the seeds' formulation (tests/parity/reference_gshard.py: dense (B,N,E,C)
@@ -14,9 +20,7 @@ Times a layer's forward+backward (train mode, fp32) in PyTorch, then runs
                                         [--dim 512] [--hidden 2048] [--experts 16]
                                         [--top-k 2] [--expert mlp] [--iters 5] [--threads 2]
   /usr/bin/python3 bench/torch_bench.py --table   # every shape of the README table
-PyTorch runs at its best of 1 and all threads (its eager sparse MoE often does better
-with one thread of its own and the BLAS on all). `make bench` runs --table; the figures
-go in the README.
+`make bench` runs --table; the figures go in the README.
 """
 import argparse
 import json
@@ -40,7 +44,9 @@ except ImportError as e:
 
 
 def torch_time(a):
+    """Median seconds of the module's forward+backward in this process (a worker)."""
     torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
     if a.layer == "gshard":
         m = gshard_ref.build(dict(type="gshard", dim=a.dim, num_experts=a.experts, hidden_dim=a.hidden))
         shape = (a.batch, a.tokens // a.batch, a.dim)
@@ -60,7 +66,8 @@ def torch_time(a):
         m.zero_grad(set_to_none=False)
         x.grad = None
         t0 = time.perf_counter()
-        y = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            y = m(x)
         if isinstance(y, tuple):
             y, aux = y
             (y * dy).sum().add(aux).backward()
@@ -72,24 +79,53 @@ def torch_time(a):
     return statistics.median(times)
 
 
-def run_one(a):
-    """libmoe (moe bench --json) and PyTorch (at its best of 1 and all threads) on one shape."""
+BF16_LAYERS = ("topk", "gshard")  # the layers libmoe runs in bf16 (and hierarchical)
+
+
+def libmoe_json(a, bf16):
     moe = os.environ.get("MOE_BIN", str(ROOT / "build" / "moe"))
     cmd = [moe, "bench", "--json", "--layer", a.layer, "--batch", str(a.batch if a.layer != "topk" else 1),
            "--tokens", str(a.tokens), "--dim", str(a.dim), "--hidden", str(a.hidden),
            "--experts", str(a.experts), "--expert", a.expert] + (["--top-k", str(a.top_k)] if a.layer == "topk" else []) + [
-           "--iters", str(a.iters), "--threads", str(a.threads)]
+           "--iters", str(a.iters), "--threads", str(a.threads)] + (["--bf16"] if bf16 else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"torch_bench: {' '.join(cmd)} failed:\n{r.stderr}")
-    c = json.loads(r.stdout.strip().splitlines()[-1])
-    best = None
-    for nt in sorted({1, a.threads}):  # PyTorch at its best thread setting
-        torch.set_num_threads(nt)
-        ts = torch_time(a)
-        if best is None or ts < best[0]:
-            best = (ts, nt)
-    torch.set_num_threads(a.threads)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def torch_settings(a):
+    """(precision, threads, OPENBLAS_CORETYPE or None for unset): every setting PyTorch is tried in."""
+    cores = sorted({None, os.environ.get("OPENBLAS_CORETYPE")}, key=lambda v: v or "")
+    return [(p, nt, ct) for p in ("fp32", "bf16") for nt in sorted({1, a.threads}) for ct in cores]
+
+
+def torch_worker_time(a, precision, nt, coretype):
+    """Run this script as a worker in a fresh process with that setting; its median seconds."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_CORETYPE", None)
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    cmd = [sys.executable, __file__, "--worker", "--layer", a.layer, "--tokens", str(a.tokens), "--batch",
+           str(a.batch), "--dim", str(a.dim), "--hidden", str(a.hidden), "--experts", str(a.experts), "--top-k",
+           str(a.top_k), "--expert", a.expert, "--iters", str(a.iters), "--threads", str(nt), "--precision", precision]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"torch_bench: worker {' '.join(cmd)} failed:\n{r.stderr}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def run_one(a):
+    """libmoe (moe bench --json, fp32 and bf16) and PyTorch (every setting) on one shape."""
+    c = libmoe_json(a, False)
+    c16 = libmoe_json(a, True) if a.layer in BF16_LAYERS else None
+    times = {}
+    for setting in torch_settings(a):
+        times[setting] = torch_worker_time(a, *setting)
+        if a.verbose:
+            print(f"  torch {a.layer} {setting}: {times[setting] * 1e3:.1f} ms", flush=True)
+    best = min(times.items(), key=lambda kv: kv[1])
+    best32 = min((v, k) for k, v in times.items() if k[0] == "fp32")
     glu = 2 if a.expert != "mlp" else 1
     # useful FLOPs: the rows the experts run (T*K for topk; libmoe's kept rows for gshard,
     # the same routing rule) through (D -> glu*H) and (H -> D), forward 1x + backward 2x
@@ -98,7 +134,7 @@ def run_one(a):
         shape = f"B={a.batch} N={a.tokens // a.batch} D={a.dim} H={a.hidden} E={a.experts}"
     else:
         shape = f"T={a.tokens} D={a.dim} H={a.hidden} E={a.experts} K={a.top_k}"
-    return c, best, flops, shape
+    return c, c16, best, best32, flops, shape
 
 
 # The table `make bench` prints: the shapes of the README.
@@ -125,21 +161,39 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--table", action="store_true", help="every shape of the README table, one line each")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every PyTorch setting's time")
     a = p.parse_args()
+    if a.worker:  # one PyTorch setting, in this process: print the median seconds
+        if a.experts is None:
+            a.experts = 4 if a.layer.startswith("soft") else 16
+        print(torch_time(a))
+        return
     runs = []
     for over in (TABLE if a.table else [{}]):
         b = argparse.Namespace(**{**vars(a), **over})
         if b.experts is None:
             b.experts = 4 if b.layer.startswith("soft") else 16
         runs.append((b,) + run_one(b))
-    print(f"forward+backward, fp32, {a.threads} threads, medians; PyTorch {torch.__version__} at its best of "
-          f"1 and {a.threads} threads")
-    print(f"{'layer':14} {'shape':34} {'libmoe tok/s':>12} {'GFLOP/s':>8} {'vs sgemm':>8} "
-          f"{'torch tok/s':>11} {'(thr)':>5} {'libmoe/torch':>12}")
-    for b, c, (ts, nt), flops, shape in runs:
+    cores = os.environ.get("OPENBLAS_CORETYPE")
+    print(f"forward+backward, {a.threads} threads, medians. PyTorch {torch.__version__} at its very best: the fastest "
+          f"of fp32 and bf16 autocast, 1 and {a.threads} threads, OPENBLAS_CORETYPE "
+          f"{'=' + cores + ' and ' if cores else ''}unset.")
+    print("libmoe: fp32, and bf16 mixed precision (autocast) for topk and gshard; each as a ratio to the peak of "
+          "its precision measured in the same run, and as a speed-up over PyTorch's best (any setting).")
+    print(f"{'layer':14} {'shape':34} {'fp32 GF/s':>9} {'/peak':>5} {'bf16 GF/s':>9} {'/peak':>5} "
+          f"{'torch best':>16} {'fp32 x':>6} {'bf16 x':>6}")
+    for b, c, c16, (bset, bt), (b32t, b32set), flops, shape in runs:
         name = f"{b.layer} {b.expert}" if b.layer == "topk" else b.layer
-        print(f"{name:14} {shape:34} {c['tokens_per_s']:12.0f} {c['gflops']:8.1f} {c['ratio']:8.3f} "
-              f"{b.tokens / ts:11.0f} {nt:5d} {ts / c['seconds']:11.2f}x")
+        p32 = c["gflops"] / c["fp32_peak_gflops"] if c.get("fp32_peak_gflops") else 0.0
+        g16 = f"{c16['gflops']:9.1f} {c16['gflops'] / c16['bf16_peak_gflops']:5.2f}" if c16 else f"{'-':>9} {'-':>5}"
+        tb = f"{bset[0]} {bset[1]}t{' ' + bset[2] if bset[2] else ''}"
+        x16 = f"{bt / c16['seconds']:5.2f}x" if c16 else f"{'-':>6}"
+        print(f"{name:14} {shape:34} {c['gflops']:9.1f} {p32:5.2f} {g16} {bt * 1e3:7.0f} ms {tb:>7} "
+              f"{bt / c['seconds']:5.2f}x {x16}")
+        print(f"{'':14} PyTorch fp32 at its best: {b32t * 1e3:.0f} ms ({b32set[1]} threads"
+              f"{', OPENBLAS_CORETYPE=' + b32set[2] if b32set[2] else ', OPENBLAS_CORETYPE unset'})")
 
 
 if __name__ == "__main__":

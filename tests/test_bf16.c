@@ -119,6 +119,34 @@ static void test_gemm(void) {
     CHECK(cases == 512, "bf16 gemm cases %d", cases);
 }
 
+/* The decode kernel against the twin: 1..MOE_SMALL_ROWS rows, K around the
+ * 32-pair width, odd N, accumulation into C. */
+static void test_small(void) {
+    static const int64_t Ks[] = {1, 31, 32, 33, 100, 512}, Ns[] = {1, 5, 64};
+    unsigned long long st = 77;
+    int ok = 1;
+    double worst = 0;
+    for (int64_t n = 1; n <= MOE_SMALL_ROWS; n++)
+        for (int ki = 0; ki < 6; ki++)
+            for (int ni = 0; ni < 3; ni++) {
+                int64_t K = Ks[ki], N = Ns[ni];
+                uint16_t *A = malloc((size_t)(n * K) * 2), *W = malloc((size_t)(N * K) * 2);
+                float *C = malloc((size_t)(n * N) * 4), *R = malloc((size_t)(n * N) * 4);
+                for (int64_t i = 0; i < n * K; i++) A[i] = moe_f32_to_bf16(check_nrand(&st));
+                for (int64_t i = 0; i < N * K; i++) W[i] = moe_f32_to_bf16(check_nrand(&st));
+                for (int64_t i = 0; i < n * N; i++) C[i] = R[i] = check_nrand(&st);
+                moe_gemm_bf16_nt_small(C, A, W, n, N, K);
+                moe_gemm_bf16_ref(0, 1, n, N, K, A, W, 1.0f, R);
+                for (int64_t i = 0; i < n * N; i++) {
+                    double d = fabs((double)C[i] - R[i]);
+                    ok &= d <= 2e-6 * (1.0 + sqrt((double)K)) * (1.0 + fabs((double)R[i]));
+                    worst = fmax(worst, d);
+                }
+                free(A), free(W), free(C), free(R);
+            }
+    CHECK(ok, "moe_gemm_bf16_nt_small differs from the twin (worst %g)", worst);
+}
+
 /* The expert bank in bf16, stage by stage, against double precision with
  * autocast's roundings: hpre = b1 + bf(x) bf(W1)^T, ha = f(hpre),
  * y = b2 + bf(ha) bf(W2)^T; backward dW2 += bf(dy)^T bf(ha), dha = bf(dy)
@@ -398,6 +426,7 @@ int main(void) {
     moe_set_num_threads(2);
     test_convert();
     test_gemm();
+    test_small();
     test_bank(MOE_EXPERT_MLP, MOE_ACT_GELU);
     test_bank(MOE_EXPERT_MLP, MOE_ACT_RELU);
     test_bank(MOE_EXPERT_SWIGLU, MOE_ACT_GELU);

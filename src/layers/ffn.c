@@ -45,13 +45,15 @@ static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
     float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
     bias_rows(hp, f->b1 + e * H2, n, H2);
     if (f->W1h) { /* bf16: the inputs rounded, fp32 accumulation and output */
-        moe_gemm_bf16(0, 1, n, H2, D, f->x16 + r0 * D, f->W1h + e * H2 * D, 1.0f, hp);
+        if (n <= MOE_SMALL_ROWS) moe_gemm_bf16_nt_small(hp, f->x16 + r0 * D, f->W1h + e * H2 * D, n, H2, D);
+        else moe_gemm_bf16(0, 1, n, H2, D, f->x16 + r0 * D, f->W1h + e * H2 * D, 1.0f, hp);
         if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
         else moe_act_forward(h, hp, n * H, f->act, f->slope);
         dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
         moe_to_bf16(f->h16 + r0 * H, h, n * H);
         bias_rows(y, f->b2 + e * D, n, D);
-        moe_gemm_bf16(0, 1, n, D, H, f->h16 + r0 * H, f->W2h + e * D * H, 1.0f, y);
+        if (n <= MOE_SMALL_ROWS) moe_gemm_bf16_nt_small(y, f->h16 + r0 * H, f->W2h + e * D * H, n, D, H);
+        else moe_gemm_bf16(0, 1, n, D, H, f->h16 + r0 * H, f->W2h + e * D * H, 1.0f, y);
         return;
     }
     if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(hp, H2, a->xe + r0 * D, D, f->W1 + e * H2 * D, n, H2, D);

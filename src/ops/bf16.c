@@ -192,3 +192,40 @@ void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16
     /* oneDNN failed before writing (no primitive, no memory): the twin computes it */
     if (!ok) moe_gemm_bf16_ref(ta, tb, M, N, K, A, B, beta, C);
 }
+
+/* Decode (an expert with at most MOE_SMALL_ROWS rows): C (n,N) += A (n,K)
+ * W^T, W (N,K) bf16 in nn.Linear's layout, A bf16. Hand-written for the same
+ * reason as moe_sgemm_nt_small: a GEMM packs all of W first, reading it
+ * twice, and in decode the experts' weights are the whole cost; here each
+ * row of W is read once (half the bytes of fp32) and dotted with the n rows
+ * of A, which stay in L1. vdpbf16ps sums bf16 pairs into 16 fp32 lanes; the
+ * lanes are added in a fixed order, so the result depends only on the shape. */
+__attribute__((target("avx512f,avx512bf16"))) static void nt_small_dp(float *C, int64_t ldc, const uint16_t *A,
+                                                                        const uint16_t *W, int64_t n, int64_t N,
+                                                                        int64_t K) {
+    enum { L = 32, PF = 4 };
+    for (int64_t j = 0; j < N; j++) {
+        const uint16_t *w = W + j * K;
+        if (j + PF < N)
+            for (int64_t k = 0; k < K; k += 32) __builtin_prefetch(W + (j + PF) * K + k);
+        for (int64_t r = 0; r < n; r++) {
+            const uint16_t *a = A + r * K;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + L <= K; k += L)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(a + k)),
+                                       (__m512bh)_mm512_loadu_si512((const void *)(w + k)));
+            float lanes[16], s = 0.0f;
+            _mm512_storeu_ps(lanes, acc);
+            for (int i = 0; i < 16; i++) s += lanes[i];
+            for (; k < K; k++) s += moe_bf16_to_f32(a[k]) * moe_bf16_to_f32(w[k]);
+            C[r * ldc + j] += s;
+        }
+    }
+}
+
+void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K) {
+    if (n <= 0 || N <= 0) return;
+    if (__builtin_cpu_supports("avx512bf16")) nt_small_dp(C, N, A, W, n, N, K);
+    else moe_gemm_bf16(0, 1, n, N, K, A, W, 1.0f, C); /* without AVX512-BF16: oneDNN */
+}

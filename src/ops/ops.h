@@ -36,6 +36,11 @@ void     moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n); /* all thr
  * bits depend only on the shape. Falls back to the twin if oneDNN fails. */
 void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                    float beta, float *C);
+/* Decode: C (n,N) += A (n,K) W^T for few rows (n <= MOE_SMALL_ROWS), A and W
+ * (N,K) bf16 dense: reads W once (AVX512-BF16 dot products; oneDNN without
+ * them). The same product as moe_gemm_bf16(0, 1, n, N, K, A, W, 1, C) up to
+ * float rounding. */
+void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K);
 /* Its plain twin: exact products summed in double. Any beta. */
 void moe_gemm_bf16_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                        float beta, float *C);

@@ -171,12 +171,14 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
     }
     fill(x, (size_t)(pool * tmax * D), 11, 4.0f);
     memset(src, 1, nb), memset(dst, 2, nb);
-    double per_expert = (double)((H2 * D + H2 + D * H + D) * (int64_t)sizeof(float));
+    /* bytes an expert's forward reads: bf16 weights (2 bytes) in bf16 mode, fp32 biases */
+    double per_expert = (double)((H2 * D + D * H) * (c->bf16 ? 2 : 4) + (H2 + D) * 4);
     double gate = (double)(E * (D + 1) * (int64_t)sizeof(float));
     if (!json) {
-        printf("decode (eval forward), fp32, medians of %lld calls on fresh tokens, each followed by a\n"
+        printf("decode (eval forward), %s, medians of %lld calls on fresh tokens, each followed by a\n"
                "memcpy and a read of %zu MB on every thread: GB/s of the experts' weights read, of bytes\n"
-               "copied (read + written: twice that), and of the read-only stream\n", (long long)reps, nb >> 20);
+               "copied (read + written: twice that), and of the read-only stream\n",
+               c->bf16 ? "bf16 weights" : "fp32", (long long)reps, nb >> 20);
         printf("%-6s %9s %8s %8s %8s %9s %8s %8s %8s\n", "tokens", "us/call", "experts", "MB", "GB/s",
                "memcpy", "read", "/memcpy", "/read");
     }
