@@ -136,6 +136,8 @@ class Layer:
         aux = ctypes.c_float(0.0)
         self.forward_count += 1
         self._last = None
+        if self.config.get("bf16"):  # numpy/torch may have written the parameters: fresh bf16 copies
+            lib.moe_layer_params_changed(self._h)
         m = ctypes.cast(mask_addr, _lib.c_uint8_p) if mask_addr else None
         if kind == "image":
             st = lib.moe_layer_forward_image(self._h, _f32p(y_addr), ctypes.byref(aux), _f32p(x_addr), m,

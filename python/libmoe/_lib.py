@@ -95,6 +95,7 @@ _SIGS = {
     "moe_layer_num_buffers": (ctypes.c_int, [_P]),
     "moe_layer_buffer": (ctypes.POINTER(moe_param), [_P, ctypes.c_int]),
     "moe_layer_zero_grad": (None, [_P]),
+    "moe_layer_params_changed": (None, [_P]),
     "moe_layer_forward_masked": (_S, [_P, c_float_p, c_float_p, c_float_p, c_uint8_p,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int]),
     "moe_layer_forward_image": (_S, [_P, c_float_p, c_float_p, c_float_p, c_uint8_p,

@@ -604,10 +604,34 @@ def test_training():
             "after training: the C weights are the torch parameters, close to the reference's")
 
 
+def test_bf16():
+    """A bf16 (autocast) module: a PyTorch optimizer writes the parameters the C layer shares,
+    and the next forward uses the new values (the bf16 copies are refreshed), as a fresh module
+    with those parameters computes; and its output is within bf16's precision of fp32."""
+    cfg = {"type": "topk", "num_experts": 4, "input_dim": 16, "hidden_dim": 32, "top_k": 2, "seed": 3, "bf16": True}
+    m = lt.MoELayer(cfg)
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
+    y0, _ = m(x)
+    y0.square().sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        y1, _ = m(x)
+        fresh = lt.MoELayer(cfg)
+        fresh.load_state_dict(m.state_dict())
+        y2, _ = fresh(x)
+        f32 = lt.MoELayer({**cfg, "bf16": False})
+        f32.load_state_dict(m.state_dict())
+        y3, _ = f32(x)
+    T.check(not torch.equal(y0.detach(), y1), "bf16: the optimizer step changed the output")
+    T.check(torch.equal(y1, y2), "bf16: after a torch optimizer step the forward uses the new parameters")
+    rel = float((y1 - y3).norm() / y3.norm())
+    T.check(0 < rel < 1e-2, "bf16 module within bf16 precision of fp32", f"relative L2 {rel:.3g}")
+
+
 def main():
     print(f"libmoe: {libmoe.library_path}")
     for t in (test_topk, test_router, test_dense, test_gshard, test_soft, test_state_dict, test_semantics,
-              test_errors, test_numpy_layer, test_training):
+              test_errors, test_numpy_layer, test_training, test_bf16):
         try:
             t()
         except Exception as e:  # noqa: BLE001
