@@ -210,11 +210,21 @@ __attribute__((target("avx512f,avx512bf16"))) static void nt_small_dp(float *C, 
             for (int64_t k = 0; k < K; k += 32) __builtin_prefetch(W + (j + PF) * K + k);
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
-            __m512 acc = _mm512_setzero_ps();
+            /* four independent chains (the dot product's latency would
+             * otherwise bound a one-row decode), added in a fixed order */
+            __m512 acc = _mm512_setzero_ps(), acc1 = acc, acc2 = acc, acc3 = acc;
             int64_t k = 0;
-            for (; k + L <= K; k += L)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(a + k)),
-                                       (__m512bh)_mm512_loadu_si512((const void *)(w + k)));
+#define DP(c, o) c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512((const void *)(a + k + (o))), \
+                                      (__m512bh)_mm512_loadu_si512((const void *)(w + k + (o))))
+            for (; k + 4 * L <= K; k += 4 * L) {
+                DP(acc, 0);
+                DP(acc1, L);
+                DP(acc2, 2 * L);
+                DP(acc3, 3 * L);
+            }
+            for (; k + L <= K; k += L) DP(acc, 0);
+#undef DP
+            acc = _mm512_add_ps(_mm512_add_ps(acc, acc1), _mm512_add_ps(acc2, acc3));
             float lanes[16], s = 0.0f;
             _mm512_storeu_ps(lanes, acc);
             for (int i = 0; i < 16; i++) s += lanes[i];
