@@ -53,6 +53,13 @@ expect 0 "step" "$moe" train --steps 20 --batch 32 --dim 32 --layer dense --out 
 # a short benchmark prints the ratio line
 expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
 expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json
+# bf16 mixed precision: bench, train and forward take --bf16; the soft layers refuse it clearly
+expect 0 "bf16 mixed precision (autocast)" "$moe" bench --bf16 --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
+expect 0 '"bf16": true' "$moe" bench --bf16 --layer gshard --tokens 128 --dim 16 --hidden 32 --experts 4 --iters 1 --json
+expect 2 "bf16 is implemented for --layer topk, gshard and hierarchical (and --dense), not soft" "$moe" train --bf16 --layer soft --steps 5
+printf '{"type": "soft_dynamic", "dim": 8, "num_experts": 2}' >"$tmp/sbf.json"
+expect 1 "bf16 mixed precision is implemented for topk, gshard and hierarchical layers, not soft_dynamic" \
+    "$moe" forward --bf16 --config "$tmp/sbf.json" --input x --out y
 expect 0 "expert rows per call" "$moe" bench --layer gshard --tokens 256 --dim 16 --hidden 32 --experts 4 --iters 2
 expect 0 '"layer": "hierarchical"' "$moe" bench --layer hierarchical --tokens 128 --dim 16 --hidden 16 --iters 1 --json
 expect 2 "not a multiple of --batch" "$moe" bench --layer gshard --tokens 10 --batch 4

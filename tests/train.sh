@@ -14,8 +14,9 @@ small="--dim 24 --hidden 24 --emb 8 --window 12 --batch 64 --threads 2 --quiet"
 # ---- resume: 20 steps + resume + 20 steps == 40 steps, bit for bit
 # (and the routers: Switch's jitter draws from the RNG, DeepSeek-V3's selection
 # bias is state saved in the checkpoint, expert choice with a gated shared expert)
-for layer in topk gshard switch deepseek ec; do
+for layer in topk gshard switch deepseek ec bf16; do
     extra="--layer $layer"
+    [ "$layer" = bf16 ] && extra="--bf16 --expert swiglu" # mixed precision is kept by the checkpoint
     [ "$layer" = gshard ] && extra="--layer gshard --group 32 --experts 4"
     [ "$layer" = switch ] && extra="--router switch --capacity 1.0"
     [ "$layer" = deepseek ] && extra="--router deepseek_v3 --groups 4 --topk-groups 2 --shared 1 --bias-rate 0.01"

@@ -56,9 +56,10 @@ static const char *usage_text =
     "  --bias-rate F     selection bias update rate (aux-loss-free balancing)\n"
     "  --dense           the same model with one plain FFN of the same active size\n"
     "                    (hidden K*H) per block, for comparison\n"
-    "  --bf16            bf16 mixed precision (autocast) in the topk MoE blocks (and\n"
-    "                    --dense's FFN): bf16 GEMM inputs, fp32 accumulation, fp32 master\n"
-    "                    weights and optimizer state; kept by checkpoints\n"
+    "  --bf16            bf16 mixed precision (autocast) in the MoE blocks' experts\n"
+    "                    (topk, gshard, hierarchical, --dense's FFN): bf16 GEMM inputs,\n"
+    "                    fp32 accumulation, fp32 master weights and optimizer state;\n"
+    "                    kept by checkpoints\n"
     "training:\n"
     "  --data FILE       train on a text file (90% train, 10% validation)\n"
     "  --steps N         total steps (default 12000)\n"
@@ -369,9 +370,10 @@ static int parse(train_args *a, int argc, char **argv) {
         }
     }
     m->seed = (uint64_t)t->seed;
-    if (a->bf16 && !(type == MOE_LAYER_TOPK || a->dense)) {
-        fprintf(stderr, "moe train: --bf16 is implemented for --layer topk (and --dense); %s trains in fp32\n",
-                moe_layer_type_name(type));
+    if (a->bf16 && !(type == MOE_LAYER_TOPK || type == MOE_LAYER_GSHARD || type == MOE_LAYER_HIERARCHICAL ||
+                     a->dense)) {
+        fprintf(stderr, "moe train: --bf16 is implemented for --layer topk, gshard and hierarchical (and "
+                        "--dense), not %s: leave --bf16 out to train it in fp32\n", moe_layer_type_name(type));
         return 2;
     }
     m->bf16 = a->bf16;
