@@ -60,6 +60,7 @@ def run(args, ranks=0):
 
 
 def build(cfg):
+    cfg = {k: v for k, v in cfg.items() if k != "bf16"}  # a precision, not a module argument
     t = cfg["type"]
     if t in refg.TYPES:
         return refg.build(cfg)
@@ -162,6 +163,11 @@ def main():
         case("dense O != D", dict(type="dense", num_experts=8, input_dim=16, output_dim=12), (4, 5, 16), P)
         case("hierarchical threshold, drops", dict(type="hierarchical", dim=16, num_experts=[4, 2], hidden_dim=12,
                                                    second_policy_train="threshold", capacity_factor_train=1.0),
+             (4, 12, 16), P)
+        # bf16 mixed precision: each expert's GEMMs see the same rows on its owner as in one process
+        case("topk swiglu bf16", dict(topk, expert="swiglu", bf16=True), (4, 6, 16), P)
+        case("gshard bf16 (--bf16)", gs, (4, 16, 16), P, extra=("--bf16",))
+        case("hierarchical bf16", dict(type="hierarchical", dim=16, num_experts=[4, 2], hidden_dim=12, bf16=True),
              (4, 12, 16), P)
         errors(P)
     print(f"forward --ep: {passed} passed, {failed} failed")

@@ -409,6 +409,67 @@ def bf16_case(tally, moe, cfg, T, seed):
         report(tally, what, problems)
 
 
+def fp32_routes(m):
+    """The model's gates route in float32 under autocast (their einsums would run in bf16)."""
+    for g in refg.gates(m):
+        def route(x, *args, _orig=g.route, **kw):
+            with torch.autocast("cpu", enabled=False):
+                return _orig(x.float(), *args, **kw)
+        g.route = route
+
+
+def autocast_gs_outputs(model, x, dy, daux, train=True):
+    """refg.outputs in float32 under bf16 autocast, the gates in fp32."""
+    m = copy.deepcopy(model).float().train(train)
+    fp32_routes(m)
+    xr = x.detach().clone().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = m(xr)
+    y, aux = y.float(), aux.float()
+    ((y * dy.float()).sum() + float(daux) * aux).backward()
+    out = {"y": y.detach(), "aux_loss": aux.detach().reshape(()), "dx": xr.grad}
+    for name, p in m.named_parameters():
+        out["grad." + name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    out["stats.expert_counts"] = m.stats["expert_counts"].to(torch.int64)
+    out["stats.dropped"] = torch.tensor(m.stats["dropped"], dtype=torch.int64)
+    return out
+
+
+def bf16_gs_case(tally, moe, c, seed):
+    what = "bf16 autocast " + describe_gs(c)
+    with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
+        d = Path(tmp)
+        model, x, dy, daux = make_gs_case(c, seed, d)
+        rc, log = run_moe(moe, forward_args(d, c["train"], True) + ["--bf16"])
+        if rc != 0:
+            tally.check(False, what, f"moe forward --bf16 exited {rc}: {log.strip()[:300]}")
+            return
+        ours = stio.load(d / "OUT.safetensors")
+        auto = autocast_gs_outputs(model, x, dy, daux, c["train"])
+        exact = refg.outputs(model, x, dy, daux, c["train"])
+        problems = []
+        for name in ("stats.expert_counts", "stats.dropped"):  # fp32 routing: the same decisions
+            if name not in ours or not torch.equal(ours[name].to(torch.int64).flatten(), exact[name].flatten()):
+                problems.append(f"{name} differs from the fp32 routing")
+        if not torch.allclose(ours["aux_loss"].double(), exact["aux_loss"].double(), rtol=1e-4, atol=1e-6):
+            problems.append(f"aux_loss {float(ours['aux_loss']):.6g}, fp32 routing gives {float(exact['aux_loss']):.6g}")
+        for name, a in auto.items():
+            if name.startswith("stats.") or name == "aux_loss":
+                continue
+            o = ours.get(name)
+            if o is None:
+                problems.append(f"OUT lacks {name}")
+                continue
+            e_auto, e_ours, e_torch = rel_l2(o, a), rel_l2(o, exact[name]), rel_l2(a, exact[name])
+            if VERBOSE:
+                print(f"     {name:28s} vs autocast {e_auto:.2e}  vs fp64: ours {e_ours:.2e} autocast {e_torch:.2e}")
+            if not e_auto <= BF16_TOL:
+                problems.append(f"{name}: relative L2 difference to autocast {e_auto:.3g} > {BF16_TOL}")
+            if not e_ours <= 1.5 * e_torch + 1e-3:
+                problems.append(f"{name}: error vs float64 {e_ours:.3g}, autocast's {e_torch:.3g}")
+        report(tally, what, problems)
+
+
 # ------------------------------------------------------------------ gshard / hierarchical
 # x is (B, N, D); groups are the sequences. A case sets policy, threshold and capacity
 # factor of the mode it tests and gives the other mode different ones (policy random, or
@@ -473,6 +534,15 @@ GS_CASES = [
     gs("hierarchical", 20, [3, 2], 2, 30, 24, "gelu", "random", 0.6, 1.0, train=False, skew=2.5,
        daux=2.5, daux1=True),                                             # daux shape (1), eval
     gs("hierarchical", 12, [2, 2], 2, 16, 20, "silu", "all", cf=1.25, train=False, coef=0.05),
+]
+
+
+BF16_GS_CASES = [
+    gs("gshard", 32, 8, 3, 24, 64, "gelu", "none", cf=2.0),
+    gs("gshard", 32, 4, 2, 64, 48, cf=1.0, skew=3.0, daux=0.7),            # overflow: drops
+    gs("gshard", 16, 4, 2, 20, 24, pol="random", t=0.5, seed=7),           # libmoe's draws
+    gs("hierarchical", 24, [4, 4], 2, 48, 32, "gelu", "threshold", 0.2, 2.0),
+    gs("hierarchical", 20, [2, 3], 3, 40, 28, pol="none", cf=1.0, skew=3.0, daux=0.7),
 ]
 
 
@@ -811,6 +881,8 @@ def main():
     if not self_test:
         for i, (cfg, T) in enumerate(BF16_CASES):
             bf16_case(tally, moe, cfg, T, 5000 + i)
+        for i, c in enumerate(BF16_GS_CASES):
+            bf16_gs_case(tally, moe, c, 5100 + i)
         error_cases(tally, moe)
         dense_quirk(tally)
         refg.self_checks(tally.check)
