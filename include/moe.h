@@ -187,10 +187,19 @@ typedef struct {
      * activations, combine and losses are fp32. The bf16 copies are refreshed
      * at the first forward after the parameters change (moe_optim_step,
      * moe_layer_load, moe_layer_init_params, moe_layer_param/find_param, or
-     * moe_layer_params_changed). Implemented for topk; other types return
-     * MOE_ERR_UNSUPPORTED at create. 0 (default): fp32 everywhere. */
+     * moe_layer_params_changed). Implemented for topk, gshard and
+     * hierarchical; the other types return MOE_ERR_UNSUPPORTED at create.
+     * 0 (default): fp32 everywhere.
+     * MOE_BF16_WEIGHTS (2; JSON "bf16": "weights", `moe forward
+     * --bf16-weights`): inference from bf16 weights. As 1, but the experts'
+     * GEMM weights exist only as bf16: moe_layer_create_load copies a BF16
+     * file's bytes into them (never widened to fp32; an F32 file is rounded
+     * once) and their fp32 parameters are never written (they read as 0 and
+     * take no memory). Made only by moe_layer_create_load, in one process;
+     * backward, save, gather and a second load return MOE_ERR_UNSUPPORTED. */
     int             bf16;
 } moe_config;
+#define MOE_BF16_WEIGHTS 2
 
 /* Set the router fields of a topk config c to a named recipe: "topk" (seed
  * 004), "switch" (K = 1, softmax, no renormalisation, capacity 1.25 / 2.0,

@@ -60,6 +60,8 @@ expect 2 "bf16 is implemented for --layer topk, gshard and hierarchical (and --d
 printf '{"type": "soft_dynamic", "dim": 8, "num_experts": 2}' >"$tmp/sbf.json"
 expect 1 "bf16 mixed precision is implemented for topk, gshard and hierarchical layers, not soft_dynamic" \
     "$moe" forward --bf16 --config "$tmp/sbf.json" --input x --out y
+expect 2 "bf16-weights is inference from a weights file" "$moe" forward --bf16-weights --config "$tmp/t.json" \
+    --input x --out y
 expect 0 "expert rows per call" "$moe" bench --layer gshard --tokens 256 --dim 16 --hidden 32 --experts 4 --iters 2
 expect 0 '"layer": "hierarchical"' "$moe" bench --layer hierarchical --tokens 128 --dim 16 --hidden 16 --iters 1 --json
 expect 2 "not a multiple of --batch" "$moe" bench --layer gshard --tokens 10 --batch 4

@@ -13,6 +13,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static float from_bits(uint32_t u) {
     float f;
@@ -404,6 +405,88 @@ static void test_gshard(moe_layer_type type, int E, int Ei, int64_t B, int64_t N
     moe_layer_free(l32), moe_layer_free(l16);
 }
 
+/* Inference from bf16 weights (MOE_BF16_WEIGHTS): a BF16 file's expert
+ * weights are used as they are, never widened (the fp32 expert weights stay
+ * 0), and the forward equals a mixed-precision layer's loaded from the same
+ * file, bit for bit; from an F32 file too. Backward, save, a second load and
+ * moe_layer_create are refused. */
+static void test_weights_only(moe_layer_type type, const char *label) {
+    moe_config c;
+    moe_config_init(&c, type);
+    c.input_dim = 24, c.hidden_dim = 40, c.num_experts = 4, c.num_experts_inner = 2, c.top_k = 2, c.seed = 9;
+    c.num_shared = type == MOE_LAYER_TOPK ? 1 : 0;
+    if (type == MOE_LAYER_TOPK) c.expert = MOE_EXPERT_SWIGLU;
+    moe_layer *src = NULL;
+    CHECK_STATUS(moe_layer_create(&src, &c), MOE_OK);
+    if (!src) return;
+    char p32[64], p16[64];
+    snprintf(p32, sizeof p32, "/tmp/moe_bf16w_%d_f32.safetensors", (int)getpid());
+    snprintf(p16, sizeof p16, "/tmp/moe_bf16w_%d_bf16.safetensors", (int)getpid());
+    CHECK_STATUS(moe_layer_save(src, p32), MOE_OK);
+    int np = src->n_params + src->n_buffers;
+    moe_st_entry *ents = calloc((size_t)np, sizeof *ents);
+    uint16_t **bufs = calloc((size_t)np, sizeof *bufs);
+    for (int i = 0; i < np; i++) { /* the same state_dict in BF16 */
+        const moe_param *q = i < src->n_params ? &src->params[i] : &src->buffers[i - src->n_params];
+        bufs[i] = malloc((size_t)q->numel * 2);
+        moe_to_bf16(bufs[i], q->data, q->numel);
+        ents[i].name = q->name, ents[i].dtype = MOE_DT_BF16, ents[i].ndim = q->ndim, ents[i].data = bufs[i];
+        for (int d = 0; d < q->ndim; d++) ents[i].shape[d] = q->shape[d];
+    }
+    CHECK_STATUS(moe_st_write(p16, ents, np, NULL, 0), MOE_OK);
+    int64_t B = 2, N = 10, D = c.input_dim, n = B * N * D;
+    float *x = malloc((size_t)n * 4), *y1 = malloc((size_t)n * 4), *y2 = malloc((size_t)n * 4), aux1, aux2;
+    unsigned long long st = 5;
+    for (int64_t i = 0; i < n; i++) x[i] = check_nrand(&st);
+    for (int f = 0; f < 2; f++) {
+        const char *path = f ? p32 : p16;
+        moe_layer *mix = NULL, *w = NULL;
+        c.bf16 = 1;
+        CHECK_STATUS(moe_layer_create_load(&mix, &c, path), MOE_OK);
+        c.bf16 = MOE_BF16_WEIGHTS;
+        CHECK_STATUS(moe_layer_create_load(&w, &c, path), MOE_OK);
+        if (!mix || !w) {
+            moe_layer_free(mix), moe_layer_free(w);
+            continue;
+        }
+        CHECK_STATUS(moe_layer_forward_seq(mix, y1, &aux1, x, B, N, MOE_EVAL | MOE_NO_GRAD), MOE_OK);
+        CHECK_STATUS(moe_layer_forward_seq(w, y2, &aux2, x, B, N, MOE_EVAL | MOE_NO_GRAD), MOE_OK);
+        CHECK(memcmp(y1, y2, (size_t)n * 4) == 0 && aux1 == aux2,
+              "%s (%s file): bf16 weights only differs from mixed precision", label, f ? "F32" : "BF16");
+        int never = 1, used = 0; /* the experts' fp32 weights never written */
+        for (int i = 0; i < w->n_params; i++) {
+            const char *nm = w->params[i].name;
+            int gw = (strncmp(nm, "experts.", 8) == 0 || strncmp(nm, "shared_experts.", 15) == 0) &&
+                     (strstr(nm, ".weight") || !strcmp(nm, "experts.w1") || !strcmp(nm, "experts.w2"));
+            if (!gw) continue;
+            used++;
+            for (int64_t j = 0; j < w->params[i].numel; j++) never &= w->params[i].data[j] == 0.0f;
+        }
+        CHECK(never && used >= 2, "%s: the experts' fp32 weights were written (%d tensors)", label, used);
+        /* a forward that keeps activations still runs; backward, save, reload are refused */
+        CHECK_STATUS(moe_layer_forward_seq(w, y2, &aux2, x, B, N, MOE_TRAIN), MOE_OK);
+        CHECK_STATUS(moe_layer_backward(w, NULL, y1, 1.0f), MOE_ERR_UNSUPPORTED);
+        CHECK_STATUS(moe_layer_save(w, "/tmp/moe_bf16w_never.safetensors"), MOE_ERR_UNSUPPORTED);
+        CHECK_STATUS(moe_layer_load(w, path), MOE_ERR_UNSUPPORTED);
+        moe_layer_free(mix), moe_layer_free(w);
+    }
+    moe_layer *bad = NULL;
+    CHECK_STATUS(moe_layer_create(&bad, &c), MOE_ERR_ARG); /* c.bf16 == MOE_BF16_WEIGHTS */
+    CHECK(bad == NULL && strstr(moe_last_error(), "moe_layer_create_load"), "message: %s", moe_last_error());
+    /* a NaN in a BF16 expert weight is named */
+    for (int i = 0; i < np; i++)
+        if (!strcmp(ents[i].name, "experts.0.net.0.weight") || !strcmp(ents[i].name, "experts.w1")) bufs[i][3] = 0x7fc0;
+    CHECK_STATUS(moe_st_write(p16, ents, np, NULL, 0), MOE_OK);
+    CHECK_STATUS(moe_layer_create_load(&bad, &c, p16), MOE_ERR_NONFINITE);
+    CHECK(bad == NULL && strstr(moe_last_error(), "element 3") &&
+              (strstr(moe_last_error(), "experts.0.net.0.weight") || strstr(moe_last_error(), "experts.w1")),
+          "message: %s", moe_last_error());
+    for (int i = 0; i < np; i++) free(bufs[i]);
+    free(bufs), free(ents), free(x), free(y1), free(y2);
+    remove(p32), remove(p16);
+    moe_layer_free(src);
+}
+
 static void test_refused(void) {
     moe_config c;
     moe_layer *l = NULL;
@@ -420,6 +503,13 @@ static void test_refused(void) {
     CHECK(c.bf16 == 1, "JSON bf16 true");
     CHECK_STATUS(moe_config_from_json(&c, "{\"type\": \"gshard\", \"bf16\": false}"), MOE_OK);
     CHECK(c.bf16 == 0, "JSON bf16 false");
+    CHECK_STATUS(moe_config_from_json(&c, "{\"type\": \"topk\", \"bf16\": \"weights\"}"), MOE_OK);
+    CHECK(c.bf16 == MOE_BF16_WEIGHTS, "JSON bf16 \"weights\"");
+    CHECK_STATUS(moe_config_from_json(&c, "{\"type\": \"topk\", \"bf16\": \"half\"}"), MOE_ERR_ARG);
+    moe_config_init(&c, MOE_LAYER_TOPK);
+    c.bf16 = 3;
+    moe_layer *l3 = NULL;
+    CHECK_STATUS(moe_layer_create(&l3, &c), MOE_ERR_ARG);
 }
 
 int main(void) {
@@ -440,6 +530,9 @@ int main(void) {
     test_gshard(MOE_LAYER_GSHARD, 6, 1, 3, 5, "gshard N < E");
     test_gshard(MOE_LAYER_HIERARCHICAL, 2, 3, 2, 20, "hierarchical 2x3");
     test_refresh();
+    test_weights_only(MOE_LAYER_TOPK, "topk swiglu + shared");
+    test_weights_only(MOE_LAYER_GSHARD, "gshard");
+    test_weights_only(MOE_LAYER_HIERARCHICAL, "hierarchical");
     test_refused();
     return check_summary("test_bf16");
 }

@@ -226,7 +226,11 @@ moe_status moe_config_from_json(moe_config *out, const char *json_text) {
         int known = 0;
         if (strcmp(k, "type") == 0) continue;
         if (strcmp(k, "bf16") == 0) { /* any type; moe_layer_create says which implement it */
-            if ((st = get_bool(&c.bf16, v)) != MOE_OK) break;
+            if (cJSON_IsString(v) && strcmp(v->valuestring, "weights") == 0) c.bf16 = MOE_BF16_WEIGHTS;
+            else if (!cJSON_IsBool(v)) {
+                st = moe_err(MOE_ERR_ARG, "config key \"bf16\" must be true, false or \"weights\"");
+                break;
+            } else c.bf16 = cJSON_IsTrue(v);
             continue;
         }
         if (is_topk) {

@@ -181,7 +181,9 @@ moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights) {
     size_t bytes;
     if (n_weights <= 0 || !moe_mul_size(&bytes, (size_t)n_weights, sizeof(float)))
         return moe_err(MOE_ERR_ARG, "layer too large: %lld parameters", (long long)n_weights);
-    l->wmem = moe_alloc(bytes);
+    /* bf16 weights only: the experts' fp32 weights are never written, so
+     * their pages are never touched (zero pages, no memory) */
+    l->wmem = l->cfg.bf16 == MOE_BF16_WEIGHTS ? moe_calloc_lazy(bytes) : moe_alloc(bytes);
     l->gmem = moe_calloc_lazy(bytes); /* a forward-only run never touches the gradients */
     if (l->cfg.bf16) l->w16 = moe_alloc(bytes / 2); /* the bf16 copies: made now, so a forward cannot fail for them */
     if (!l->wmem || !l->gmem || (l->cfg.bf16 && !l->w16))
@@ -258,6 +260,13 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
     if (ep && (cfg->num_experts < 1 || cfg->num_experts > 65536)) ep->free(ep), ep = NULL;
     if (cfg->num_experts < 1)
         return moe_err(MOE_ERR_ARG, "num_experts must be >= 1, got %d", cfg->num_experts);
+    if (cfg->bf16 < 0 || cfg->bf16 > MOE_BF16_WEIGHTS || (cfg->bf16 == MOE_BF16_WEIGHTS && (init || ep))) {
+        if (ep) ep->free(ep);
+        if (cfg->bf16 == MOE_BF16_WEIGHTS)
+            return moe_err(MOE_ERR_ARG, "a bf16-weights-only layer (bf16 = MOE_BF16_WEIGHTS) is made from its weights "
+                                        "file, in one process: use moe_layer_create_load");
+        return moe_err(MOE_ERR_ARG, "bf16 must be 0, 1 or MOE_BF16_WEIGHTS (2), got %d", cfg->bf16);
+    }
     if (cfg->bf16 && cfg->type != MOE_LAYER_TOPK && cfg->type != MOE_LAYER_GSHARD &&
         cfg->type != MOE_LAYER_HIERARCHICAL) {
         if (ep) ep->free(ep);
@@ -336,7 +345,8 @@ void moe_layer_free(moe_layer *l) {
     moe_ep_plan_free(&l->plan);
     moe_free(l->ep_mem);
     if (l->ep) l->ep->free(l->ep);
-    moe_free(l->wmem);
+    if (l->cfg.bf16 == MOE_BF16_WEIGHTS) moe_free_lazy(l->wmem);
+    else moe_free(l->wmem);
     moe_free(l->w16);
     moe_free_lazy(l->gmem);
     moe_free(l->expert_counts);
@@ -377,7 +387,8 @@ void moe_layer_params_changed(moe_layer *l) { (void)l, moe__params_bump(); }
 
 const uint16_t *moe__layer_bf16_weights(moe_layer *l) {
     uint64_t gen = moe__params_gen();
-    if (!l->w16 || l->w16_gen == gen) return l->w16; /* NULL: not a bf16 layer */
+    /* NULL: not a bf16 layer; bf16 weights only: the copies are the weights */
+    if (!l->w16 || l->w16_gen == gen || l->cfg.bf16 == MOE_BF16_WEIGHTS) return l->w16;
     moe_to_bf16_par(l->w16, l->wmem, l->n_weights);
     l->w16_gen = gen;
     return l->w16;
@@ -676,6 +687,9 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
     int64_t bad;
     if (!dy && l->T > 0)
         st = moe_err(MOE_ERR_ARG, "moe_layer_backward: NULL dy");
+    else if (l->cfg.bf16 == MOE_BF16_WEIGHTS)
+        st = moe_err(MOE_ERR_UNSUPPORTED, "a bf16-weights-only layer is for inference (its experts have no fp32 "
+                                          "weights to train): create it with bf16 = 1 to train");
     else if (!l->cached)
         st = moe_err(MOE_ERR_STATE, "backward needs a forward that keeps its activations first (there was "
                                     "none, it failed, it ran with MOE_NO_GRAD, or the routing changed since)");

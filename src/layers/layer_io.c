@@ -75,6 +75,44 @@ static moe_status read_checked(float *dst, float *scratch, const moe_st_tensor *
     return MOE_OK;
 }
 
+/* An expert GEMM weight (the tensors a bf16 layer uses as bf16 copies):
+ * topk's experts.{i}.net.{0,2}.weight and shared_experts.{i}.net.{0,2}.weight,
+ * gshard's and hierarchical's experts.w1 and experts.w2. */
+static int gemm_weight(const moe_layer *l, int i) {
+    if (i >= l->n_params) return 0;
+    const char *n = l->params[i].name;
+    size_t len = strlen(n);
+    if (strncmp(n, "experts.", 8) != 0 && strncmp(n, "shared_experts.", 15) != 0) return 0;
+    return (len > 7 && strcmp(n + len - 7, ".weight") == 0) || strcmp(n, "experts.w1") == 0 ||
+           strcmp(n, "experts.w2") == 0;
+}
+
+/* bf16 weights only: tensor i (an expert GEMM weight) into the bf16 copy,
+ * checked: a BF16 file's bytes as they are (never widened), an F32 or other
+ * float file rounded once, through scratch (LOAD_CHUNK). */
+static moe_status read_bf16(moe_layer *l, int i, float *scratch, const moe_st_tensor *t, const char *path) {
+    uint16_t *dst = l->w16 + l->param_off[i];
+    size_t n = (size_t)l->params[i].numel;
+    for (size_t c = 0; c < n; c += LOAD_CHUNK) {
+        size_t m = n - c < LOAD_CHUNK ? n - c : LOAD_CHUNK;
+        if (t->dtype == MOE_DT_BF16) {
+            memcpy(dst + c, (const unsigned char *)t->data + 2 * c, 2 * m);
+            for (size_t j = 0; j < m; j++)
+                if ((dst[c + j] & 0x7f80u) == 0x7f80u)
+                    return moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path, t->name,
+                                   (long long)(c + j));
+        } else {
+            moe__st_convert_f32(scratch, t, c, m);
+            int64_t bad = moe_find_nonfinite(scratch, (int64_t)m);
+            if (bad >= 0)
+                return moe_err(MOE_ERR_NONFINITE, "%s: tensor '%s' element %lld is not finite", path, t->name,
+                               (long long)(c + (size_t)bad));
+            moe_to_bf16(dst + c, scratch, (int64_t)m);
+        }
+    }
+    return MOE_OK;
+}
+
 /* Load the layer's parameters and buffers from f. Every tensor is checked
  * (present, shape, dtype, finite values, nothing unexpected in the file)
  * before any parameter changes, so a bad file leaves the layer as it was;
@@ -84,14 +122,19 @@ static moe_status read_checked(float *dst, float *scratch, const moe_st_tensor *
  * the file, freed on failure), so each tensor is copied and checked in the
  * same pass. */
 static moe_status load_from(moe_layer *l, const moe_st_file *f, const char *path, int fresh) {
-    int n = l->n_params + l->n_buffers;
-    float *scratch = fresh ? NULL : moe_alloc(LOAD_CHUNK * sizeof(float));
-    if (!fresh && !scratch) return moe_err(MOE_ERR_NOMEM, "cannot allocate a buffer to check the weights");
+    int n = l->n_params + l->n_buffers, w16 = l->cfg.bf16 == MOE_BF16_WEIGHTS;
+    if (w16 && !fresh)
+        return moe_err(MOE_ERR_UNSUPPORTED, "%s: a bf16-weights-only layer is loaded once, by "
+                                            "moe_layer_create_load", path);
+    float *scratch = fresh && !w16 ? NULL : moe_alloc(LOAD_CHUNK * sizeof(float));
+    if (!scratch && (!fresh || w16)) return moe_err(MOE_ERR_NOMEM, "cannot allocate a buffer to check the weights");
     moe_status st = MOE_OK;
     for (int i = 0; i < n && st == MOE_OK; i++) {
         const moe_st_tensor *t;
         size_t begin;
-        if ((st = find_saved(&t, &begin, l, i, f, path)) == MOE_OK)
+        if ((st = find_saved(&t, &begin, l, i, f, path)) != MOE_OK) break;
+        if (w16 && gemm_weight(l, i)) st = read_bf16(l, i, scratch, t, path); /* one process: begin is 0 */
+        else
             st = read_checked(fresh ? saved_dst(l, i) : NULL, scratch, t, begin,
                               (size_t)moe__saved_tensor(l, i)->numel, path);
     }
@@ -140,6 +183,8 @@ moe_status moe_layer_load(moe_layer *l, const char *path) {
 moe_status moe_layer_gather(moe_layer *l, moe_layer *full) {
     moe_err_clear();
     if (!l) return moe_err(MOE_ERR_ARG, "moe_layer_gather: NULL layer");
+    if (l->cfg.bf16 == MOE_BF16_WEIGHTS || (full && full->cfg.bf16 == MOE_BF16_WEIGHTS))
+        return moe_err(MOE_ERR_UNSUPPORTED, "moe_layer_gather: not for bf16-weights-only layers");
     moe_ep *ep = l->ep;
     moe_status st = MOE_OK;
     if ((!ep || ep->rank == 0) && (!full || full->ep || full->n_weights < l->n_weights ||
@@ -253,6 +298,9 @@ moe_status moe_layer_allreduce_grads(moe_layer *l) {
 moe_status moe_layer_save(moe_layer *l, const char *path) {
     moe_err_clear();
     if (!l || !path) return moe_err(MOE_ERR_ARG, "moe_layer_save: NULL argument");
+    if (l->cfg.bf16 == MOE_BF16_WEIGHTS)
+        return moe_err(MOE_ERR_UNSUPPORTED, "moe_layer_save: a bf16-weights-only layer has no fp32 expert weights to "
+                                            "save; keep the file it was loaded from");
     if (l->ep) return save_gathered(l, path);
     int n = l->n_params + l->n_buffers;
     moe_st_entry *ents = moe_calloc((size_t)n * sizeof *ents);

@@ -16,7 +16,7 @@ static const char *usage_text =
     "usage: moe forward --config LAYER.json --weights W.safetensors --input X.safetensors\n"
     "                   --out OUT.safetensors [--grad-output DY.safetensors] [--eval]\n"
     "                   [--seed N] [--threads N] [--top-k K] [--mask-experts LIST]\n"
-    "                   [--force-experts LIST] [--stats] [--bf16] [--ep]\n"
+    "                   [--force-experts LIST] [--stats] [--bf16 | --bf16-weights] [--ep]\n"
     "\n"
     "Runs one MoE layer forward (and backward) on tensors saved from PyTorch.\n"
     "  --config FILE       JSON: {\"type\": \"topk\"|\"dense\"|\"gshard\"|\"hierarchical\"|\n"
@@ -63,6 +63,9 @@ static const char *usage_text =
     "  --bf16              bf16 mixed precision (topk), as torch.autocast('cpu',\n"
     "                      dtype=torch.bfloat16) runs the experts: bf16 GEMM inputs, fp32\n"
     "                      accumulation, outputs, parameters, router and losses (config \"bf16\")\n"
+    "  --bf16-weights      inference from bf16 weights: as --bf16, but the experts' weights are\n"
+    "                      kept only in bf16 (a BF16 file's bytes as they are, never widened to\n"
+    "                      fp32; half the memory); needs --weights, no --grad-output, no --ep\n"
     "  --ep                expert parallel under mpirun (mpirun -np P moe forward --ep ...; topk,\n"
     "                      gshard): rank 0 reads x and dy and splits the batch over the ranks by\n"
     "                      groups (x (B, N, D): B sequences; a 2-D x (T, D): P groups of T/P rows),\n"
@@ -258,6 +261,7 @@ int cmd_forward(int argc, char **argv) {
         else if (!strcmp(argv[i], "--stats")) show_stats = 1;
         else if (!strcmp(argv[i], "--eval")) eval = 1;
         else if (!strcmp(argv[i], "--bf16")) bf16 = 1;
+        else if (!strcmp(argv[i], "--bf16-weights")) bf16 = MOE_BF16_WEIGHTS;
         else if (!strcmp(argv[i], "--ep")) use_ep = 1;
         else if (!bad) {
             fprintf(stderr, "moe forward: unknown option '%s'\n\n%s", argv[i], usage_text);
@@ -267,6 +271,11 @@ int cmd_forward(int argc, char **argv) {
     if (bad) return 2;
     if (!cfg_path || !x_path || !out_path) {
         fprintf(stderr, "moe forward: --config, --input and --out are required\n\n%s", usage_text);
+        return 2;
+    }
+    if (bf16 == MOE_BF16_WEIGHTS && (!w_path || dy_path || use_ep)) {
+        fprintf(stderr, "moe forward: --bf16-weights is inference from a weights file: it needs --weights and takes "
+                        "neither --grad-output nor --ep (use --bf16 for those)\n");
         return 2;
     }
     if (use_ep) {
@@ -292,7 +301,7 @@ int cmd_forward(int argc, char **argv) {
     free(text);
     if (st != MOE_OK) return cli_fail("forward", cfg_path, st);
     if (have_seed) cfg.seed = (uint64_t)seed;
-    if (bf16) cfg.bf16 = 1;
+    if (bf16) cfg.bf16 = bf16;
     /* with --weights the parameters come from the file: no random init first */
     if (!w_path && (st = moe_layer_create(&l, &cfg)) != MOE_OK) return cli_fail("forward", cfg_path, st);
     if (w_path && (st = moe_layer_create_load(&l, &cfg, w_path)) != MOE_OK) {
