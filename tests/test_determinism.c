@@ -2,7 +2,7 @@
  * The same seed gives bit-identical outputs, gradients and trained parameters
  * with 1 and 2 threads, for every layer type: three training steps (forward,
  * backward, AdamW) and an eval forward, on shapes large enough that a
- * BLAS left to its own threads would split its GEMMs (and change the last
+ * GEMM library left to its own threads would split its GEMMs (and change the last
  * bits). Also with a token mask and image input (soft layers), runtime
  * routing control, and an expert holding most of the rows (which runs alone
  * on all threads).

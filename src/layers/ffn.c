@@ -24,7 +24,7 @@ static void dropout_rows(float *ha, int64_t r0, int64_t n, int64_t H, float p, u
 }
 
 /* rows (n,N) = b (N) broadcast: the bias as the GEMM's C with beta = 1, which
- * saves the BLAS's zeroing pass and a separate bias pass. (The bias now
+ * saves the GEMM's zeroing pass and a separate bias pass. (The bias now
  * enters before the K-blocks' partial sums instead of after them: the same
  * value up to float rounding.) */
 static void bias_rows(float *rows, const float *b, int64_t n, int64_t N) {

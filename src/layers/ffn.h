@@ -56,8 +56,8 @@ int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
 /* Run fn(ctx, e, r0, n) for every expert e with n > 0 rows [r0, r0+n) of
  * offsets (E+1). Experts run in parallel, one OpenMP thread per expert at a
  * time (schedule dynamic, the experts holding more than 1/(2 threads) of the
- * rows first), and every GEMM fn makes is one single-threaded BLAS call
- * (moe__in_task): many GEMMs side by side keep every core busy with no BLAS
+ * rows first), and every GEMM fn makes is one single-threaded GEMM call (oneDNN)
+ * (moe__in_task): many GEMMs side by side keep every core busy with no
  * fork/join per GEMM, and each expert's numbers are the same on any thread
  * count. fn must only write its own expert's rows and gradients; the
  * elementwise helpers it calls run on its thread (nested regions are off). */

@@ -140,7 +140,7 @@ void moe_colsum_acc(float *db, const float *g, int64_t M, int64_t N) {
 
 void moe_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                         int64_t N, int64_t K) {
-    /* Hand-written because for a few rows a BLAS GEMM first packs all of W,
+    /* Hand-written because for a few rows a library GEMM first packs all of W,
      * reading it twice: in decode (eval forwards of 1-16 tokens) the experts'
      * weights are the whole cost. Each row of W is read once and dotted with
      * the n rows of A, which stay in L1. 16 lane-wise partial sums vectorise

@@ -46,7 +46,7 @@ void moe_gemm_bf16_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, const ui
                        float beta, float *C);
 
 /* C (n,N) += A (n,K) W^T for W (N,K) row-major (nn.Linear's layout), for
- * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a BLAS GEMM
+ * few rows (decode: n <= MOE_SMALL_ROWS): reads W once, where a library GEMM
  * packs it first. The same product as moe_sgemm(0, 1, n, N, K, 1, A, lda,
  * W, K, 1, C, ldc) up to float rounding. */
 #define MOE_SMALL_ROWS 8

@@ -1,7 +1,7 @@
 /*
  * The MoE character language model (see lm.h): embeddings, projection,
  * L residual MoE blocks, head and cross-entropy, forward and backward.
- * The MoE blocks are libmoe layers; the rest is plain CBLAS and loops.
+ * The MoE blocks are libmoe layers; the rest is moe_sgemm (oneDNN) and loops.
  * Dimension key: T tokens, W window, C embedding dim, D model dim,
  * V vocabulary (256), L blocks.
  */
