@@ -43,16 +43,6 @@ except ImportError as e:
     sys.exit(f"torch_bench: {e}; install Debian's PyTorch: apt-get install python3-torch python3-numpy")
 
 
-class Fp32Gate(torch.nn.Module):
-    def __init__(self, gate):
-        super().__init__()
-        self.inner = gate
-
-    def forward(self, x):
-        with torch.autocast("cpu", enabled=False):
-            return self.inner(x.float())
-
-
 def torch_time(a):
     """Median seconds of the module's forward+backward in this process (a worker)."""
     torch.manual_seed(0)
@@ -70,7 +60,7 @@ def torch_time(a):
         m = ref.TopKMoE(a.experts, a.dim, a.hidden, a.top_k, "relu", a.expert)
         shape = (a.tokens, a.dim)
     if a.precision == "bf16" and isinstance(getattr(m, "gate", None), torch.nn.Linear):
-        m.gate = Fp32Gate(m.gate)  # the router in fp32, as MoE code runs it (and libmoe does)
+        m.gate = ref.Fp32Gate(m.gate)  # the router in fp32, as MoE code runs it (and libmoe does)
     x = torch.randn(*shape, requires_grad=True)
     dy = torch.randn(*shape)
     times = []

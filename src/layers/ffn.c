@@ -38,32 +38,33 @@ typedef struct {
     int grad_bad;  /* backward: set when a gradient holds a NaN or Inf */
 } ffn_args;
 
+/* C (n,N) += A W^T, W (N,K) an expert's nn.Linear weight: fp32 (A, W), or
+ * bf16 (A16, W16) when W16 is set; few rows (decode) by the kernels that read
+ * W once. */
+static void linear_acc(float *C, const float *A, const uint16_t *A16, const float *W, const uint16_t *W16, int64_t n,
+                       int64_t N, int64_t K) {
+    if (W16 && n <= MOE_SMALL_ROWS) moe_gemm_bf16_nt_small(C, A16, W16, n, N, K);
+    else if (W16) moe_gemm_bf16(0, 1, n, N, K, A16, W16, 1.0f, C);
+    else if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(C, N, A, K, W, n, N, K);
+    else moe_sgemm(0, 1, n, N, K, 1.0f, A, K, W, K, 1.0f, C, N);
+}
+
 static void expert_forward(void *ctx, int e, int64_t r0, int64_t n) {
     const ffn_args *a = ctx;
     const moe_ffn *f = a->f;
     int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
     float *hp = a->hpre_w + r0 * H2, *h = a->ha_w + r0 * H, *y = a->ye + r0 * D;
+    /* bf16 (f->W1h): the GEMM inputs rounded, fp32 accumulation and output */
+    const uint16_t *W1h = f->W1h ? f->W1h + e * H2 * D : NULL, *W2h = f->W1h ? f->W2h + e * D * H : NULL;
+    uint16_t *h16 = f->W1h ? f->h16 + r0 * H : NULL;
     bias_rows(hp, f->b1 + e * H2, n, H2);
-    if (f->W1h) { /* bf16: the inputs rounded, fp32 accumulation and output */
-        if (n <= MOE_SMALL_ROWS) moe_gemm_bf16_nt_small(hp, f->x16 + r0 * D, f->W1h + e * H2 * D, n, H2, D);
-        else moe_gemm_bf16(0, 1, n, H2, D, f->x16 + r0 * D, f->W1h + e * H2 * D, 1.0f, hp);
-        if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
-        else moe_act_forward(h, hp, n * H, f->act, f->slope);
-        dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
-        moe_to_bf16(f->h16 + r0 * H, h, n * H);
-        bias_rows(y, f->b2 + e * D, n, D);
-        if (n <= MOE_SMALL_ROWS) moe_gemm_bf16_nt_small(y, f->h16 + r0 * H, f->W2h + e * D * H, n, D, H);
-        else moe_gemm_bf16(0, 1, n, D, H, f->h16 + r0 * H, f->W2h + e * D * H, 1.0f, y);
-        return;
-    }
-    if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(hp, H2, a->xe + r0 * D, D, f->W1 + e * H2 * D, n, H2, D);
-    else moe_sgemm(0, 1, n, H2, D, 1.0f, a->xe + r0 * D, D, f->W1 + e * H2 * D, D, 1.0f, hp, H2);
+    linear_acc(hp, a->xe + r0 * D, f->W1h ? f->x16 + r0 * D : NULL, f->W1 + e * H2 * D, W1h, n, H2, D);
     if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
     else moe_act_forward(h, hp, n * H, f->act, f->slope);
     dropout_rows(a->ha_w, r0, n, H, f->dropout, f->stream);
+    if (h16) moe_to_bf16(h16, h, n * H);
     bias_rows(y, f->b2 + e * D, n, D);
-    if (n <= MOE_SMALL_ROWS) moe_sgemm_nt_small(y, D, h, H, f->W2 + e * D * H, n, D, H);
-    else moe_sgemm(0, 1, n, D, H, 1.0f, h, H, f->W2 + e * D * H, H, 1.0f, y, D);
+    linear_acc(y, h, h16, f->W2 + e * D * H, W2h, n, D, H);
 }
 
 static void expert_backward(void *ctx, int e, int64_t r0, int64_t n) {

@@ -57,16 +57,6 @@
 #include <math.h>
 #include <string.h>
 
-/* The bf16 GEMM inputs of R expert rows (none for an fp32 layer). */
-static void carve16(const moe_config *c, char *base, size_t *off, int64_t R, int64_t D, int64_t H, uint16_t **x16,
-                    uint16_t **h16, uint16_t **dy16, uint16_t **dh16) {
-    int64_t R16 = c->bf16 ? R : 0;
-    *x16 = moe__carve(base, off, R16, D, 2);
-    *h16 = moe__carve(base, off, R16, H, 2);
-    *dy16 = moe__carve(base, off, R16, D, 2);
-    *dh16 = moe__carve(base, off, R16, H, 2);
-}
-
 typedef struct {
     int64_t *start, *len;  /* (S) segments                                      */
     int32_t *set;          /* (S)                                               */
@@ -75,13 +65,36 @@ typedef struct {
     moe_top2 g;            /* idx, gate, pos, counts, ... point into the ws     */
 } level_ws;
 
+/* The rows the experts run and their activations: the workspace's in one
+ * process; expert parallel, the rows received from every rank (l->ep_mem). */
+typedef struct {
+    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
+    float *raw;                                   /* (R, D) exchange scratch, or NULL */
+    uint16_t *x16, *h16, *dy16, *dh16;            /* (R, D|H) bf16 (cfg.bf16)  */
+} gs_rows;
+
+/* Carve r's R rows (and its exchange scratch when raw). */
+static void carve_rows(const moe_config *c, char *base, size_t *off, int64_t R, int64_t D, int64_t H, int raw,
+                       gs_rows *r) {
+    size_t F = sizeof(float);
+    r->raw = raw ? moe__carve(base, off, R, D, F) : NULL;
+    r->xe = moe__carve(base, off, R, D, F);
+    r->hpre = moe__carve(base, off, R, H, F);
+    r->ha = moe__carve(base, off, R, H, F);
+    r->dha = moe__carve(base, off, R, H, F);
+    r->ye = moe__carve(base, off, R, D, F);
+    r->dye = moe__carve(base, off, R, D, F);
+    r->dxe = moe__carve(base, off, R, D, F);
+    moe__carve_bf16(c, base, off, R, (const int64_t[4]){D, H, D, H},
+                    (uint16_t **const[4]){&r->x16, &r->h16, &r->dy16, &r->dh16});
+}
+
 typedef struct {
     float *x;                            /* (T,D) copy of the input              */
     level_ws L1, L2;                     /* first gate; inner gate (hier.)       */
     float *imp;                          /* (A1) importance of outer rows        */
     float *xo, *yo, *dyo, *dxo;          /* (A1,D) outer buffers (hierarchical)  */
-    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* expert rows (Amax,D|H)     */
-    uint16_t *x16, *h16, *dy16, *dh16;   /* their bf16 GEMM inputs (cfg.bf16)     */
+    gs_rows r;                           /* expert rows (Amax,D|H), no scratch    */
     /* hierarchical, expert parallel (L2 and the expert rows are the owner's, in l->ep_mem) */
     int64_t *bn;                         /* (P,2) groups and N of every rank      */
     int64_t *ocount;                     /* (Eo) rows sent to each outer expert   */
@@ -167,14 +180,7 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws
         w->dxo = moe__carve(base, &off, A1, D, F);
         Amax = A2;
     }
-    w->xe = moe__carve(base, &off, Amax, D, F);
-    w->hpre = moe__carve(base, &off, Amax, H, F);
-    w->ha = moe__carve(base, &off, Amax, H, F);
-    w->dha = moe__carve(base, &off, Amax, H, F);
-    w->ye = moe__carve(base, &off, Amax, D, F);
-    w->dye = moe__carve(base, &off, Amax, D, F);
-    w->dxe = moe__carve(base, &off, Amax, D, F);
-    carve16(c, base, &off, Amax, D, H, &w->x16, &w->h16, &w->dy16, &w->dh16);
+    carve_rows(c, base, &off, Amax, D, H, 0, &w->r);
     return off;
 }
 
@@ -200,31 +206,11 @@ static gs_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
-/* The rows the experts run and their activations: the workspace's in one
- * process; expert parallel, the rows received from every rank (l->ep_mem). */
-typedef struct {
-    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
-    float *raw;                                   /* (R, D) exchange scratch   */
-    uint16_t *x16, *h16, *dy16, *dh16;            /* (R, D|H) bf16 (cfg.bf16)  */
-} gs_rows;
-
-static gs_rows rows_of(const gs_ws *w) {
-    gs_rows r = {w->xe, w->hpre, w->ha, w->dha, w->ye, w->dye, w->dxe, NULL, w->x16, w->h16, w->dy16, w->dh16};
-    return r;
-}
-
+/* Expert parallel: the rows received from every rank, in l->ep_mem. */
 static size_t ep_rows_layout(const moe_layer *l, int64_t R, char *base, gs_rows *r) {
     int64_t D = l->cfg.input_dim, H = hidden(&l->cfg);
-    size_t off = 0, F = sizeof(float);
-    r->raw = moe__carve(base, &off, R, D, F);
-    r->xe = moe__carve(base, &off, R, D, F);
-    r->hpre = moe__carve(base, &off, R, H, F);
-    r->ha = moe__carve(base, &off, R, H, F);
-    r->dha = moe__carve(base, &off, R, H, F);
-    r->ye = moe__carve(base, &off, R, D, F);
-    r->dye = moe__carve(base, &off, R, D, F);
-    r->dxe = moe__carve(base, &off, R, D, F);
-    carve16(&l->cfg, base, &off, R, D, H, &r->x16, &r->h16, &r->dy16, &r->dh16);
+    size_t off = 0;
+    carve_rows(&l->cfg, base, &off, R, D, H, 1, r);
     return off;
 }
 
@@ -236,57 +222,60 @@ typedef struct {
     int grad_bad;  /* backward: set when an expert gradient holds a NaN or Inf */
 } gs_experts;
 
+/* C (M,N) = op(A) op(B) + beta C, dense row-major: fp32 (A, B), or with the
+ * inputs in bf16 (A16, B16) when B16 is set (fp32 accumulation). */
+static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, const uint16_t *A16,
+                 const float *B, const uint16_t *B16, float beta, float *C) {
+    if (B16) moe_gemm_bf16(ta, tb, M, N, K, A16, B16, beta, C);
+    else moe_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, beta, C, N);
+}
+
 /* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k].
- * bf16 (autocast): the GEMM inputs rounded to bf16, fp32 accumulation. */
+ * bf16 (autocast, a->w1h set): the GEMM inputs rounded to bf16, fp32
+ * accumulation; x16 was made before the experts ran. */
 static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
-    if (a->w1h) {
-        moe_gemm_bf16(0, 0, n, H, D, w->x16 + r0 * D, a->w1h + k * D * H, 0.0f, w->hpre + r0 * H);
-        moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
-        moe_to_bf16(w->h16 + r0 * H, w->ha + r0 * H, n * H);
-        moe_gemm_bf16(0, 0, n, D, H, w->h16 + r0 * H, a->w2h + k * H * D, 0.0f, w->ye + r0 * D);
-        return;
-    }
-    moe_sgemm(0, 0, n, H, D, 1.0f, w->xe + r0 * D, D, a->p->w1 + k * D * H, H, 0.0f, w->hpre + r0 * H, H);
-    moe_act_forward(w->ha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
-    moe_sgemm(0, 0, n, D, H, 1.0f, w->ha + r0 * H, H, a->p->w2 + k * H * D, D, 0.0f, w->ye + r0 * D, D);
+    int b = a->w1h != NULL;
+    const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
+    float *hp = w->hpre + r0 * H, *ha = w->ha + r0 * H;
+    gemm(0, 0, n, H, D, w->xe + r0 * D, b ? w->x16 + r0 * D : NULL, a->p->w1 + k * D * H, W1h, 0.0f, hp);
+    moe_act_forward(ha, hp, n * H, a->c->activation, a->c->leaky_slope);
+    if (b) moe_to_bf16(w->h16 + r0 * H, ha, n * H);
+    gemm(0, 0, n, D, H, ha, b ? w->h16 + r0 * H : NULL, a->p->w2 + k * H * D, W2h, 0.0f, w->ye + r0 * D);
 }
 
-/* Its backward from dye: dW1, dW2 accumulate; dxe written. */
+/* Its backward from dye: dW1, dW2 accumulate; dxe written. bf16: dy16 was
+ * made before the experts ran, h16 by the forward. */
 static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
     int64_t D = a->c->input_dim, H = hidden(a->c);
-    const uint16_t *dy16 = a->w1h ? w->dy16 + r0 * D : NULL, *h16 = a->w1h ? w->h16 + r0 * H : NULL;
-    uint16_t *dh16 = a->w1h ? w->dh16 + r0 * H : NULL;
+    int b = a->w1h != NULL;
+    const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
+    const uint16_t *dy16 = b ? w->dy16 + r0 * D : NULL, *h16 = b ? w->h16 + r0 * H : NULL;
+    uint16_t *dh16 = b ? w->dh16 + r0 * H : NULL;
+    float *dw1 = a->g->w1 + k * D * H, *dw2 = a->g->w2 + k * H * D, *dh = w->dha + r0 * H;
     /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
-    if (dy16) moe_gemm_bf16(1, 0, H, D, n, h16, dy16, 1.0f, a->g->w2 + k * H * D);
-    else moe_sgemm(1, 0, H, D, n, 1.0f, w->ha + r0 * H, H, w->dye + r0 * D, D, 1.0f, a->g->w2 + k * H * D, D);
+    gemm(1, 0, H, D, n, w->ha + r0 * H, h16, w->dye + r0 * D, dy16, 1.0f, dw2);
     double t0 = moe__clock();
-    int bad = moe_any_nonfinite(a->g->w2 + k * H * D, H * D); /* scanned while in cache */
+    int bad = moe_any_nonfinite(dw2, H * D); /* scanned while in cache */
     double tc = moe__clock() - t0;
-    if (dy16) moe_gemm_bf16(0, 1, n, H, D, dy16, a->w2h + k * H * D, 0.0f, w->dha + r0 * H);
-    else moe_sgemm(0, 1, n, H, D, 1.0f, w->dye + r0 * D, D, a->p->w2 + k * H * D, D, 0.0f, w->dha + r0 * H, H);
-    moe_act_backward(w->dha + r0 * H, w->dha + r0 * H, w->hpre + r0 * H, n * H, a->c->activation,
-                     a->c->leaky_slope);
+    gemm(0, 1, n, H, D, w->dye + r0 * D, dy16, a->p->w2 + k * H * D, W2h, 0.0f, dh);
+    moe_act_backward(dh, dh, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
     /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
-    if (dh16) {
-        moe_to_bf16(dh16, w->dha + r0 * H, n * H);
-        moe_gemm_bf16(1, 0, D, H, n, w->x16 + r0 * D, dh16, 1.0f, a->g->w1 + k * D * H);
-    } else
-        moe_sgemm(1, 0, D, H, n, 1.0f, w->xe + r0 * D, D, w->dha + r0 * H, H, 1.0f, a->g->w1 + k * D * H, H);
+    if (b) moe_to_bf16(dh16, dh, n * H);
+    gemm(1, 0, D, H, n, w->xe + r0 * D, b ? w->x16 + r0 * D : NULL, dh, dh16, 1.0f, dw1);
     t0 = moe__clock();
-    bad |= moe_any_nonfinite(a->g->w1 + k * D * H, D * H);
+    bad |= moe_any_nonfinite(dw1, D * H);
     moe__check_add(tc + moe__clock() - t0);
     if (bad) {
         gs_experts *wa = ctx;
 #pragma omp atomic write
         wa->grad_bad = 1;
     }
-    if (dh16) moe_gemm_bf16(0, 1, n, D, H, dh16, a->w1h + k * D * H, 0.0f, w->dxe + r0 * D);
-    else moe_sgemm(0, 1, n, D, H, 1.0f, w->dha + r0 * H, H, a->p->w1 + k * D * H, H, 0.0f, w->dxe + r0 * D, D);
+    gemm(0, 1, n, D, H, dh, dh16, a->p->w1 + k * D * H, W1h, 0.0f, w->dxe + r0 * D);
 }
 
 /* The bf16 copies of p's expert weights (the layer's copy, made by the
@@ -369,15 +358,7 @@ static size_t hier_ep_layout(const moe_layer *l, int64_t Rr, int64_t G, char *ba
     h->yo = moe__carve(base, &off, Rr, D, F);
     h->dyo = moe__carve(base, &off, Rr, D, F);
     h->dxo = moe__carve(base, &off, Rr, D, F);
-    gs_rows *r = &h->r;
-    r->xe = moe__carve(base, &off, A2, D, F);
-    r->hpre = moe__carve(base, &off, A2, H, F);
-    r->ha = moe__carve(base, &off, A2, H, F);
-    r->dha = moe__carve(base, &off, A2, H, F);
-    r->ye = moe__carve(base, &off, A2, D, F);
-    r->dye = moe__carve(base, &off, A2, D, F);
-    r->dxe = moe__carve(base, &off, A2, D, F);
-    carve16(c, base, &off, A2, D, H, &r->x16, &r->h16, &r->dy16, &r->dh16);
+    carve_rows(c, base, &off, A2, D, H, 0, &h->r);
     return off;
 }
 
@@ -548,7 +529,6 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
     gs_ws w;
     layout(l, B, N, l->ws, &w);
     gs_params p = params_of(l, l->wmem);
-    moe__layer_bf16_weights(l); /* bf16: the expert weights' copies, fresh */
     uint64_t stream = moe_rng_u64(c->seed, 0x3000000ull + 2 * l->forward_calls);
 
     /* first gate over the tokens: one segment per sequence */
@@ -565,17 +545,17 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
     l->dropped = g1->dropped, l->second_candidates = g1->cand2, l->second_kept = g1->kept2;
 
     if (!hier) {
-        moe_gather_rows(w.xe, x, g1->src, g1->A, D);
-        gs_rows r = rows_of(&w);
+        moe_gather_rows(w.r.xe, x, g1->src, g1->A, D);
+        gs_rows r = w.r;
         if (l->ep) { /* exchange out, the local experts, exchange back */
-            moe_status st = ep_out(l, w.xe, &r);
+            moe_status st = ep_out(l, w.r.xe, &r);
             if (st != MOE_OK) return st;
             experts_forward(l, &r, &p, l->plan.bank_off, l->ep->e_count);
-            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.ye, r.ye, r.raw, D)) != MOE_OK) return st;
+            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.r.ye, r.ye, r.raw, D)) != MOE_OK) return st;
         } else {
             experts_forward(l, &r, &p, g1->offsets, E1);
         }
-        moe_combine(y, w.ye, g1->gate, g1->pos, T, 2, D);
+        moe_combine(y, w.r.ye, g1->gate, g1->pos, T, 2, D);
         l->assignments = g1->A;
     } else if (l->ep) {
         moe_gather_rows(w.xo, x, g1->src, g1->A, D);
@@ -611,10 +591,10 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
         moe_top2_forward(g2);
         loss += g2->loss;
         l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
-        moe_gather_rows(w.xe, w.xo, g2->src, g2->A, D);
-        gs_rows r = rows_of(&w);
+        moe_gather_rows(w.r.xe, w.xo, g2->src, g2->A, D);
+        gs_rows r = w.r;
         experts_forward(l, &r, &p, g2->offsets, E1 * Ei);
-        moe_combine(w.yo, w.ye, g2->gate, g2->pos, A1, 2, D);
+        moe_combine(w.yo, w.r.ye, g2->gate, g2->pos, A1, 2, D);
         moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
         l->assignments = g2->A;
     }
@@ -635,14 +615,14 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
     g1->R = T, g1->Ng = l->N, g1->imp = NULL;
 
     if (!is_hier(l)) {
-        moe_combine_backward(w.dye, w.L1.dgate, dy, w.ye, g1->gate, g1->pos, T, 2, D);
-        gs_rows r = rows_of(&w);
+        moe_combine_backward(w.r.dye, w.L1.dgate, dy, w.r.ye, g1->gate, g1->pos, T, 2, D);
+        gs_rows r = w.r;
         if (l->ep) { /* output gradients to the owners, input gradients back */
             ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, &r);
-            moe_status st = moe_ep_rows_out(l->ep, &l->plan, r.dye, r.raw, w.dye, D);
+            moe_status st = moe_ep_rows_out(l->ep, &l->plan, r.dye, r.raw, w.r.dye, D);
             if (st != MOE_OK) return st;
             l->grad_bad = experts_backward(l, &r, &p, &g, l->plan.bank_off, l->ep->e_count);
-            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.dxe, r.dxe, r.raw, D)) != MOE_OK) return st;
+            if ((st = moe_ep_rows_back(l->ep, &l->plan, w.r.dxe, r.dxe, r.raw, D)) != MOE_OK) return st;
         } else {
             l->grad_bad = experts_backward(l, &r, &p, &g, g1->offsets, E1);
         }
@@ -655,11 +635,11 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
         int64_t A1 = g1->offsets[E1];
         g2->R = A1, g2->Ng = outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
-        moe_combine_backward(w.dye, w.L2.dgate, w.dyo, w.ye, g2->gate, g2->pos, A1, 2, D);
-        gs_rows r = rows_of(&w);
+        moe_combine_backward(w.r.dye, w.L2.dgate, w.dyo, w.r.ye, g2->gate, g2->pos, A1, 2, D);
+        gs_rows r = w.r;
         l->grad_bad = experts_backward(l, &r, &p, &g, g2->offsets, E1 * Ei);
         memset(w.dxo, 0, (size_t)(A1 * D) * sizeof(float));
-        moe_scatter_add(w.dxo, w.dxe, g2->pos, A1, 2, D);
+        moe_scatter_add(w.dxo, w.r.dxe, g2->pos, A1, 2, D);
         moe_top2_backward(g2, w.L2.dl, w.L2.dgate, dloss);
         for (int eo = 0; eo < E1; eo++) {
             int64_t r0 = g1->offsets[eo], n = g1->offsets[eo + 1] - r0;
@@ -675,7 +655,7 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
     moe_sgemm(1, 0, D, E1, T, 1.0f, w.x, D, w.L1.dl, E1, 1.0f, g.wg1, E1);
     if (dx) {
         moe_sgemm(0, 1, T, D, E1, 1.0f, w.L1.dl, E1, p.wg1, E1, 0.0f, dx, D);
-        moe_scatter_add(dx, is_hier(l) ? w.dxo : w.dxe, g1->pos, T, 2, D);
+        moe_scatter_add(dx, is_hier(l) ? w.dxo : w.r.dxe, g1->pos, T, 2, D);
     }
     return MOE_OK;
 }
@@ -689,7 +669,7 @@ static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
     /* the inner level (R2 rows) and the experts' rows (A): the workspace's, or
      * expert parallel the rows this rank's experts ran (l->ep_mem) */
     level_ws L2 = w.L2;
-    gs_rows r = rows_of(&w);
+    gs_rows r = w.r;
     int64_t A1 = w.L1.g.offsets[E1], R2 = A1, A = hier && !l->ep ? w.L2.g.offsets[E1 * Ei] : A1;
     if (l->ep && hier) {
         hier_ep h;

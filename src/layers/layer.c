@@ -385,13 +385,12 @@ moe_param *moe_layer_find_param(moe_layer *l, const char *name) {
 
 void moe_layer_params_changed(moe_layer *l) { (void)l, moe__params_bump(); }
 
-const uint16_t *moe__layer_bf16_weights(moe_layer *l) {
+void moe__layer_bf16_refresh(moe_layer *l) {
     uint64_t gen = moe__params_gen();
-    /* NULL: not a bf16 layer; bf16 weights only: the copies are the weights */
-    if (!l->w16 || l->w16_gen == gen || l->cfg.bf16 == MOE_BF16_WEIGHTS) return l->w16;
+    /* not a bf16 layer, or fresh; bf16 weights only: the copies are the weights */
+    if (!l->w16 || l->w16_gen == gen || l->cfg.bf16 == MOE_BF16_WEIGHTS) return;
     moe_to_bf16_par(l->w16, l->wmem, l->n_weights);
     l->w16_gen = gen;
-    return l->w16;
 }
 
 void moe_layer_zero_grad(moe_layer *l) {
@@ -571,6 +570,7 @@ static moe_status run_forward(moe_layer *l, float *y, float *aux_loss, const flo
     l->mask = mask;
     l->keep = !(flags & MOE_NO_GRAD);
     l->cached = 0;
+    moe__layer_bf16_refresh(l); /* bf16 layers: weight copies of the current parameters */
     st = l->ops->forward(l, y, aux_loss, x, T, train);
     l->mask = NULL;
     l->forward_calls++;

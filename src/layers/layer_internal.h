@@ -163,9 +163,17 @@ int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 int     moe__topk_slots(const moe_layer *l);
 int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 
-/* The bf16 copy of the parameters (cfg.bf16: allocated with the
- * parameters), refreshed if the parameters' generation moved since it was
- * made; NULL for an fp32 layer. */
-const uint16_t *moe__layer_bf16_weights(moe_layer *l);
+/* bf16 layers (cfg.bf16): make l->w16, the bf16 copy of the parameters
+ * (allocated with them), again if the parameters' generation moved since it
+ * was made. Every forward calls it before the layer's own forward; a
+ * backward uses the copies its forward used. Nothing for fp32 layers. */
+void moe__layer_bf16_refresh(moe_layer *l);
+
+/* Carve the bf16 GEMM inputs of R expert rows: four arrays of widths w[0..3]
+ * into *p[0..3] (0 rows for an fp32 layer). */
+static inline void moe__carve_bf16(const moe_config *c, char *base, size_t *off, int64_t R, const int64_t w[4],
+                                   uint16_t **const p[4]) {
+    for (int i = 0; i < 4; i++) *p[i] = moe__carve(base, off, c->bf16 ? R : 0, w[i], sizeof(uint16_t));
+}
 
 #endif

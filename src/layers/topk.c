@@ -114,11 +114,8 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, topk_
     w->dha = moe__carve(base, &off, A, H, F);
     w->dhpre = moe__carve(base, &off, A, H2, F);
     w->dxe = moe__carve(base, &off, A, D, F);
-    int64_t A16 = c->bf16 ? A : 0;
-    w->x16 = moe__carve(base, &off, A16, D, 2);
-    w->h16 = moe__carve(base, &off, A16, H, 2);
-    w->dy16 = moe__carve(base, &off, A16, D, 2);
-    w->dhp16 = moe__carve(base, &off, A16, H2, 2);
+    moe__carve_bf16(c, base, &off, A, (const int64_t[4]){D, H, D, H2},
+                    (uint16_t **const[4]){&w->x16, &w->h16, &w->dy16, &w->dhp16});
     return off;
 }
 
@@ -179,15 +176,14 @@ typedef struct {
     uint16_t *x16, *h16, *dy16, *dhp16;              /* (Rb, D|H|D|H2) bf16       */
 } topk_bank;
 
-/* bf16 mixed precision: the bank's GEMMs on the bf16 weight copies (made
- * fresh when refresh; the backward uses the copies its forward used, even if
- * a parameter changed in between) and the bank's bf16 buffers. */
-static void ffn_bf16(moe_layer *l, moe_ffn *f, const topk_bank *b, int refresh) {
+/* bf16 mixed precision: the bank's GEMMs on the layer's bf16 weight copies
+ * (made by the forward's refresh; the backward uses those the forward used)
+ * and the bank's bf16 buffers. */
+static void ffn_bf16(const moe_layer *l, moe_ffn *f, const topk_bank *b) {
     if (!l->cfg.bf16) return;
-    const uint16_t *w16 = refresh ? moe__layer_bf16_weights(l) : l->w16;
     int64_t o[P_END + 1];
     param_offsets(l, o);
-    f->W1h = w16 + o[P_W1], f->W2h = w16 + o[P_W2];
+    f->W1h = l->w16 + o[P_W1], f->W2h = l->w16 + o[P_W2];
     f->x16 = b->x16, f->h16 = b->h16, f->dy16 = b->dy16, f->dhp16 = b->dhp16;
 }
 
@@ -205,11 +201,8 @@ static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base
     b->dha = moe__carve(base, &off, Rb, H, F);
     b->dhpre = moe__carve(base, &off, Rb, H2, F);
     b->dx = moe__carve(base, &off, Rb, D, F);
-    int64_t R16 = c->bf16 ? Rb : 0;
-    b->x16 = moe__carve(base, &off, R16, D, 2);
-    b->h16 = moe__carve(base, &off, R16, H, 2);
-    b->dy16 = moe__carve(base, &off, R16, D, 2);
-    b->dhp16 = moe__carve(base, &off, R16, H2, 2);
+    moe__carve_bf16(c, base, &off, Rb, (const int64_t[4]){D, H, D, H2},
+                    (uint16_t **const[4]){&b->x16, &b->h16, &b->dy16, &b->dhp16});
     return off;
 }
 
@@ -322,7 +315,7 @@ static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *
     bank_of(l, &w, &bk);
     moe_status st = l->ep ? ep_out(l, &w, &bk) : MOE_OK; /* exchange out */
     if (st != MOE_OK) return st;
-    ffn_bf16(l, &f, &bk, 1);
+    ffn_bf16(l, &f, &bk);
     moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.y);
     if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
@@ -358,7 +351,7 @@ static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float 
         memcpy(bk.dy + l->plan.Rr * D, w.dye + Rs * D, (size_t)(Ts * D) * sizeof(float));
         if ((st = moe_ep_rows_out(l->ep, &l->plan, bk.dy, bk.raw, w.dye, D)) != MOE_OK) return st;
     }
-    ffn_bf16(l, &f, &bk, 0);
+    ffn_bf16(l, &f, &bk);
     /* expert parallel: the input gradients always go back (every rank takes part) */
     l->grad_bad = moe_ffn_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
                                    dx || l->ep ? bk.dx : NULL);

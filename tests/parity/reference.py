@@ -58,6 +58,19 @@ class Expert(nn.Module):
         return self.net(x)
 
 
+class Fp32Gate(nn.Module):
+    """A gate that runs in float32 under torch.autocast, as MoE code runs routers
+    (libmoe's bf16 mode keeps its router fp32): for the bf16 parity and benchmarks."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.inner = gate
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.inner(x.float())
+
+
 class TopKMoE(nn.Module):
     """Seed 004 SimpleMoE: top-k gate, softmax over the k selected logits only,
     each expert runs only on the rows routed to it, outputs combined by weight."""

@@ -347,20 +347,10 @@ BF16_CASES = [
 ]
 
 
-class Fp32Gate(torch.nn.Module):
-    def __init__(self, gate):
-        super().__init__()
-        self.inner = gate
-
-    def forward(self, x):
-        with torch.autocast("cpu", enabled=False):
-            return self.inner(x.float())
-
-
 def autocast_outputs(model, x, dy, train=True):
     """{'y', 'dx', 'grad.<name>'} of the module in float32 under bf16 autocast (gate fp32)."""
     m = copy.deepcopy(model).float().train(train)
-    m.gate = Fp32Gate(m.gate)
+    m.gate = ref.Fp32Gate(m.gate)
     xr = x.detach().clone().float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(xr)
@@ -377,6 +367,31 @@ def rel_l2(a, b):
     return float((a - b).norm()) / n if n > 0 else float((a - b).norm())
 
 
+def bf16_problems(ours, auto, exact):
+    """The bf16 criteria for every float tensor autocast gave (stats and aux_loss aside):
+    within BF16_TOL of autocast in relative L2, and no further from float64 than autocast."""
+    problems = []
+    for name, a in auto.items():
+        if name.startswith("stats.") or name == "aux_loss":
+            continue
+        o = ours.get(name)
+        if o is None:
+            problems.append(f"OUT lacks {name}")
+            continue
+        if float(exact[name].abs().max()) == 0.0:  # an expert no token chose
+            if float(o.abs().max()) != 0.0:
+                problems.append(f"{name} should be 0")
+            continue
+        e_auto, e_ours, e_torch = rel_l2(o, a), rel_l2(o, exact[name]), rel_l2(a, exact[name])
+        if VERBOSE:
+            print(f"     {name:28s} vs autocast {e_auto:.2e}  vs fp64: ours {e_ours:.2e} autocast {e_torch:.2e}")
+        if not e_auto <= BF16_TOL:
+            problems.append(f"{name}: relative L2 difference to autocast {e_auto:.3g} > {BF16_TOL}")
+        if not e_ours <= 1.5 * e_torch + 1e-3:
+            problems.append(f"{name}: error vs float64 {e_ours:.3g}, autocast's {e_torch:.3g}")
+    return problems
+
+
 def bf16_case(tally, moe, cfg, T, seed):
     what = "bf16 autocast " + describe(cfg, T)
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as tmp:
@@ -389,23 +404,7 @@ def bf16_case(tally, moe, cfg, T, seed):
         ours = stio.load(d / "OUT.safetensors")
         auto = autocast_outputs(model, x, dy)
         exact = reference_outputs(model, x, dy)
-        problems = []
-        for name, a in auto.items():
-            if name not in ours:
-                problems.append(f"OUT lacks {name}")
-                continue
-            o = ours[name]
-            if float(exact[name].abs().max()) == 0.0:  # an expert no token chose
-                if float(o.abs().max()) != 0.0:
-                    problems.append(f"{name} should be 0")
-                continue
-            e_auto, e_ours, e_torch = rel_l2(o, a), rel_l2(o, exact[name]), rel_l2(a, exact[name])
-            if VERBOSE:
-                print(f"     {name:28s} vs autocast {e_auto:.2e}  vs fp64: ours {e_ours:.2e} autocast {e_torch:.2e}")
-            if not e_auto <= BF16_TOL:
-                problems.append(f"{name}: relative L2 difference to autocast {e_auto:.3g} > {BF16_TOL}")
-            if not e_ours <= 1.5 * e_torch + 1e-3:
-                problems.append(f"{name}: error vs float64 {e_ours:.3g}, autocast's {e_torch:.3g}")
+        problems = bf16_problems(ours, auto, exact)
         report(tally, what, problems)
 
 
@@ -453,20 +452,7 @@ def bf16_gs_case(tally, moe, c, seed):
                 problems.append(f"{name} differs from the fp32 routing")
         if not torch.allclose(ours["aux_loss"].double(), exact["aux_loss"].double(), rtol=1e-4, atol=1e-6):
             problems.append(f"aux_loss {float(ours['aux_loss']):.6g}, fp32 routing gives {float(exact['aux_loss']):.6g}")
-        for name, a in auto.items():
-            if name.startswith("stats.") or name == "aux_loss":
-                continue
-            o = ours.get(name)
-            if o is None:
-                problems.append(f"OUT lacks {name}")
-                continue
-            e_auto, e_ours, e_torch = rel_l2(o, a), rel_l2(o, exact[name]), rel_l2(a, exact[name])
-            if VERBOSE:
-                print(f"     {name:28s} vs autocast {e_auto:.2e}  vs fp64: ours {e_ours:.2e} autocast {e_torch:.2e}")
-            if not e_auto <= BF16_TOL:
-                problems.append(f"{name}: relative L2 difference to autocast {e_auto:.3g} > {BF16_TOL}")
-            if not e_ours <= 1.5 * e_torch + 1e-3:
-                problems.append(f"{name}: error vs float64 {e_ours:.3g}, autocast's {e_torch:.3g}")
+        problems += bf16_problems(ours, auto, exact)
         report(tally, what, problems)
 
 

@@ -14,6 +14,7 @@
 #include "cli.h"
 #include "ep.h"
 #include "internal.h" /* moe__check_seconds: the time of the library's result checks */
+#include "ops.h"      /* moe_to_bf16: the bf16 baseline's operands, rounded as the library rounds */
 
 #include <oneapi/dnnl/dnnl.h>
 #ifdef _OPENMP
@@ -503,8 +504,8 @@ int cmd_bench(int argc, char **argv) {
             fprintf(stderr, "moe bench: out of memory\n");
             goto done;
         }
-        cli_to_bf16(X16, X, na), cli_to_bf16(W116, W1, (size_t)(H2 * D)), cli_to_bf16(W216, W2, (size_t)(D * H));
-        cli_to_bf16(Hp16, Hp, nh2), cli_to_bf16(Ha16, Ha, nh), cli_to_bf16(dY16, dY, na);
+        moe_to_bf16(X16, X, (int64_t)na), moe_to_bf16(W116, W1, H2 * D), moe_to_bf16(W216, W2, D * H);
+        moe_to_bf16(Hp16, Hp, (int64_t)nh2), moe_to_bf16(Ha16, Ha, (int64_t)nh), moe_to_bf16(dY16, dY, (int64_t)na);
         if (dnnl_engine_create(&dd.eng, dnnl_cpu, 0) != dnnl_success ||
             dnnl_stream_create(&dd.strm, dd.eng, dnnl_stream_default_flags) != dnnl_success ||
             !mm_make(&dd, 0, 0, 1, A, H2, D, X16, W116, Hp, 0) || !mm_make(&dd, 1, 0, 1, A, D, H, Ha16, W216, Y, 0) ||

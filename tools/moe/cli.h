@@ -31,8 +31,6 @@ int cmd_forward(int argc, char **argv);
  * fp32 FMA (bf16 = 0) or the AVX512-BF16 dot product (bf16 = 1); 0 when the
  * CPU lacks the instructions. About a second per call. */
 double cli_peak_gflops(int bf16, int threads);
-/* dst (n) = src rounded to bf16 (nearest even), as the library rounds. */
-void cli_to_bf16(uint16_t *dst, const float *src, size_t n);
 
 /* `moe forward`'s parsed flags, for the expert-parallel path (forward_ep.c). */
 typedef struct {

@@ -13,7 +13,6 @@
 #include "cli.h"
 
 #include <immintrin.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -80,13 +79,4 @@ double cli_peak_gflops(int bf16, int threads) {
     }
     (void)sink;
     return best;
-}
-
-void cli_to_bf16(uint16_t *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        dst[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
-                                                  : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
 }
