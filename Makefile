@@ -114,9 +114,12 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
 
-# The main job: train the MoE character language model on the built-in corpus.
+# The main job: train the MoE transformer on the multilingual fortunes corpus
+# (tools/deps.sh corpus installs it; if it cannot, on the built-in task corpus).
 demo: all
-	./$(BUILD)/moe train
+	@if sh tools/deps.sh corpus; then ./$(BUILD)/moe train; else \
+	    echo "make demo: the fortunes packages are not installed (see above): training on the built-in task corpus"; \
+	    ./$(BUILD)/moe train --corpus tasks; fi
 
 test-c: all $(TEST_BIN) $(MPI_TEST_BIN)
 
@@ -161,7 +164,7 @@ bench: all $(BENCH_BIN)
 # The C tests under valgrind memcheck (errors and definite leaks fail), built
 # without -march=native (valgrind has no AVX-512). test_gradcheck and
 # test_faults take many minutes there; they run under ASan in `make test`.
-VALGRIND_TESTS = test_badinput test_bf16 test_corpus test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft
+VALGRIND_TESTS = test_attn test_badinput test_bf16 test_corpus test_fortunes test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft
 test-valgrind:
 	@sh tools/deps.sh valgrind
 	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 SAN="-DMOE_GEMM_PROBE -DMOE_VALGRIND" test-c

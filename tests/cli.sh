@@ -45,11 +45,12 @@ expect 1 "w8bad.json: MOE_ERR_ARG: .*top_k = 7" \
 if [ -e "$tmp/o.safetensors" ]; then bad "a refused run wrote its output"; else ok; fi
 
 # a short real training run: loss reported, weights written, loadable
-expect 0 "validation loss" "$moe" train --steps 30 --batch 64 --dim 32 --hidden 32 --quiet --out "$tmp/run"
+expect 0 "bits/byte" "$moe" train --corpus tasks --steps 30 --batch 4 --context 32 --dim 32 --hidden 32 --quiet \
+    --out "$tmp/run"
 if [ -s "$tmp/run/checkpoint.safetensors" ] && [ -s "$tmp/run/plot.svg" ]; then ok; else
     bad "train did not write its checkpoint and plot"
 fi
-expect 0 "step" "$moe" train --steps 20 --batch 32 --dim 32 --layer dense --out "$tmp/d"
+expect 0 "step" "$moe" train --corpus tasks --steps 20 --batch 2 --context 32 --dim 32 --layer dense --out "$tmp/d"
 # a short benchmark prints the ratio line
 expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
 expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json

@@ -5,6 +5,8 @@
 # A program that dies without its summary line counts as one failure.
 set -u
 cd "$(dirname "$0")/.."
+# tools/deps.sh test installs the fortunes: their test fails (not skips) without them
+export MOE_REQUIRE_FORTUNES=1
 pass=0
 fail=0
 log=$(mktemp)
@@ -78,6 +80,7 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
     run "parity soft (PyTorch)" /usr/bin/python3 tests/parity/run_parity_soft.py
     run "parity router (PyTorch)" /usr/bin/python3 tests/parity/run_parity_router.py
+    run "parity lm (PyTorch)" /usr/bin/python3 tests/parity/run_parity_lm.py
     run "python (PyTorch)" /usr/bin/python3 tests/python/test_torch.py
 fi
 echo "$pass passed, $fail failed"

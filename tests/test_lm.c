@@ -1,13 +1,16 @@
 /*
- * The `moe train` language model (tools/moe/lm.c) and its checkpoints
+ * The `moe train` transformer (tools/moe/lm.c) and its checkpoints
  * (tools/moe/ckpt.c): finite differences against lm_backward for every
- * parameter tensor (topk, soft_dynamic and dense-FFN blocks), and a
- * checkpoint round trip that restores parameters, optimizer state, step and
- * RNG positions exactly.
- * Dimension key: T tokens, W window, D model dim, L blocks.
+ * parameter tensor (topk, soft_dynamic, gshard and dense-FFN blocks), cached
+ * one-token decoding against the full forward, the same bits on 1 and 2
+ * threads, and a checkpoint round trip that restores parameters, optimizer
+ * state, step and RNG positions exactly.
+ * Dimension key: B sequences, S positions, T = B*S tokens, D model dim,
+ * L blocks.
  */
 #include "check.h"
 #include "internal.h"
+#include "../tools/moe/attn.c"
 #include "../tools/moe/ckpt.c"
 #include "../tools/moe/lm.c"
 
@@ -19,25 +22,32 @@ static uint32_t next_u32(void) {
     return (uint32_t)(g_rng >> 33);
 }
 
-static double loss_of(lm *m, const uint8_t *ctx, const uint8_t *tgt, int64_t T) {
-    double l = NAN;
-    return lm_forward(m, &l, NULL, NULL, ctx, tgt, T, 1) == MOE_OK ? l : NAN;
+/* Every forward draws the layers' random choices (gshard's second expert) at
+ * the same stream positions: finite differences compare the same routing. */
+static void rewind_rng(lm *m) {
+    for (int64_t l = 0; l < lm_get_config(m)->L; l++) moe_layer_set_rng_position(lm_layer(m, l), 0);
 }
 
-static void gradcheck(const char *label, lm_config *c, int64_t T) {
+static double loss_of(lm *m, const uint8_t *ctx, const uint8_t *tgt, int64_t B, int64_t S) {
+    double l = NAN;
+    rewind_rng(m);
+    return lm_forward(m, &l, NULL, NULL, ctx, tgt, B, S, 1) == MOE_OK ? l : NAN;
+}
+
+static void gradcheck(const char *label, lm_config *c, int64_t B, int64_t S) {
     lm *m = NULL;
     CHECK_STATUS(lm_create(&m, c), MOE_OK);
     if (!m) return;
-    int64_t W = c->W;
-    uint8_t *ctx = malloc((size_t)(T * W)), *tgt = malloc((size_t)T);
-    for (int64_t i = 0; i < T * W; i++) ctx[i] = (uint8_t)(97 + next_u32() % 6);
+    int64_t T = B * S;
+    uint8_t *ctx = malloc((size_t)T), *tgt = malloc((size_t)T);
+    for (int64_t i = 0; i < T; i++) ctx[i] = (uint8_t)(97 + next_u32() % 6);
     for (int64_t i = 0; i < T; i++) tgt[i] = (uint8_t)(97 + next_u32() % 6);
     moe_param *ps = lm_params(m);
     for (int i = 0; i < lm_num_params(m); i++) /* move the gains off 1 */
         if (strstr(ps[i].name, "norm") || strstr(ps[i].name, "gamma"))
             for (int64_t j = 0; j < ps[i].numel; j++) ps[i].data[j] = 1.0f + 0.2f * ((float)(next_u32() % 1000) / 500.0f - 1.0f);
     lm_zero_grad(m);
-    double l0 = loss_of(m, ctx, tgt, T);
+    double l0 = loss_of(m, ctx, tgt, B, S);
     CHECK(isfinite(l0), "%s: loss finite", label);
     CHECK_STATUS(lm_backward(m), MOE_OK);
     int bad = 0;
@@ -49,9 +59,9 @@ static void gradcheck(const char *label, lm_config *c, int64_t T) {
             const float h = 1e-2f;
             float save = p->data[j];
             p->data[j] = save + h;
-            double lp = loss_of(m, ctx, tgt, T);
+            double lp = loss_of(m, ctx, tgt, B, S);
             p->data[j] = save - h;
-            double lm_ = loss_of(m, ctx, tgt, T);
+            double lm_ = loss_of(m, ctx, tgt, B, S);
             p->data[j] = save;
             double fd = (lp - lm_) / (2.0 * h), an = p->grad[j];
             int ok = fabs(fd - an) <= 2e-2 * fmax(fabs(fd), fabs(an)) + 2e-4;
@@ -66,7 +76,7 @@ static void gradcheck(const char *label, lm_config *c, int64_t T) {
 }
 
 static void roundtrip(void) {
-    lm_config c = {.W = 5, .C = 3, .D = 8, .L = 2, .group = 8};
+    lm_config c = {.S = 8, .D = 8, .L = 2, .heads = 2, .rope_theta = 10000, .group = 8};
     moe_config_init(&c.moe, MOE_LAYER_GSHARD);
     c.moe.num_experts = 3, c.moe.hidden_dim = 6, c.moe.seed = 5;
     lm *m = NULL, *m2 = NULL;
@@ -75,16 +85,17 @@ static void roundtrip(void) {
     moe_optim_config oc;
     moe_optim_config_init(&oc, MOE_OPTIM_ADAMW);
     CHECK_STATUS(moe_optim_create(&o, &oc, lm_params(m), lm_num_params(m)), MOE_OK);
-    uint8_t ctx[16 * 5], tgt[16];
-    for (int i = 0; i < 80; i++) ctx[i] = (uint8_t)(next_u32() % 256);
+    uint8_t ctx[16], tgt[16];
+    for (int i = 0; i < 16; i++) ctx[i] = (uint8_t)(next_u32() % 256);
     for (int i = 0; i < 16; i++) tgt[i] = (uint8_t)(next_u32() % 256);
     for (int s = 0; s < 3; s++) {
         lm_zero_grad(m);
-        CHECK_STATUS(lm_forward(m, NULL, NULL, NULL, ctx, tgt, 16, 1), MOE_OK);
+        CHECK_STATUS(lm_forward(m, NULL, NULL, NULL, ctx, tgt, 2, 8, 1), MOE_OK);
         CHECK_STATUS(lm_backward(m), MOE_OK);
         CHECK_STATUS(moe_optim_step(o), MOE_OK);
     }
-    train_opts to = {.steps = 10, .batch = 16, .warmup = 1, .eval_every = 5, .seed = 3, .lr = 1e-3, .min_lr = 0.1};
+    train_opts to = {.steps = 10, .batch = 16, .warmup = 1, .eval_every = 5, .seed = 3, .lr = 1e-3, .min_lr = 0.1,
+                     .corpus = "tasks"};
     char path[] = "/tmp/moe_test_lm_XXXXXX";
     int fd = mkstemp(path);
     CHECK(fd >= 0, "mkstemp");
@@ -111,8 +122,8 @@ static void roundtrip(void) {
                   "rng position of block %d", l);
         /* the next step gives the same bits on both */
         double a = 0, b = 0;
-        CHECK_STATUS(lm_forward(m, &a, NULL, NULL, ctx, tgt, 16, 1), MOE_OK);
-        CHECK_STATUS(lm_forward(m2, &b, NULL, NULL, ctx, tgt, 16, 1), MOE_OK);
+        CHECK_STATUS(lm_forward(m, &a, NULL, NULL, ctx, tgt, 2, 8, 1), MOE_OK);
+        CHECK_STATUS(lm_forward(m2, &b, NULL, NULL, ctx, tgt, 2, 8, 1), MOE_OK);
         CHECK(a == b, "the same loss after restore: %.9g vs %.9g", a, b);
     } else {
         fprintf(stderr, "ckpt_load: %s\n", msg);
@@ -138,19 +149,83 @@ static void roundtrip(void) {
     lm_free(m), lm_free(m2);
 }
 
+/* Decoding one byte at a time with the cache gives the full forward's logits
+ * at every position; 1 and 2 threads give the same bits. */
+static void decode_and_threads(const char *label, lm_config *c, int64_t S, int exact_decode) {
+    lm *m = NULL;
+    CHECK_STATUS(lm_create(&m, c), MOE_OK);
+    if (!m) return;
+    int64_t B = 2, T = B * S;
+    uint8_t *tok = malloc((size_t)T), *tgt = malloc((size_t)T);
+    for (int64_t i = 0; i < T; i++) tok[i] = (uint8_t)(next_u32() % 256), tgt[i] = (uint8_t)(next_u32() % 256);
+    float *full = malloc((size_t)(T * LM_VOCAB) * sizeof *full);
+    CHECK_STATUS(lm_forward(m, NULL, NULL, NULL, tok, tgt, B, S, 0), MOE_OK);
+    memcpy(full, lm_logits(m), (size_t)(T * LM_VOCAB) * sizeof *full);
+    double err = 0;
+    for (int64_t b = 0; b < B; b++) {
+        CHECK_STATUS(lm_decode_reset(m), MOE_OK);
+        for (int64_t s = 0; s < S; s++) {
+            if (lm_decode(m, tok[b * S + s]) != MOE_OK) {
+                err = INFINITY;
+                break;
+            }
+            for (int v = 0; v < LM_VOCAB; v++)
+                err = fmax(err, fabs((double)lm_logits(m)[v] - full[(b * S + s) * LM_VOCAB + v]));
+        }
+    }
+    if (exact_decode) CHECK(err < 1e-4, "%s: decode with the cache equals the forward: %.2g", label, err);
+    else CHECK(isfinite(err), "%s: decode runs (groups: copies of the token): %.2g", label, err);
+    while (lm_decode_pos(m) < c->S && lm_decode(m, 'a') == MOE_OK) {
+    }
+    CHECK(lm_decode(m, 1) == MOE_ERR_ARG, "%s: a full cache is refused", label);
+    /* training step on 1 and 2 threads */
+    double l1 = 0, l2 = 0;
+    float *g1 = malloc((size_t)m->n_own * sizeof *g1);
+    moe_set_num_threads(1);
+    rewind_rng(m);
+    lm_zero_grad(m);
+    CHECK_STATUS(lm_forward(m, &l1, NULL, NULL, tok, tgt, B, S, 1), MOE_OK);
+    CHECK_STATUS(lm_backward(m), MOE_OK);
+    memcpy(g1, m->g, (size_t)m->n_own * sizeof *g1);
+    moe_set_num_threads(2);
+    rewind_rng(m);
+    lm_zero_grad(m);
+    CHECK_STATUS(lm_forward(m, &l2, NULL, NULL, tok, tgt, B, S, 1), MOE_OK);
+    CHECK_STATUS(lm_backward(m), MOE_OK);
+    CHECK(l1 == l2 && !memcmp(g1, m->g, (size_t)m->n_own * sizeof *g1), "%s: 1 and 2 threads give the same bits",
+          label);
+    CHECK(lm_forward(m, NULL, NULL, NULL, tok, tgt, 1, c->S + 1, 0) == MOE_ERR_ARG, "%s: S > context refused",
+          label);
+    free(tok), free(tgt), free(full), free(g1);
+    lm_free(m);
+}
+
 int main(void) {
     moe_set_num_threads(2);
-    lm_config c = {.W = 4, .C = 3, .D = 6, .L = 2, .group = 4};
+    lm_config c = {.S = 8, .D = 8, .L = 2, .heads = 2, .rope_theta = 10000, .group = 4};
     moe_config_init(&c.moe, MOE_LAYER_TOPK);
     c.moe.num_experts = 3, c.moe.top_k = 3, c.moe.hidden_dim = 5, c.moe.expert = MOE_EXPERT_SWIGLU, c.moe.seed = 1;
-    gradcheck("topk swiglu E=K=3", &c, 8);
+    gradcheck("topk swiglu E=K=3", &c, 2, 4);
+    decode_and_threads("topk swiglu", &c, 8, 1);
+    c.moe.top_k = 2, c.moe.seed = 7;
+    decode_and_threads("topk swiglu K=2", &c, 7, 1);
+    c.heads = 1;
+    gradcheck("topk swiglu one head", &c, 1, 5);
+    c.heads = 4;
+    gradcheck("topk swiglu four heads of 2", &c, 2, 3);
+    c.heads = 2;
     moe_config_init(&c.moe, MOE_LAYER_SOFT_DYNAMIC);
     c.moe.num_experts = 2, c.moe.expert_mult = 1, c.moe.seed = 2;
-    gradcheck("soft_dynamic E=2 group 4", &c, 8);
+    gradcheck("soft_dynamic E=2 group 4", &c, 2, 4);
+    moe_config_init(&c.moe, MOE_LAYER_GSHARD);
+    c.moe.num_experts = 3, c.moe.hidden_dim = 5, c.moe.seed = 4;
+    gradcheck("gshard E=3 group 4", &c, 1, 8);
+    decode_and_threads("gshard", &c, 8, 0);
     moe_config_init(&c.moe, MOE_LAYER_TOPK); /* the --dense model */
     c.moe.num_experts = 1, c.moe.top_k = 1, c.moe.hidden_dim = 7, c.moe.expert = MOE_EXPERT_GEGLU, c.moe.seed = 3;
     c.dense = 1, c.L = 1;
-    gradcheck("dense FFN geglu L=1", &c, 5);
+    gradcheck("dense FFN geglu L=1", &c, 1, 5);
+    decode_and_threads("dense FFN", &c, 6, 1);
     roundtrip();
     return check_summary("test_lm");
 }

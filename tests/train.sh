@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh
 
-small="--dim 24 --hidden 24 --emb 8 --window 12 --batch 64 --threads 2 --quiet"
+small="--corpus tasks --dim 16 --hidden 16 --heads 2 --blocks 2 --context 32 --batch 4 --threads 2 --quiet"
 
 # ---- resume: 20 steps + resume + 20 steps == 40 steps, bit for bit
 # (and the routers: Switch's jitter draws from the RNG, DeepSeek-V3's selection
@@ -38,7 +38,7 @@ if cmp -s "$tmp/a_topk/checkpoint.safetensors" "$tmp/c/checkpoint.safetensors"; 
 else ok; fi
 
 expect 0 "blocks.1.moe.gate.e_score_correction_bias" "$moe" inspect "$tmp/a_deepseek/checkpoint.safetensors"
-expect 0 "validation loss" "$moe" eval "$tmp/a_deepseek/checkpoint.safetensors" --threads 2
+expect 0 "bits/byte" "$moe" eval "$tmp/a_deepseek/checkpoint.safetensors" --threads 2
 expect 0 "C:moe=" "$moe" sample "$tmp/a_ec/checkpoint.safetensors" --length 10 --temperature 0
 # 1 and 2 threads train to the same bits: the checkpoint files are byte-identical
 for extra in "" "--router deepseek_v3 --shared 1" "--layer gshard --group 32 --experts 4" \
@@ -83,7 +83,8 @@ expect 1 "expert choice is balanced" "$moe" train --router expert_choice --balan
 # ---- SIGKILL while checkpoints are being written: the last one stays loadable
 for delay in 0.05 0.2 0.4 0.7 1.0; do
     rm -rf "$tmp/k"
-    "$moe" train --dim 128 --hidden 256 --batch 32 --steps 100000 --eval-every 1 --quiet --threads 2 \
+    "$moe" train --corpus tasks --dim 128 --hidden 256 --context 64 --batch 4 --steps 100000 --eval-every 1 --quiet \
+        --threads 2 \
         --out "$tmp/k" >/dev/null 2>&1 &
     pid=$!
     n=0 # wait for the first checkpoint, then kill while the next ones are written
@@ -92,7 +93,7 @@ for delay in 0.05 0.2 0.4 0.7 1.0; do
     kill -9 $pid 2>/dev/null
     wait $pid 2>/dev/null
     expect 0 "format       libmoe-lm" "$moe" inspect "$tmp/k/checkpoint.safetensors"
-    expect 0 "validation loss" "$moe" eval "$tmp/k/checkpoint.safetensors" --threads 2
+    expect 0 "bits/byte" "$moe" eval "$tmp/k/checkpoint.safetensors" --threads 2
 done
 
 # ---- the subcommands' help and errors
@@ -109,7 +110,9 @@ expect 1 "cannot open" "$moe" train --data "$tmp/nope.txt" --steps 2 --out "$tmp
 : >"$tmp/empty.txt"
 expect 1 "has 0 bytes" "$moe" train --data "$tmp/empty.txt" --steps 2 --out "$tmp/e"
 expect 2 "expected an integer" "$moe" train --batch lots
-expect 2 "not a multiple of --group" "$moe" train --layer gshard --batch 100 --group 64
+expect 2 "not a multiple of --group" "$moe" train --layer gshard --context 100 --group 64
+expect 2 "must split into --heads 3" "$moe" train --dim 128 --heads 3
+expect 2 "expected fortunes or tasks" "$moe" train --corpus bogus
 expect 2 "expected topk, gshard" "$moe" train --layer nope
 # a layer's weights file is not a checkpoint; a truncated checkpoint is refused
 head -c 100 "$tmp/a_topk/checkpoint.safetensors" >"$tmp/trunc.safetensors"
@@ -119,13 +122,32 @@ h='{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
 printf "\\$(printf %o ${#h})\\0\\0\\0\\0\\0\\0\\0%s\\0\\0\\0\\0" "$h" >"$tmp/plain.safetensors"
 expect 1 "not a moe train checkpoint" "$moe" train --resume "$tmp/plain.safetensors" --out "$tmp/e"
 cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/mis.safetensors"
-# flip "dim":24 to "dim":25 in the config metadata: the tensors no longer match
-sed -i 's/\\"dim\\":24,/\\"dim\\":25,/' "$tmp/mis.safetensors"
-expect 1 "proj.weight" "$moe" eval "$tmp/mis.safetensors"
+# flip "dim":16 to "dim":20 in the config metadata: the tensors no longer match
+sed -i 's/\\"dim\\":16,/\\"dim\\":20,/' "$tmp/mis.safetensors"
+expect 1 "emb.weight" "$moe" eval "$tmp/mis.safetensors"
+
+# ---- sampling with the key/value cache: greedy is deterministic, top-k and temperature
+"$moe" sample "$tmp/a_topk/checkpoint.safetensors" --prompt "C:abc=" --length 300 --temperature 0 >"$tmp/s1" 2>&1
+"$moe" sample "$tmp/a_topk/checkpoint.safetensors" --prompt "C:abc=" --length 300 --temperature 0 >"$tmp/s2" 2>&1
+if [ "$(wc -c <"$tmp/s1")" -gt 300 ] && cmp -s "$tmp/s1" "$tmp/s2"; then ok; else
+    bad "greedy sampling past the context (300 bytes, context 32) is not deterministic or too short"
+fi
+expect 0 "R:expert=" "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --top-k 5 --temperature 1.5 --seed 3
+expect 2 "--top-k" "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --top-k 999
+expect 0 "bits/byte" "$moe" eval "$tmp/a_topk/checkpoint.safetensors" --dump "$tmp/dump.safetensors"
+expect 0 "logits  *F32  *4 x 32 x 256" "$moe" inspect "$tmp/dump.safetensors"
+
+# ---- the fortunes corpus (tools/deps.sh test installs it): per-language bits per byte and
+# the language x expert table; without the packages, the command that installs them
+expect 0 "routing, block 1: share of each language" "$moe" train $small --corpus fortunes --steps 10 \
+    --eval-every 10 --out "$tmp/fort"
+expect 0 "^  ru " "$moe" eval "$tmp/fort/checkpoint.safetensors" --max-bytes 2048
+expect 0 "<zh> " "$moe" sample "$tmp/fort/checkpoint.safetensors" --length 20
+expect 1 "apt-get install fortunes" env MOE_FORTUNES_DIR="$tmp/nowhere" "$moe" train --steps 2 --out "$tmp/e"
 
 # ---- --data FILE trains on a text, and --dense runs
 awk 'BEGIN { for (i = 0; i < 400; i++) print "the quick brown fox jumps over the lazy dog " i }' >"$tmp/t.txt"
-expect 0 "validation loss" "$moe" train $small --data "$tmp/t.txt" --steps 30 --eval-every 30 --out "$tmp/f"
+expect 0 "bits/byte" "$moe" train $small --data "$tmp/t.txt" --steps 30 --eval-every 30 --out "$tmp/f"
 expect 0 "dense FFN" "$moe" train $small --dense --steps 10 --eval-every 10 --out "$tmp/g" --quiet
 expect 0 "routing, block 0" "$moe" train $small --layer soft_dynamic --group 16 --steps 10 --eval-every 10 \
     --out "$tmp/s"

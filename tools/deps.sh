@@ -6,17 +6,34 @@
 #                         pkg-config and cmake for the install test
 #   tools/deps.sh fuzz    clang and libFuzzer (make fuzz)
 #   tools/deps.sh valgrind  valgrind (make test-valgrind)
-# Without root or apt-get it stops with the exact command to run.
+#   tools/deps.sh corpus  only Debian's fortune-cookie files, the multilingual corpus of
+#                         `moe train --corpus fortunes` (English, German, Spanish, Italian,
+#                         Russian, Chinese, Polish, Czech); `test` installs them too
+# Without root or apt-get, or when apt-get fails, it stops with the exact command to run.
 set -eu
 what=${1:-build}
 missing=""
 
-[ -f /usr/include/oneapi/dnnl/dnnl.h ] && \
-[ -f /usr/lib/x86_64-linux-gnu/libdnnl.so ] || missing="$missing libdnnl-dev"
-[ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
-if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
-    command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
-    command -v mpirun >/dev/null 2>&1 || missing="$missing openmpi-bin"
+if [ "$what" != corpus ]; then
+    [ -f /usr/include/oneapi/dnnl/dnnl.h ] && \
+    [ -f /usr/lib/x86_64-linux-gnu/libdnnl.so ] || missing="$missing libdnnl-dev"
+    [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
+    if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
+        command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
+        command -v mpirun >/dev/null 2>&1 || missing="$missing openmpi-bin"
+    fi
+fi
+if [ "$what" = corpus ] || [ "$what" = test ]; then
+    # one file or directory each package ships (fortunes pulls in fortunes-min)
+    f=/usr/share/games/fortunes
+    [ -f $f/computers ] && [ -f $f/fortunes ] || missing="$missing fortunes"
+    [ -d $f/de ] || missing="$missing fortunes-de"
+    [ -d $f/es ] || missing="$missing fortunes-es"
+    [ -d $f/it ] || missing="$missing fortunes-it"
+    [ -d $f/ru ] || missing="$missing fortunes-ru"
+    [ -f $f/chinese ] || missing="$missing fortunes-zh"
+    [ -d $f/pl ] || missing="$missing fortunes-pl"
+    [ -d $f/cs ] || missing="$missing fortunes-cs"
 fi
 if [ "$what" = test ]; then
     /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1 || missing="$missing python3-torch python3-numpy"
@@ -40,10 +57,11 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "deps: installing$missing" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
     # shellcheck disable=SC2086
-    apt-get install -y -qq $missing >&2
-    exit 0
+    if apt-get update -qq >&2 && apt-get install -y -qq $missing >&2; then
+        exit 0
+    fi
+    echo "deps: apt-get failed" >&2
 fi
 echo "deps: missing system packages:$missing" >&2
 echo "deps: run:  sudo apt-get update && sudo apt-get install -y$missing" >&2

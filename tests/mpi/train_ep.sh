@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 . tests/lib.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 mp() { np=$1; shift; timeout 300 mpirun --oversubscribe -np "$np" "$moe" "$@"; }
-small="--batch 64 --dim 32 --hidden 32 --window 8 --emb 8 --quiet"
+small="--corpus tasks --batch 4 --context 16 --dim 32 --heads 2 --blocks 2 --hidden 32 --quiet"
 
 # the train and validation losses of two log.tsv files agree within 1e-4
 same_losses() {
@@ -23,7 +23,7 @@ same_losses() {
 
 # hierarchical for 100 steps: after ~150 a rounding-level difference of the summed gradients
 # flips a routing decision of its random second-expert policy (README, Expert parallelism)
-for cfg in "--layer topk" "--layer topk --router deepseek_v3 --shared 1" "--layer gshard --group 16" \
+for cfg in "--layer topk --router topk" "--layer topk --router deepseek_v3 --shared 1" "--layer gshard --group 16" \
     "--layer hierarchical --experts 4 --group 16 --steps 100"; do
     tag=$(echo "$cfg" | tr -c 'a-z0-9' '_')
     "$moe" train --steps 200 $cfg $small --eval-every 100 --threads 1 --out "$tmp/one$tag" >"$tmp/out" 2>&1 ||
@@ -36,10 +36,10 @@ for cfg in "--layer topk" "--layer topk --router deepseek_v3 --shared 1" "--laye
     done
 done
 # the P=4 checkpoint is the one-process file: same tensors, loads in eval and inspect
-t4="$tmp/ep4__layer_topk_"
+t4="$tmp/ep4__layer_topk___router_topk_"
 expect 0 "validation" "$moe" eval "$t4/checkpoint.safetensors"
 "$moe" inspect "$t4/checkpoint.safetensors" | sed 1d >"$tmp/i4" 2>&1
-"$moe" inspect "$tmp/one__layer_topk_/checkpoint.safetensors" | sed 1d >"$tmp/i1" 2>&1
+"$moe" inspect "$tmp/one__layer_topk___router_topk_/checkpoint.safetensors" | sed 1d >"$tmp/i1" 2>&1
 if grep -q "experts.7.net.0.weight" "$tmp/i4" && cmp -s "$tmp/i1" "$tmp/i4"; then ok; else
     bad "the P=4 checkpoint's tensors differ from one process's: $(diff "$tmp/i1" "$tmp/i4" | head -n 5)"
 fi

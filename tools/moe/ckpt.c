@@ -29,9 +29,11 @@ char *ckpt_config_json(const lm_config *c) {
         cJSON_Delete(o), cJSON_Delete(y);
         return NULL;
     }
-    cJSON_AddNumberToObject(o, "window", (double)c->W);
-    cJSON_AddNumberToObject(o, "emb_dim", (double)c->C);
+    cJSON_AddStringToObject(o, "model", "transformer");
+    cJSON_AddNumberToObject(o, "context", (double)c->S);
     cJSON_AddNumberToObject(o, "dim", (double)c->D);
+    cJSON_AddNumberToObject(o, "heads", (double)c->heads);
+    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
     cJSON_AddNumberToObject(o, "blocks", (double)c->L);
     cJSON_AddNumberToObject(o, "group", (double)c->group);
     cJSON_AddBoolToObject(o, "dense", c->dense);
@@ -122,10 +124,10 @@ static int router_parse(moe_config *m, const cJSON *r) {
 moe_status ckpt_config_parse(lm_config *c, const char *json) {
     cJSON *o = cJSON_Parse(json);
     const cJSON *y = o ? cJSON_GetObjectItemCaseSensitive(o, "layer") : NULL;
-    double W = 0, C = 0, D = 0, L = 0, G = 0, E = 0, Ei = 0, K = 0, H = 0, slope = 0, t1 = 0, t2 = 0, cf1 = 0, cf2 = 0;
+    double W = 0, C = 0, NH = 0, theta = 0, D = 0, L = 0, G = 0, E = 0, Ei = 0, K = 0, H = 0, slope = 0, t1 = 0, t2 = 0, cf1 = 0, cf2 = 0;
     double coef = 0, mult = 0, drop = 0, S = 0;
     int type = 0, expert = 0, act = 0, p1 = 0, p2 = 0, ok = o && cJSON_IsObject(y);
-    ok = ok && num(o, "window", &W) && num(o, "emb_dim", &C) && num(o, "dim", &D) && num(o, "blocks", &L) &&
+    ok = ok && num(o, "context", &W) && num(o, "heads", &NH) && num(o, "rope_theta", &theta) && num(o, "dim", &D) && num(o, "blocks", &L) &&
          num(o, "group", &G) && num(y, "num_experts", &E) && num(y, "num_experts_inner", &Ei) &&
          num(y, "top_k", &K) && num(y, "hidden_dim", &H) && num(y, "leaky_slope", &slope) &&
          num(y, "second_threshold_train", &t1) && num(y, "second_threshold_eval", &t2) &&
@@ -137,7 +139,7 @@ moe_status ckpt_config_parse(lm_config *c, const char *json) {
     const cJSON *seed = y ? cJSON_GetObjectItemCaseSensitive(y, "seed") : NULL;
     ok = ok && cJSON_IsString(seed);
     /* sizes are checked again by lm_create and moe_layer_create */
-    ok = ok && W >= 1 && W <= 4096 && C >= 1 && C <= 4096 && D >= 1 && D <= 65536 && L >= 1 && L <= 256 &&
+    ok = ok && W >= 1 && W <= 65536 && NH >= 1 && NH <= 65536 && theta > 1 && theta < 1e12 && D >= 1 && D <= 65536 && L >= 1 && L <= 256 &&
          G >= 1 && G <= 1e7 && E >= 1 && E <= 65536 && Ei >= 0 && Ei <= 65536 && K >= 0 && K <= 65536 && H >= 0 &&
          H <= 1e8 && S >= 0 && S <= 1e8;
     if (!ok) {
@@ -145,7 +147,8 @@ moe_status ckpt_config_parse(lm_config *c, const char *json) {
         return MOE_ERR_FORMAT;
     }
     memset(c, 0, sizeof *c);
-    c->W = (int64_t)W, c->C = (int64_t)C, c->D = (int64_t)D, c->L = (int64_t)L, c->group = (int64_t)G;
+    (void)C;
+    c->S = (int64_t)W, c->heads = (int64_t)NH, c->rope_theta = theta, c->D = (int64_t)D, c->L = (int64_t)L, c->group = (int64_t)G;
     c->dense = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "dense"));
     moe_config *m = &c->moe;
     moe_config_init(m, (moe_layer_type)type);
@@ -174,6 +177,7 @@ static char *train_json(const train_opts *t) {
     cJSON_AddNumberToObject(o, "min_lr", t->min_lr);
     cJSON_AddNumberToObject(o, "weight_decay", t->weight_decay);
     cJSON_AddStringToObject(o, "data", t->data);
+    cJSON_AddStringToObject(o, "corpus", t->corpus);
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     return s;
@@ -192,6 +196,8 @@ static int train_parse(train_opts *t, const char *json) {
         t->eval_every = (int64_t)v[3], t->seed = (int64_t)v[4], t->lr = v[5], t->min_lr = v[6];
         t->weight_decay = v[7];
         snprintf(t->data, sizeof t->data, "%s", d->valuestring);
+        const cJSON *cp = cJSON_GetObjectItemCaseSensitive(o, "corpus");
+        snprintf(t->corpus, sizeof t->corpus, "%s", cJSON_IsString(cp) ? cp->valuestring : "");
     }
     cJSON_Delete(o);
     return ok;
@@ -272,7 +278,7 @@ moe_status ckpt_save(const char *path, lm *m, moe_optim *opt, int64_t step, cons
                               moe_layer_rng_position(lm_layer(m, l)));
     snprintf(steps, sizeof steps, "%lld", (long long)step);
     snprintf(ostep, sizeof ostep, "%lld", (long long)(opt ? moe_optim_steps(opt) : 0));
-    const char *meta[] = {"format", "libmoe-lm", "config", cfg, "train", tr, "step", steps,
+    const char *meta[] = {"format", "libmoe-lm2", "config", cfg, "train", tr, "step", steps,
                           "optim.steps", ostep, "rng", rng};
     if (st == MOE_OK) st = moe_st_write(path, ents, n, meta, 6);
     for (int i = 0; names && i < 2 * np; i++) free(names[i]);
@@ -411,9 +417,14 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
     lm *m = NULL;
     moe_optim *opt = NULL;
     train_opts t;
-    if (!fmt || strcmp(fmt, "libmoe-lm") || !cfg || !sp || !rng || !os) {
+    if (fmt && !strcmp(fmt, "libmoe-lm")) {
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s is a checkpoint of the earlier window model (format "
+                  "libmoe-lm); this moe trains the transformer (libmoe-lm2): train a new one", path);
+        goto out;
+    }
+    if (!fmt || strcmp(fmt, "libmoe-lm2") || !cfg || !sp || !rng || !os) {
         st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s is not a moe train checkpoint (its metadata lacks "
-                  "format=libmoe-lm, config, step or rng)", path);
+                  "format=libmoe-lm2, config, step or rng)", path);
         goto out;
     }
     if (ckpt_config_parse(&c, cfg) != MOE_OK) {

@@ -2,7 +2,7 @@
  * Checkpoints of the MoE language model (lm.h) as safetensors:
  *   every parameter by name, float32 (loads in PyTorch as a state_dict);
  *   "optim.m.<name>" and "optim.v.<name>" the AdamW moments;
- *   __metadata__: "format" = "libmoe-lm", "config" (model JSON), "train"
+ *   __metadata__: "format" = "libmoe-lm2", "config" (model JSON), "train"
  *   (training settings JSON), "step", "optim.steps", "rng" (each layer's
  *   random-stream position, comma separated).
  * Written to a temporary file, fsync'd and renamed (moe_st_write), so a crash
@@ -15,12 +15,13 @@
 
 typedef struct {
     int64_t steps;        /* total steps of the schedule                        */
-    int64_t batch;        /* tokens per step                                    */
+    int64_t batch;        /* sequences per step (of the model's context bytes)  */
     int64_t warmup;       /* linear warmup steps, then cosine to lr * min_lr    */
     int64_t eval_every;   /* validation every N steps                           */
     int64_t seed;         /* data order                                         */
     double lr, min_lr, weight_decay;
-    char data[1024];      /* --data file, "" for the built-in corpus            */
+    char data[1024];      /* --data file, "" for a corpus                       */
+    char corpus[16];      /* "fortunes", "tasks", or "" with --data             */
 } train_opts;
 
 /* Model config <-> JSON text (malloc'd; NULL on failure). */

@@ -1,17 +1,29 @@
 /*
- * A character-level language model whose feed-forward blocks are MoE layers:
- * the model `moe train` trains, `moe sample` and `moe eval` run.
+ * A byte-level decoder-only MoE transformer: the model `moe train` trains,
+ * `moe sample` and `moe eval` run. Pre-norm blocks as in Mixtral / LLaMA,
+ * whose feed-forward part is any libmoe layer:
  *
- *   e   = concat(emb[c_1], ..., emb[c_W])        the W previous bytes   (T, W*C)
- *   x_0 = e Wp^T + bp                                                   (T, D)
- *   x_l = x_{l-1} + MoE_l(RMSNorm_l(x_{l-1}))     l = 1..L               (T, D)
- *   z   = RMSNorm_f(x_L) Wh^T + bh                logits over 256 bytes (T, V)
+ *   x_0 = emb[tok]                                                   (T, D)
+ *   for l = 0..L-1:
+ *     a   = RMSNorm(x, blocks.l.attn_norm.weight)
+ *     qkv = a Wqkv^T                  Wqkv = blocks.l.attn.qkv.weight  (3D, D)
+ *           rows of Wqkv: [q; k; v], each D; head h owns columns h*hd..h*hd+hd-1
+ *     q, k rotated by RoPE (rotate-half pairs (i, i + hd/2), the GPT-NeoX /
+ *           LLaMA convention): angle = pos * theta^(-2i/hd), i < hd/2,
+ *           (u, w) -> (u cos - w sin, w cos + u sin), theta = cfg.rope_theta
+ *     o   = softmax(q k^T / sqrt(hd) + causal mask) v   per sequence and head
+ *     x   = x + o Wo^T                Wo = blocks.l.attn.out.weight    (D, D)
+ *     x   = x + MoE_l(RMSNorm(x, blocks.l.moe_norm.weight))
+ *                                     layer parameters blocks.l.moe.<name>
+ *   z = RMSNorm(x, norm_f.weight) head.weight^T                      (T, V)
  *   loss = mean cross-entropy + sum of the layers' auxiliary losses
- * RMSNorm(x) = x / sqrt(mean(x^2) + 1e-5) * g.
- * Layers with groups (gshard, hierarchical, soft) see the T tokens as T/N
- * groups of N = cfg.group tokens.
- * Dimension key: T tokens (batch rows), W window, C embedding dim, D model
- * dim, V = 256 vocabulary, L blocks.
+ * RMSNorm(x, g) = x / sqrt(mean(x^2) + 1e-5) * g. No biases outside the MoE
+ * layers. pos is the position inside each sequence (0..S-1).
+ * Layers with groups (gshard, hierarchical, soft) see the T = B*S tokens as
+ * T/N groups of N = cfg.group tokens.
+ * Dimension key: B sequences, S sequence length (<= cfg.S, the context),
+ * T = B*S tokens, D model dim, NH heads, hd = D/NH head dim, V = 256
+ * vocabulary, L blocks.
  */
 #ifndef MOE_LM_H
 #define MOE_LM_H
@@ -23,16 +35,23 @@
 #define LM_VOCAB 256
 
 typedef struct {
-    int64_t W, C, D, L;  /* window, embedding dim, model dim, blocks      */
-    int64_t group;       /* tokens per group for layers with groups        */
-    moe_config moe;      /* every block's layer (its seed is offset by l)  */
-    int dense;           /* the --dense comparison model (E = K = 1)       */
+    int64_t S;           /* context: the longest sequence (positions)      */
+    int64_t D, L;        /* model dim, blocks                               */
+    int64_t heads;       /* attention heads NH; D % NH == 0, hd even         */
+    double rope_theta;   /* RoPE base (10000)                               */
+    int64_t group;       /* tokens per group for layers with groups         */
+    moe_config moe;      /* every block's layer (its seed is offset by l)   */
+    int dense;           /* the --dense comparison model (E = K = 1)        */
 } lm_config;
 
 typedef struct lm lm;
 
-/* Create with parameters initialised from cfg->moe.seed. */
+/* Create with parameters initialised from cfg->moe.seed. MOE_ERR_ARG names
+ * the bad field (moe_last_error is not set: the message goes to msg when
+ * given, else nowhere). */
 moe_status lm_create(lm **out, const lm_config *cfg);
+/* Check a config; 0 if fine, else -1 with the reason in msg. */
+int lm_config_check(const lm_config *cfg, char *msg, size_t msg_len);
 /* The function that creates the MoE blocks' layers (moe_layer_create when
  * NULL, the default): `moe train --ep` sets the expert-parallel one. Returns
  * the previous one. */
@@ -53,23 +72,37 @@ int lm_param_layer(const lm *m, int i, int *layer_index);
 void       lm_free(lm *m);
 const lm_config *lm_get_config(const lm *m);
 /* Every parameter, the model's own and the layers', in one table (names
- * "emb.weight", "blocks.0.moe.gate.weight", ...). */
+ * "emb.weight", "blocks.0.attn.qkv.weight", "blocks.0.moe.gate.weight", ...). */
 int        lm_num_params(const lm *m);
 moe_param *lm_params(lm *m);
 int64_t    lm_num_weights(const lm *m);
+/* Multiply-adds per token of one forward, attention at full context S
+ * counted as S/2 keys on average (the causal half), for model FLOP
+ * utilisation: 2 * this * 3 FLOPs per trained token. */
+double     lm_macs_per_token(const lm *m, int64_t S);
 moe_layer *lm_layer(lm *m, int64_t l);
 void       lm_zero_grad(lm *m);
 
-/* Forward over T windows: ctx (T, W) bytes, tgt (T) next bytes (NULL: no
- * loss). Writes the mean loss (cross-entropy + aux) and, if given,
- * ce (T) per-token cross-entropy and pred (T) argmax bytes; logits stay
- * in the model for sampling (lm_logits). train 1 caches for lm_backward.
- * T must be a multiple of cfg.group for layers with groups. */
-moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8_t *ctx, const uint8_t *tgt,
-                      int64_t T, int train);
-/* Logits (T, V) of the last forward. */
+/* Forward over B sequences of S bytes: tok (B, S) inputs, tgt (B, S) next
+ * bytes (NULL: no loss). Writes the mean loss (cross-entropy + aux) and, if
+ * given, ce (B*S) per-token cross-entropy and pred (B*S) argmax bytes;
+ * logits stay in the model (lm_logits). train 1 caches for lm_backward.
+ * S <= cfg.S; B*S must be a multiple of cfg.group for layers with groups. */
+moe_status lm_forward(lm *m, double *loss, float *ce, uint8_t *pred, const uint8_t *tok, const uint8_t *tgt,
+                      int64_t B, int64_t S, int train);
+/* Logits (B*S, V) of the last forward (or (1, V) after lm_decode). */
 const float *lm_logits(const lm *m);
 /* Backward of the last train forward's mean loss; gradients accumulate. */
 moe_status lm_backward(lm *m);
+
+/* Incremental decoding with a key/value cache (sampling): lm_decode_reset
+ * empties the cache; lm_decode appends one byte at the next position
+ * (0, 1, ... < cfg.S) and leaves its next-byte logits in lm_logits. Gives
+ * the logits lm_forward gives at that position of the whole sequence.
+ * MOE_ERR_ARG when the cache is full (S bytes): reset and feed a shorter
+ * context. Layers with groups see a group of N copies of the token. */
+moe_status lm_decode_reset(lm *m);
+moe_status lm_decode(lm *m, uint8_t tok);
+int64_t    lm_decode_pos(const lm *m);
 
 #endif

@@ -1,11 +1,12 @@
 /*
- * `moe train`: train the MoE character language model (lm.h) end to end.
- * Data: --data FILE, or the built-in task corpus (corpus.h). AdamW with
+ * `moe train`: train the byte-level MoE transformer (lm.h) end to end.
+ * Data (lmdata.h): the fortunes corpus (default), the task corpus, or
+ * --data FILE. AdamW with
  * linear warmup and cosine decay; periodic validation; checkpoints with the
  * optimizer and RNG state (ckpt.h) that resume bit for bit; a plot of the
  * losses and the expert load (plot.h).
- * Dimension key: T tokens per step, W window, D model dim, H expert hidden
- * dim, E experts, K top-k, L blocks.
+ * Dimension key: B sequences per step, S context, T tokens per step (this
+ * rank's), D model dim, H expert hidden dim, E experts, K top-k, L blocks.
  */
 #include "ckpt.h"
 #include "cli.h"
@@ -23,11 +24,11 @@
 static const char *usage_text =
     "usage: moe train [options]\n"
     "\n"
-    "Trains a character-level language model whose feed-forward blocks are MoE layers:\n"
-    "embeddings of the W previous bytes, a projection to D, L blocks x + MoE(RMSNorm(x)),\n"
-    "a linear head over 256 bytes, cross-entropy plus the layers' auxiliary losses.\n"
-    "Without --data it trains on a built-in corpus of four tagged tasks (copy, reverse,\n"
-    "sort, add) and reports per-task accuracy and which experts each task uses.\n"
+    "Trains a byte-level decoder-only MoE transformer: L pre-norm blocks of causal\n"
+    "self-attention with rotary position embeddings (RoPE) and an MoE layer, a head\n"
+    "over 256 bytes, cross-entropy plus the layers' auxiliary losses. By default on\n"
+    "Debian's fortune cookies in 8 languages (en de es it ru zh pl cs); it reports\n"
+    "bits per byte per language and which experts each language uses.\n"
     "\n"
     "model:\n"
     "  --layer TYPE      topk|gshard|hierarchical|soft_dynamic|soft|dense (default topk)\n"
@@ -37,13 +38,14 @@ static const char *usage_text =
     "  --top-k K         experts per token (topk; default 2)\n"
     "  --dim D           model dim (default 128)\n"
     "  --hidden H        expert hidden dim (default 128; soft: D * expert_mult 1)\n"
-    "  --blocks L        MoE blocks (default 2)\n"
-    "  --window W        previous bytes the model sees (default 24)\n"
-    "  --emb C           byte embedding dim (default 16)\n"
+    "  --blocks L        transformer blocks (default 4)\n"
+    "  --heads NH        attention heads (default 4; --dim / NH must be even)\n"
+    "  --context S       sequence length in bytes, the attention window (default 256)\n"
+    "  --rope-theta X    RoPE base (default 10000)\n"
     "  --group N         tokens per group for gshard/hierarchical/soft (default 64)\n"
-    "  --router NAME     topk layers' router: topk (seed 004, default), switch, mixtral,\n"
-    "                    st_moe, deepseek_v3, expert_choice (README: Routers); the flags\n"
-    "                    below refine it\n"
+    "  --router NAME     topk layers' router: mixtral (default: softmax top-K, renormalised,\n"
+    "                    balance loss 0.01), topk (seed 004), switch, st_moe, deepseek_v3,\n"
+    "                    expert_choice (README: Routers); the flags below refine it\n"
     "  --score F         topk_softmax|softmax|sigmoid\n"
     "  --capacity F      capacity factor, train and eval (0: dropless)\n"
     "  --balance F       Switch balance loss coefficient\n"
@@ -61,9 +63,12 @@ static const char *usage_text =
     "                    fp32 accumulation, fp32 master weights and optimizer state;\n"
     "                    kept by checkpoints\n"
     "training:\n"
-    "  --data FILE       train on a text file (90% train, 10% validation)\n"
-    "  --steps N         total steps (default 12000)\n"
-    "  --batch T         tokens per step (default 256)\n"
+    "  --corpus NAME     fortunes (default: Debian's fortunes in 8 languages, installed by\n"
+    "                    sh tools/deps.sh corpus) or tasks (generated copy/reverse/sort/add\n"
+    "                    lines, with per-task accuracy)\n"
+    "  --data FILE       train on a text file instead (90% train, 10% validation)\n"
+    "  --steps N         total steps (default 3000)\n"
+    "  --batch B         sequences of --context bytes per step (default 16)\n"
     "  --lr X            peak learning rate (default 3e-3), AdamW\n"
     "  --warmup N        linear warmup steps (default 200), then cosine decay\n"
     "  --min-lr F        final learning rate as a fraction of --lr (default 0.1)\n"
@@ -183,6 +188,7 @@ typedef struct {
     lm_config c;
     train_opts t;
     int64_t stop_at, threads, E, K, H, Ei;
+    const char *corpus;
     int quiet, dense, have_H, have_K, ep, bf16;
     const char *router, *score;          /* router recipe and score function, or NULL */
     double cf, bal, zl, jit, rate;       /* router flags, NAN when not given           */
@@ -224,13 +230,13 @@ static int parse(train_args *a, int argc, char **argv) {
     const char *cmd = "train";
     memset(a, 0, sizeof *a);
     lm_config *c = &a->c;
-    c->W = 24, c->C = 16, c->D = 128, c->L = 2, c->group = 64;
+    c->S = 256, c->D = 128, c->L = 4, c->heads = 4, c->rope_theta = 10000.0, c->group = 64;
     moe_layer_type type = MOE_LAYER_TOPK;
     moe_expert_kind kind = MOE_EXPERT_SWIGLU;
     int have_kind = 0;
     a->E = 8, a->K = 2, a->H = 128, a->Ei = 2;
     train_opts *t = &a->t;
-    t->steps = 12000, t->batch = 256, t->warmup = 200, t->eval_every = 1000, t->seed = 1;
+    t->steps = 3000, t->batch = 16, t->warmup = 200, t->eval_every = 500, t->seed = 1;
     t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
     a->out = "runs/train";
     a->cf = a->bal = a->zl = a->jit = a->rate = NAN;
@@ -254,8 +260,8 @@ static int parse(train_args *a, int argc, char **argv) {
         INT_FLAG("--topk-groups", 1, 65536, a->topk_groups)
         INT_FLAG("--dim", 1, 8192, c->D)
         INT_FLAG("--blocks", 1, 64, c->L)
-        INT_FLAG("--window", 1, 1024, c->W)
-        INT_FLAG("--emb", 1, 1024, c->C)
+        INT_FLAG("--heads", 1, 4096, c->heads)
+        INT_FLAG("--context", 1, 65536, c->S)
         INT_FLAG("--group", 1, 1 << 20, c->group)
         INT_FLAG("--steps", 1, 100000000, t->steps)
         INT_FLAG("--batch", 1, 1 << 20, t->batch)
@@ -294,6 +300,15 @@ static int parse(train_args *a, int argc, char **argv) {
         } else if ((v = cli_flag(argc, argv, &i, "--wd", &bad))) {
             if (!cli_float(cmd, "--wd", v, 0, 10, &r)) return 2;
             t->weight_decay = r;
+        } else if ((v = cli_flag(argc, argv, &i, "--rope-theta", &bad))) {
+            if (!cli_float(cmd, "--rope-theta", v, 1.0001, 1e12, &c->rope_theta)) return 2;
+        } else if ((v = cli_flag(argc, argv, &i, "--corpus", &bad))) {
+            if (strcmp(v, "fortunes") && strcmp(v, "tasks")) {
+                fprintf(stderr, "moe train: --corpus: expected fortunes or tasks, got '%s' (any other text: "
+                                "--data FILE)\n", v);
+                return 2;
+            }
+            a->corpus = v;
         } else if ((v = cli_flag(argc, argv, &i, "--data", &bad))) {
             snprintf(t->data, sizeof t->data, "%s", v);
         } else if ((v = cli_flag(argc, argv, &i, "--out", &bad))) {
@@ -342,6 +357,7 @@ static int parse(train_args *a, int argc, char **argv) {
                 (long long)a->K, (long long)a->E);
         return 2;
     }
+    snprintf(t->corpus, sizeof t->corpus, "%s", *t->data ? "" : a->corpus ? a->corpus : "fortunes");
     if (a->resume) return 0; /* the model and settings come from the checkpoint */
     moe_config *m = &c->moe;
     if (a->dense) { /* one plain FFN per block with the active size of K experts */
@@ -354,6 +370,7 @@ static int parse(train_args *a, int argc, char **argv) {
         if (type == MOE_LAYER_TOPK || (type == MOE_LAYER_DENSE)) m->expert = kind;
         if (type == MOE_LAYER_DENSE) m->output_dim = c->D;
         if (type == MOE_LAYER_HIERARCHICAL) m->num_experts_inner = (int)a->Ei;
+        if (type == MOE_LAYER_TOPK && !a->router) a->router = "mixtral"; /* balance loss 0.01 */
         if (type == MOE_LAYER_TOPK && set_router(a, m)) return 2;
         if (type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT) {
             if (have_kind && kind == MOE_EXPERT_SWIGLU) {
@@ -377,9 +394,15 @@ static int parse(train_args *a, int argc, char **argv) {
         return 2;
     }
     m->bf16 = a->bf16;
-    if (type != MOE_LAYER_TOPK && type != MOE_LAYER_DENSE && !a->dense && t->batch % c->group) {
-        fprintf(stderr, "moe train: --batch %lld is not a multiple of --group %lld (%s layers route groups)\n",
-                (long long)t->batch, (long long)c->group, moe_layer_type_name(type));
+    if (type != MOE_LAYER_TOPK && type != MOE_LAYER_DENSE && !a->dense && c->S % c->group) {
+        fprintf(stderr, "moe train: --context %lld is not a multiple of --group %lld (%s layers route groups "
+                        "of tokens within each sequence)\n", (long long)c->S, (long long)c->group,
+                moe_layer_type_name(type));
+        return 2;
+    }
+    char why[200];
+    if (lm_config_check(c, why, sizeof why)) {
+        fprintf(stderr, "moe train: %s\n", why);
         return 2;
     }
     return 0;
@@ -447,10 +470,11 @@ static int train_main(train_args *ap, cli_ep *ep) {
     }
     /* data parallel: each rank its share of every step's batch */
     int has_groups = c.moe.type != MOE_LAYER_TOPK && c.moe.type != MOE_LAYER_DENSE && !c.dense;
-    if (a.ep && (t.batch % P || (has_groups && (t.batch / P) % c.group))) {
+    (void)has_groups; /* groups lie within sequences (--context is a multiple of --group) */
+    if (a.ep && t.batch % P) {
         if (r0)
-            fprintf(stderr, "moe train: --ep: --batch %lld must split into %d equal shares%s\n", (long long)t.batch,
-                    P, has_groups ? " of whole groups (--group)" : "");
+            fprintf(stderr, "moe train: --ep: --batch %lld sequences must split into %d equal shares\n",
+                    (long long)t.batch, P);
         moe_optim_free(opt), lm_free(m);
         return 2;
     }
@@ -463,7 +487,13 @@ static int train_main(train_args *ap, cli_ep *ep) {
     char ckpt[4200], plot[4200], logp[4200];
     FILE *logf = NULL;
     rc = 1;
-    int ok = !lmdata_load(&d, "train", t.data, (uint64_t)t.seed);
+    int ok = !lmdata_load(&d, "train", t.corpus, t.data, (uint64_t)t.seed);
+    if (ok && (d.n_train < c.S + 2 || d.n_val < c.S + 2)) {
+        fprintf(stderr, "moe train: the training text (%lld bytes) or validation text (%lld bytes) is shorter "
+                        "than --context %lld plus 2; give more text or a shorter --context\n", (long long)d.n_train,
+                (long long)d.n_val, (long long)c.S);
+        ok = 0;
+    }
     if (ok && r0 && mkdirs(a.out)) {
         fprintf(stderr, "moe train: --out: cannot create directory %s: %s\n", a.out, strerror(errno));
         ok = 0;
@@ -477,22 +507,23 @@ static int train_main(train_args *ap, cli_ep *ep) {
     }
     if (a.ep) ok = cli_ep_all_ok(ok);
     if (!ok) goto done;
-    if (!step && logf) fprintf(logf, "step\tlr\ttrain_loss\tval_loss\ttokens_per_s\n");
-    int64_t T = t.batch, W = c.W, L = c.L, Tl = T / P, j0 = (int64_t)ep->rank * Tl; /* this rank's share */
+    if (!step && logf) fprintf(logf, "step\tlr\ttrain_loss\tval_loss\ttokens_per_s\tload_max_mean\n");
+    /* B sequences of S bytes per step; this rank's share: Bl of them from j0 */
+    int64_t S = c.S, B = t.batch, Bl = B / P, T = Bl * S, L = c.L, j0 = (int64_t)ep->rank * Bl;
     moe_stats s0;
     moe_layer_stats(lm_layer(m, 0), &s0);
     int64_t E = s0.n_experts;
-    ctx = malloc((size_t)(T * W)), tgt = malloc((size_t)T);
+    ctx = malloc((size_t)T), tgt = malloc((size_t)T);
     load = calloc((size_t)(L * E), sizeof *load), load_acc = calloc((size_t)(2 * L * E), sizeof *load_acc);
     if (!ctx || !tgt || !load || !load_acc) goto done;
     int tty = cli_isatty_err() && !a.quiet;
     int64_t end = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
     if (!a.quiet)
-        printf("moe train: %s%s, E=%lld K=%d D=%lld L=%lld, %lld parameters; %s; %lld steps of %lld tokens, "
-               "%lld threads%s\n", c.dense ? "dense FFN (" : "", moe_layer_type_name(c.moe.type),
-               (long long)E, c.moe.top_k, (long long)c.D, (long long)L, (long long)lm_num_weights(m),
-               *t.data ? t.data : "built-in corpus (copy, reverse, sort, add)", (long long)t.steps, (long long)T,
-               (long long)a.threads, c.dense ? ")" : "");
+        printf("moe train: transformer, %s%s, E=%lld K=%d D=%lld L=%lld heads=%lld context=%lld, %lld parameters; "
+               "%s; %lld steps of %lld x %lld bytes, %lld threads%s%s\n", c.dense ? "dense FFN (" : "",
+               moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
+               (long long)c.heads, (long long)S, (long long)lm_num_weights(m), d.desc, (long long)t.steps,
+               (long long)B, (long long)S, (long long)a.threads, c.dense ? ")" : "", c.moe.bf16 ? ", bf16" : "");
     if (!a.quiet && c.moe.type == MOE_LAYER_TOPK && !c.dense) {
         const moe_config *r = &c.moe;
         printf("router: %s, score %s%s, capacity %g/%g%s, balance %g, z-loss %g, jitter %g, shared %d%s, "
@@ -510,14 +541,13 @@ static int train_main(train_args *ap, cli_ep *ep) {
     for (step = step + 1; step <= end; step++) {
         /* the step's batch: positions from a counter-based stream of (seed, step) */
         uint64_t base = mix64((uint64_t)t.seed * 0x51ED27ull ^ (uint64_t)step * 0x9E3779B97F4A7C15ull);
-        for (int64_t j = 0; j < Tl; j++) { /* expert parallel: this rank's share [j0, j0 + Tl) */
-            int64_t p = 1 + (int64_t)(mix64(base + (uint64_t)(j0 + j)) % (uint64_t)(d.n_train - 1));
-            lmdata_window(ctx + j * W, d.train, p, W);
-            tgt[j] = d.train[p];
+        for (int64_t j = 0; j < Bl; j++) { /* expert parallel: this rank's share [j0, j0 + Bl) */
+            int64_t p = (int64_t)(mix64(base + (uint64_t)(j0 + j)) % (uint64_t)(d.n_train - S));
+            lmdata_sequence(ctx + j * S, tgt + j * S, d.train, p, S);
         }
         double loss = NAN;
         lm_zero_grad(m);
-        moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, Tl, 1);
+        moe_status st = lm_forward(m, &loss, NULL, NULL, ctx, tgt, Bl, S, 1);
         if (a.ep && st == MOE_OK) cli_ep_sum_f64(&loss, 1); /* the ranks' shares: the global loss */
         int bad_loss = st == MOE_OK && !isfinite(loss);
         if (bad_loss) st = MOE_ERR_NONFINITE;
@@ -563,7 +593,13 @@ static int train_main(train_args *ap, cli_ep *ep) {
         double now = cli_now();
         int eval_now = step % t.eval_every == 0 || step == end;
         int log_now = eval_now || step % 50 == 0;
+        double load_ratio = 0; /* the interval's busiest expert / mean, worst block */
         if (log_now && n_acc) {
+            for (int64_t l = 0; l < L; l++) {
+                double tot = 0, mx = 0;
+                for (int64_t e = 0; e < E; e++) tot += load[l * E + e], mx = fmax(mx, load[l * E + e]);
+                if (tot > 0) load_ratio = fmax(load_ratio, mx * (double)E / tot);
+            }
             last_train = loss_acc / (double)n_acc;
             double sh[LMDATA_MAX_EXPERTS], tot = 0;
             for (int64_t e = 0; e < E; e++) tot += load[e];
@@ -581,17 +617,19 @@ static int train_main(train_args *ap, cli_ep *ep) {
             uint64_t pos[64];
             for (int64_t l = 0; l < L && l < 64; l++) pos[l] = moe_layer_rng_position(lm_layer(m, l));
             free(ev.route);
-            if (lmdata_evaluate(&ev, m, &d, T, 8192) == MOE_OK) val = ev.loss;
+            /* during training a sample of each class; at the end up to 128 KiB of each */
+            if (lmdata_evaluate(&ev, m, &d, B, step == end ? 131072 : 16384) == MOE_OK) val = ev.loss;
             for (int64_t l = 0; l < L && l < 64; l++) moe_layer_set_rng_position(lm_layer(m, l), pos[l]);
             hist_push_val(&h, (double)step, val);
             if (r0) write_plot(plot, &h, &c, E);
         }
-        double tps = (double)((step - step0) * T) / (now - t_start + 1e-9);
+        double tps = (double)((step - step0) * B * S) / (now - t_start + 1e-9);
         double eta = (double)(end - step) * (now - t_start) / (double)(step - step0);
         if (log_now && logf) {
             char vs[32] = "";
             if (eval_now) snprintf(vs, sizeof vs, "%.5f", val);
-            fprintf(logf, "%lld\t%.6g\t%.5f\t%s\t%.0f\n", (long long)step, lr_at(&t, step), last_train, vs, tps);
+            fprintf(logf, "%lld\t%.6g\t%.5f\t%s\t%.0f\t%.3f\n", (long long)step, lr_at(&t, step), last_train, vs,
+                    tps, load_ratio);
             fflush(logf);
         }
         if (tty && (now - t_last > 0.1 || eval_now)) {
@@ -614,8 +652,17 @@ static int train_main(train_args *ap, cli_ep *ep) {
     printf("\nmodel: %s%s, E=%lld K=%d D=%lld L=%lld, %lld parameters\n", c.dense ? "dense FFN (one expert) " : "",
            moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
            (long long)lm_num_weights(m));
-    printf("trained steps %lld..%lld in %.1f s; final train loss %.4f\n", (long long)step0 + 1,
-           (long long)end, secs, last_train);
+    double tps = (double)((end - step0) * B * S) / (secs > 0 ? secs : 1e-9);
+    printf("trained steps %lld..%lld in %.1f s; final train loss %.4f (%.4f bits/byte with the aux losses)\n",
+           (long long)step0 + 1, (long long)end, secs, last_train, last_train / 0.6931471805599453);
+    if (end > step0) {
+        /* model FLOP utilisation: 3 passes (forward, and backward's two) of 2 FLOPs per multiply-add,
+         * against the FMA peak of the precision measured now (validation and checkpoints included) */
+        double flops = tps * 6.0 * lm_macs_per_token(m, S), peak = cli_peak_gflops(c.moe.bf16, (int)a.threads);
+        printf("throughput %.0f tokens/s, %.1f GFLOP/s of model FLOPs = %.2f of the %s FMA peak (%.0f GFLOP/s, "
+               "%lld threads)\n", tps, flops * 1e-9, peak > 0 ? flops * 1e-9 / peak : 0.0,
+               c.moe.bf16 ? "bf16" : "fp32", peak, (long long)a.threads);
+    }
     if (skipped)
         printf("skipped %lld steps with a non-finite loss or gradients (parameters unchanged by them)\n",
                (long long)skipped);
