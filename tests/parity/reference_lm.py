@@ -57,7 +57,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import reference as ref
 import reference_gshard as refg

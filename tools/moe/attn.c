@@ -3,8 +3,9 @@
  * Written by hand because it is the transformer's hot path beside the MoE
  * layers and no C library on this machine offers causal attention on the
  * CPU; its GEMMs go to oneDNN through moe_sgemm. Each (sequence, head) pair
- * is one task: two GEMMs and a masked softmax in forward, four GEMMs in
- * backward, so results do not depend on the thread count.
+ * is one task: per block of query rows two GEMMs and a masked softmax in
+ * forward, four GEMMs in backward, always in the same order, so results do
+ * not depend on the thread count.
  * Dimension key: B sequences, S positions, T = B*S tokens, D model dim,
  * NH heads, hd = D/NH head dim, n cached positions.
  */
@@ -16,21 +17,24 @@
 #include <string.h>
 
 void attn_rope(float *qkv, int64_t B, int64_t S, int64_t pos0, int64_t D, int64_t NH, double theta, int sign) {
-    int64_t hd = D / NH, half = hd / 2, T = B * S;
+    int64_t hd = D / NH, half = hd / 2;
+    /* by position: each angle's cos and sin once, for the B rows that share it */
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        double pos = (double)(pos0 + t % S);
-        float *row = qkv + t * 3 * D;
+    for (int64_t s = 0; s < S; s++) {
+        double pos = (double)(pos0 + s);
         for (int64_t i = 0; i < half; i++) {
             double a = pos * pow(theta, -2.0 * (double)i / (double)hd);
-            float c = (float)cos(a), s = (float)(sign > 0 ? sin(a) : -sin(a));
-            for (int64_t part = 0; part < 2; part++) /* q, then k */
-                for (int64_t h = 0; h < NH; h++) {
-                    float *u = row + part * D + h * hd + i, *w = u + half;
-                    float u0 = *u, w0 = *w;
-                    *u = u0 * c - w0 * s;
-                    *w = w0 * c + u0 * s;
-                }
+            float c = (float)cos(a), sn = (float)(sign > 0 ? sin(a) : -sin(a));
+            for (int64_t b = 0; b < B; b++) {
+                float *row = qkv + (b * S + s) * 3 * D;
+                for (int64_t part = 0; part < 2; part++) /* q, then k */
+                    for (int64_t h = 0; h < NH; h++) {
+                        float *u = row + part * D + h * hd + i, *w = u + half;
+                        float u0 = *u, w0 = *w;
+                        *u = u0 * c - w0 * sn;
+                        *w = w0 * c + u0 * sn;
+                    }
+            }
         }
     }
 }
@@ -50,6 +54,11 @@ static void causal_softmax_row(float *p, int64_t i, int64_t S) {
     for (int64_t j = i + 1; j < S; j++) p[j] = 0.0f;
 }
 
+/* Query rows go in blocks of ATTN_ROWS: block r attends to keys 0..r0+rn-1
+ * only, so the GEMMs skip most of the masked half (S = 256: 62% of the full
+ * square) while each stays large enough for the GEMM kernels. */
+#define ATTN_ROWS 64
+
 void attn_forward(float *o, float *P, const float *qkv, int64_t B, int64_t S, int64_t D, int64_t NH) {
     int64_t hd = D / NH, D3 = 3 * D;
     float alpha = (float)(1.0 / sqrt((double)hd));
@@ -58,11 +67,12 @@ void attn_forward(float *o, float *P, const float *qkv, int64_t B, int64_t S, in
         int64_t b = bh / NH, h = bh % NH;
         const float *q = qkv + b * S * D3 + h * hd, *k = q + D, *v = q + 2 * D;
         float *p = P + bh * S * S;
-        /* the full S x S product; the masked half is computed and discarded
-         * (one GEMM beats S short ones at these sizes) */
-        moe_sgemm(0, 1, S, S, hd, alpha, q, D3, k, D3, 0.0f, p, S);
-        for (int64_t i = 0; i < S; i++) causal_softmax_row(p + i * S, i, S);
-        moe_sgemm(0, 0, S, hd, S, 1.0f, p, S, v, D3, 0.0f, o + b * S * D + h * hd, D);
+        for (int64_t r0 = 0; r0 < S; r0 += ATTN_ROWS) {
+            int64_t rn = S - r0 < ATTN_ROWS ? S - r0 : ATTN_ROWS, kn = r0 + rn;
+            moe_sgemm(0, 1, rn, kn, hd, alpha, q + r0 * D3, D3, k, D3, 0.0f, p + r0 * S, S);
+            for (int64_t i = r0; i < kn; i++) causal_softmax_row(p + i * S, i, S);
+            moe_sgemm(0, 0, rn, hd, kn, 1.0f, p + r0 * S, S, v, D3, 0.0f, o + (b * S + r0) * D + h * hd, D);
+        }
     }
 }
 
@@ -76,18 +86,25 @@ void attn_backward(float *dqkv, float *work, const float *dout, const float *qkv
         const float *q = qkv + b * S * D3 + h * hd, *k = q + D, *v = q + 2 * D;
         const float *p = P + bh * S * S, *dO = dout + b * S * D + h * hd;
         float *dq = dqkv + b * S * D3 + h * hd, *dk = dq + D, *dv = dq + 2 * D, *ds = work + bh * S * S;
-        moe_sgemm(0, 1, S, S, hd, 1.0f, dO, D, v, D3, 0.0f, ds, S); /* dP = dO V^T */
-        for (int64_t i = 0; i < S; i++) {                            /* dS = P (dP - rowsum(P dP)) */
-            const float *pr = p + i * S;
-            float *dr = ds + i * S;
-            double dot = 0;
-            for (int64_t j = 0; j <= i; j++) dot += (double)pr[j] * dr[j];
-            for (int64_t j = 0; j <= i; j++) dr[j] = pr[j] * (dr[j] - (float)dot);
-            for (int64_t j = i + 1; j < S; j++) dr[j] = 0.0f;
+        for (int64_t j = 0; j < S; j++) /* dK and dV accumulate over the row blocks */
+            memset(dk + j * D3, 0, (size_t)hd * sizeof *dk), memset(dv + j * D3, 0, (size_t)hd * sizeof *dv);
+        for (int64_t r0 = 0; r0 < S; r0 += ATTN_ROWS) {
+            int64_t rn = S - r0 < ATTN_ROWS ? S - r0 : ATTN_ROWS, kn = r0 + rn;
+            float *dsr = ds + r0 * S;
+            const float *pr0 = p + r0 * S, *dOr = dO + r0 * D;
+            moe_sgemm(0, 1, rn, kn, hd, 1.0f, dOr, D, v, D3, 0.0f, dsr, S); /* dP = dO V^T */
+            for (int64_t i = r0; i < kn; i++) {                             /* dS = P (dP - rowsum(P dP)) */
+                const float *pr = p + i * S;
+                float *dr = ds + i * S;
+                double dot = 0;
+                for (int64_t j = 0; j <= i; j++) dot += (double)pr[j] * dr[j];
+                for (int64_t j = 0; j <= i; j++) dr[j] = pr[j] * (dr[j] - (float)dot);
+                for (int64_t j = i + 1; j < kn; j++) dr[j] = 0.0f;
+            }
+            moe_sgemm(0, 0, rn, hd, kn, alpha, dsr, S, k, D3, 0.0f, dq + r0 * D3, D3); /* dQ = a dS K   */
+            moe_sgemm(1, 0, kn, hd, rn, alpha, dsr, S, q + r0 * D3, D3, 1.0f, dk, D3);  /* dK += a dS^T Q */
+            moe_sgemm(1, 0, kn, hd, rn, 1.0f, pr0, S, dOr, D, 1.0f, dv, D3);            /* dV += P^T dO  */
         }
-        moe_sgemm(0, 0, S, hd, S, alpha, ds, S, k, D3, 0.0f, dq, D3);  /* dQ = a dS K   */
-        moe_sgemm(1, 0, S, hd, S, alpha, ds, S, q, D3, 0.0f, dk, D3);  /* dK = a dS^T Q */
-        moe_sgemm(1, 0, S, hd, S, 1.0f, p, S, dO, D, 0.0f, dv, D3);    /* dV = P^T dO   */
     }
 }
 

@@ -149,6 +149,7 @@ moe_status lm_create(lm **out, const lm_config *cfg) {
     for (int64_t l = 0; l < L && st == MOE_OK; l++) {
         moe_config lc = cfg->moe;
         lc.input_dim = D;
+        if (lc.type == MOE_LAYER_DENSE) lc.output_dim = D; /* a residual block: D in, D out */
         lc.seed = cfg->moe.seed + 1000003ull * (uint64_t)(l + 1);
         st = g_creator ? g_creator(&m->layers[l], &lc) : moe_layer_create(&m->layers[l], &lc);
         if (st == MOE_OK) n_layer_params += moe_layer_num_params(m->layers[l]);

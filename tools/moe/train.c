@@ -653,8 +653,8 @@ static int train_main(train_args *ap, cli_ep *ep) {
            moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
            (long long)lm_num_weights(m));
     double tps = (double)((end - step0) * B * S) / (secs > 0 ? secs : 1e-9);
-    printf("trained steps %lld..%lld in %.1f s; final train loss %.4f (%.4f bits/byte with the aux losses)\n",
-           (long long)step0 + 1, (long long)end, secs, last_train, last_train / 0.6931471805599453);
+    printf("trained steps %lld..%lld in %.1f s; final train loss %.4f (nats/byte, with the auxiliary losses)\n",
+           (long long)step0 + 1, (long long)end, secs, last_train);
     if (end > step0) {
         /* model FLOP utilisation: 3 passes (forward, and backward's two) of 2 FLOPs per multiply-add,
          * against the FMA peak of the precision measured now (validation and checkpoints included) */
