@@ -125,6 +125,9 @@ cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/mis.safetensors"
 # flip "dim":16 to "dim":20 in the config metadata: the tensors no longer match
 sed -i 's/\\"dim\\":16,/\\"dim\\":20,/' "$tmp/mis.safetensors"
 expect 1 "emb.weight" "$moe" eval "$tmp/mis.safetensors"
+cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/heads.safetensors" # 16 does not split into 3 heads
+sed -i 's/\\"heads\\":2,/\\"heads\\":3,/' "$tmp/heads.safetensors"
+expect 1 "model config is invalid: --dim 16 must split into --heads 3" "$moe" sample "$tmp/heads.safetensors"
 
 # ---- sampling with the key/value cache: greedy is deterministic, top-k and temperature
 "$moe" sample "$tmp/a_topk/checkpoint.safetensors" --prompt "C:abc=" --length 300 --temperature 0 >"$tmp/s1" 2>&1

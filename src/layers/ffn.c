@@ -114,6 +114,12 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
     nt = omp_get_max_threads();
 #endif
     int64_t R = offsets[E], big = R / (2 * nt);
+    if (E == 1) { /* one FFN (a dense model): its GEMMs tile over every thread, by
+                   * shape only (moe_sgemm), so the bits stay the same on any thread
+                   * count; as a task it would keep one thread busy and the rest idle */
+        if (R > 0) fn(ctx, 0, 0, R);
+        return;
+    }
 #pragma omp parallel
     {
         moe__in_task = 1;

@@ -60,7 +60,9 @@ int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe,
  * (moe__in_task): many GEMMs side by side keep every core busy with no
  * fork/join per GEMM, and each expert's numbers are the same on any thread
  * count. fn must only write its own expert's rows and gradients; the
- * elementwise helpers it calls run on its thread (nested regions are off). */
+ * elementwise helpers it calls run on its thread (nested regions are off).
+ * With E == 1 (one FFN) fn runs once outside any task, so its GEMMs and
+ * helpers use every thread (moe_sgemm's shape-only tiling keeps the bits). */
 void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e, int64_t r0, int64_t n),
                      void *ctx);
 

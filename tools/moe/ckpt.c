@@ -435,6 +435,11 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: the training settings in the metadata are malformed", path);
         goto out;
     }
+    char why[200];
+    if (lm_config_check(&c, why, sizeof why)) {
+        st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: its model config is invalid: %s", path, why);
+        goto out;
+    }
     if ((st = lm_create(&m, &c)) != MOE_OK) {
         st = fail(msg, msg_len, st, "%s: cannot build the model of its config: %s", path, moe_last_error());
         goto out;

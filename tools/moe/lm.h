@@ -46,9 +46,11 @@ typedef struct {
 
 typedef struct lm lm;
 
-/* Create with parameters initialised from cfg->moe.seed. MOE_ERR_ARG names
- * the bad field (moe_last_error is not set: the message goes to msg when
- * given, else nowhere). */
+/* Create with parameters initialised from cfg->moe.seed: emb N(0, 1), the
+ * projections and head U(-1/sqrt(D), 1/sqrt(D)) (nn.Embedding's and
+ * nn.Linear's defaults), norms 1; each block's layer from its own seed.
+ * MOE_ERR_ARG for a config lm_config_check refuses (call it for the reason);
+ * a layer's own errors as moe_layer_create returns them. */
 moe_status lm_create(lm **out, const lm_config *cfg);
 /* Check a config; 0 if fine, else -1 with the reason in msg. */
 int lm_config_check(const lm_config *cfg, char *msg, size_t msg_len);

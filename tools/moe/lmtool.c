@@ -21,8 +21,8 @@ static const char *sample_usage =
     "  --prompt TEXT       text to continue (default: for the fortunes corpus a fortune in\n"
     "                      each language, \"<en> \", \"<de> \", ...; for the task corpus a\n"
     "                      line of each task)\n"
-    "  --length N          bytes to generate per prompt (default 200; fortunes stop at the\n"
-    "                      end of the fortune)\n"
+    "  --length N          bytes to generate per prompt (default 200; without --prompt a\n"
+    "                      fortune ends where the model starts the next one's tag)\n"
     "  --temperature T     sampling temperature; 0 picks the most likely byte (default 0.7)\n"
     "  --top-k K           sample among the K most likely bytes only (default 0: all)\n"
     "  --seed N            sampling seed (default 1)\n";
@@ -187,8 +187,10 @@ int cmd_sample(int argc, char **argv) {
         fwrite(prompts[k], 1, (size_t)np, stdout);
         for (int64_t i = 0; i < a.length && st == MOE_OK; i++) {
             int c = pick(lm_logits(m), a.temp, a.top_k, (uint64_t)a.seed, draw++);
+            /* one fortune per prompt: it ends where the next one's "<xx> " tag begins */
+            if (fortunes && !a.prompt && c == '<' && text[n - 1] == '\n') break;
             fputc(c, stdout);
-            if (c == '\n' && (fortunes || tasks) && !a.prompt) break; /* one fortune / line per prompt */
+            if (c == '\n' && tasks && !a.prompt) break; /* one line per task prompt */
             st = feed(m, text, n, (uint8_t)c);
             text[n++] = (uint8_t)c;
         }
