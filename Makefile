@@ -38,6 +38,29 @@ else
 CLI_EP      = tools/moe/ep_none.c
 endif
 
+# The CUDA backend (include/moe_cuda.h, src/cuda/*.cu, build/libmoe_cuda.a,
+# build/tests/cuda/*) is built whenever nvcc is found, on PATH or at
+# /usr/local/cuda/bin/nvcc (`make cuda` builds just the library); CUDA=0
+# builds without it, CUDA=1 insists on it. libmoe.a and libmoe.so never
+# depend on CUDA. CUDA_ARCH: SASS for sm_90 (H100/H200) and PTX for
+# compute_80, which the driver compiles for any newer GPU.
+NVCC     ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+CUDA     ?= $(if $(NVCC),1,0)
+CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
+ifeq ($(CUDA),1)
+ifeq ($(NVCC),)
+$(error CUDA=1 but nvcc is not found (PATH or /usr/local/cuda/bin/nvcc): install the CUDA toolkit or set NVCC=)
+endif
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+NVCCFLAGS = -O2 -g -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wno-unused-parameter \
+            -Iinclude
+CUDA_LIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+CUDA_SRC  = $(sort $(wildcard src/cuda/*.cu))
+CUDA_OBJ  = $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+CUDA_LIB  = $(BUILD)/libmoe_cuda.a
+CUDA_TEST_BIN = $(BUILD)/tests/cuda/test_cuda $(BUILD)/tests/cuda/bench_cuda
+endif
+
 LIB_SRC  = $(filter-out src/dist/%,$(sort $(wildcard src/*/*.c)))
 LIB_OBJ  = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 DIST_SRC = $(sort $(wildcard src/dist/*.c))
@@ -50,14 +73,14 @@ BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
 
-.PHONY: all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
+.PHONY: cuda all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
         install uninstall test-torch2
 
 # deps first, then a fresh make that sees what deps installed (mpicc)
 all: deps
 	@$(MAKE) --no-print-directory build-all
 
-build-all: $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe $(MPI_LIB)
+build-all: $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe $(MPI_LIB) $(CUDA_LIB)
 
 deps:
 	@sh tools/deps.sh build
@@ -106,6 +129,28 @@ $(BUILD)/tests/mpi/%: tests/mpi/%.c tests/check.h $(BUILD)/libmoe.a $(MPI_LIB)
 
 test-mpi-bins: $(MPI_TEST_BIN)
 
+# the CUDA parts: only these objects see CUDA headers
+ifeq ($(CUDA),1)
+cuda: $(CUDA_LIB) $(CUDA_TEST_BIN)
+
+$(BUILD)/obj/src/cuda/%.o: src/cuda/%.cu include/moe.h include/moe_cuda.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/libmoe_cuda.a: $(CUDA_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/tests/cuda/%: tests/cuda/%.c tests/check.h include/moe_cuda.h $(BUILD)/libmoe.a $(CUDA_LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -I$(CUDA_HOME)/include -o $@ $< $(CUDA_LIB) $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS) \
+	    $(CUDA_LIBS)
+else
+cuda:
+	@echo "make cuda: nvcc not found (PATH or /usr/local/cuda/bin/nvcc) or CUDA=0: install the CUDA toolkit" \
+	      "and run make cuda (or make CUDA=1)"; exit 1
+endif
+
 $(BUILD)/tests/%: tests/%.c tests/check.h $(BUILD)/libmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoe.a $(LDFLAGS) $(LDLIBS)
@@ -125,7 +170,7 @@ test-c: all $(TEST_BIN) $(MPI_TEST_BIN)
 
 # Every test: C unit/gradient/bad-input tests, CLI tests, PyTorch parity, and
 # the C tests again under ASan + UBSan. Ends with "N passed, N failed".
-test: deps-test all $(TEST_BIN) $(BENCH_BIN)
+test: deps-test all $(TEST_BIN) $(BENCH_BIN) $(CUDA_TEST_BIN)
 	@$(MAKE) --no-print-directory test-mpi-bins
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -DMOE_GEMM_PROBE" test-c
@@ -218,7 +263,7 @@ test-torch2: all
 # PREFIX, configured to load this libmoe.so. make uninstall removes them.
 PYDIR ?= $(PREFIX)/lib/python3/dist-packages
 INSTALLED = include/moe.h include/moe_mpi.h lib/libmoe.so.$(VERSION) lib/libmoe.so.$(MAJOR) lib/libmoe.so \
-            lib/libmoe.a lib/libmoe_mpi.a lib/pkgconfig/moe.pc lib/cmake/libmoe/libmoeConfig.cmake \
+            lib/libmoe.a lib/libmoe_mpi.a include/moe_cuda.h lib/libmoe_cuda.a lib/pkgconfig/moe.pc lib/cmake/libmoe/libmoeConfig.cmake \
             lib/cmake/libmoe/libmoeConfigVersion.cmake bin/moe share/man/man1/moe.1
 install: all
 	@d="$(DESTDIR)$(PREFIX)"; \
@@ -229,6 +274,8 @@ install: all
 	install -m 644 $(BUILD)/libmoe.a "$$d/lib/" && \
 	if [ -f $(BUILD)/libmoe_mpi.a ]; then install -m 644 $(BUILD)/libmoe_mpi.a "$$d/lib/" && \
 	    install -m 644 include/moe_mpi.h "$$d/include/"; fi && \
+	if [ -f $(BUILD)/libmoe_cuda.a ]; then install -m 644 $(BUILD)/libmoe_cuda.a "$$d/lib/" && \
+	    install -m 644 include/moe_cuda.h "$$d/include/"; fi && \
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' \
 	    tools/pkg/moe.pc.in >"$$d/lib/pkgconfig/moe.pc" && \
 	for f in libmoeConfig libmoeConfigVersion; do \

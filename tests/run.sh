@@ -2,13 +2,17 @@
 # Runs every test and ends with one line "N passed, N failed" (the sum of the
 # checks of every test program, CLI check and parity case). Called by
 # `make test`; ONLY_ASAN=1 runs just the sanitizer build (`make test-asan`).
-# A program that dies without its summary line counts as one failure.
+# A program that dies without its summary line counts as one failure. A
+# program may add ", N skipped" to its summary (checks it could not run here,
+# e.g. GPU checks without a CUDA device): they are shown and totalled, never
+# counted as passed.
 set -u
 cd "$(dirname "$0")/.."
 # tools/deps.sh test installs the fortunes: their test fails (not skips) without them
 export MOE_REQUIRE_FORTUNES=1
 pass=0
 fail=0
+skip=0
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
@@ -26,12 +30,17 @@ run() { # run NAME CMD...: run a test program, add its "N passed, N failed"
     fi
     p=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "passed,") print $(i - 1)}')
     f=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "failed" || $i == "failed,") print $(i - 1)}')
+    s=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "skipped" || $i == "skipped,") print $(i - 1)}')
+    s=${s:-0}
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
     pass=$((pass + p))
     fail=$((fail + f))
+    skip=$((skip + s))
     if [ "$f" -ne 0 ]; then
         echo "FAIL $name ($p passed, $f failed, exit $rc):"
         grep -E 'FAIL|ERROR|Sanitizer|runtime error' "$log" | head -n 30
+    elif [ "$s" -ne 0 ]; then
+        echo "ok   $name ($p checks; $s SKIPPED: $(grep -m 1 'skipped:' "$log"))"
     else
         echo "ok   $name ($p checks)"
     fi
@@ -41,6 +50,13 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     for t in build/tests/test_*; do
         [ -x "$t" ] && run "$(basename "$t")" "$t"
     done
+    # the CUDA backend: its GPU checks count as skipped without a device
+    if [ -x build/tests/cuda/test_cuda ]; then
+        run "cuda test_cuda" build/tests/cuda/test_cuda
+    else
+        echo "skip cuda test_cuda: not built (nvcc not found, or CUDA=0)"
+        skip=$((skip + 1))
+    fi
 fi
 # the expert-parallel test under ASan + UBSan (leak checks off: OpenMPI unloads its
 # components before LeakSanitizer runs, so its own allocations show as unattributable leaks)
@@ -83,5 +99,5 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "parity lm (PyTorch)" /usr/bin/python3 tests/parity/run_parity_lm.py
     run "python (PyTorch)" /usr/bin/python3 tests/python/test_torch.py
 fi
-echo "$pass passed, $fail failed"
+if [ "$skip" -ne 0 ]; then echo "$pass passed, $fail failed, $skip skipped"; else echo "$pass passed, $fail failed"; fi
 [ "$fail" -eq 0 ]
