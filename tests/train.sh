@@ -125,6 +125,18 @@ cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/mis.safetensors"
 # flip "dim":16 to "dim":20 in the config metadata: the tensors no longer match
 sed -i 's/\\"dim\\":16,/\\"dim\\":20,/' "$tmp/mis.safetensors"
 expect 1 "emb.weight" "$moe" eval "$tmp/mis.safetensors"
+# a config edited smaller than its tensors is refused, not loaded onto a prefix of them
+cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/small.safetensors"
+sed -i 's/\\"hidden_dim\\":16,/\\"hidden_dim\\":12,/' "$tmp/small.safetensors"
+expect 1 "has shape" "$moe" eval "$tmp/small.safetensors"
+# --resume keeps the checkpoint's settings; a finished run has nothing to train
+expect 2 "--lr cannot change them" "$moe" train --resume "$tmp/a_topk/checkpoint.safetensors" --lr 1e-3 --out "$tmp/e"
+expect 0 "nothing to train" "$moe" train --resume "$tmp/a_topk/checkpoint.safetensors" --out "$tmp/e"
+expect 2 "--top-k is for --layer topk" "$moe" train --layer gshard --top-k 3 --out "$tmp/e"
+expect 0 "gshard mixes the tokens of a group" "$moe" train $small --layer gshard --group 8 --steps 2 --out "$tmp/e"
+head -c 150 README.md >"$tmp/tiny.txt"
+expect 1 "shorter than one sequence" "$moe" eval "$tmp/a_topk/checkpoint.safetensors" --data "$tmp/tiny.txt"
+expect 1 "is a directory" "$moe" train --data "$tmp" --out "$tmp/e"
 cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/heads.safetensors" # 16 does not split into 3 heads
 sed -i 's/\\"heads\\":2,/\\"heads\\":3,/' "$tmp/heads.safetensors"
 expect 1 "model config is invalid: --dim 16 must split into --heads 3" "$moe" sample "$tmp/heads.safetensors"

@@ -190,7 +190,10 @@ static int train_parse(train_opts *t, const char *json) {
     int ok = o != NULL;
     for (int i = 0; i < 8 && ok; i++) ok = num(o, k[i], &v[i]);
     const cJSON *d = o ? cJSON_GetObjectItemCaseSensitive(o, "data") : NULL;
-    ok = ok && cJSON_IsString(d) && v[0] >= 1 && v[1] >= 1 && v[2] >= 0 && v[3] >= 1 && v[4] >= 0;
+    /* the ranges moe train's flags accept */
+    ok = ok && cJSON_IsString(d) && v[0] >= 1 && v[0] <= 1e8 && v[1] >= 1 && v[1] <= (1 << 20) && v[2] >= 0 &&
+         v[2] <= 1e8 && v[3] >= 1 && v[3] <= 1e8 && v[4] >= 0 && v[4] <= 4.6e18 && v[5] >= 0 && v[5] <= 10 &&
+         v[6] >= 0 && v[6] <= 1 && v[7] >= 0 && v[7] <= 10;
     if (ok) {
         t->steps = (int64_t)v[0], t->batch = (int64_t)v[1], t->warmup = (int64_t)v[2];
         t->eval_every = (int64_t)v[3], t->seed = (int64_t)v[4], t->lr = v[5], t->min_lr = v[6];
@@ -381,11 +384,14 @@ moe_status ckpt_save_gathered(const char *path, lm *m, moe_optim *opt, int64_t s
     return st;
 }
 
-/* Tensor `name` of f into dst: the whole tensor of p's shape, or this rank's
- * part of a tensor split over the ranks (offset elements in, p->numel long). */
-static moe_status read_part(float *dst, const moe_st_file *f, const char *name, const moe_param *p, int64_t offset) {
+/* Tensor `name` of f into dst: the whole tensor of p's shape, or, when the
+ * layer is split over ranks (split), this rank's part of it (offset elements
+ * in, p->numel long). Unsplit, the shape must match exactly: a file tensor
+ * larger than the model's is an error, not a prefix. */
+static moe_status read_part(float *dst, const moe_st_file *f, const char *name, const moe_param *p, int64_t offset,
+                            int split) {
     const moe_st_tensor *t = moe_st_find(f, name);
-    if (!t || t->numel == p->numel || offset < 0 || offset + p->numel > t->numel)
+    if (!split || !t || t->numel == p->numel || offset < 0 || offset + p->numel > t->numel)
         return moe_st_read_f32(dst, f, name, p->ndim, p->shape);
     float *whole = malloc((size_t)t->numel * sizeof *whole);
     if (!whole) return MOE_ERR_NOMEM;
@@ -463,15 +469,15 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         if (l >= 0) moe_layer_ep_info(lm_layer(m, l), NULL, &r, NULL, NULL);
         sharded |= r > 1;
         int64_t off = l >= 0 ? moe_layer_param_offset(lm_layer(m, l), li) : 0;
-        st = read_part(ps[i].data, f, ps[i].name, &ps[i], off);
+        st = read_part(ps[i].data, f, ps[i].name, &ps[i], off, r > 1);
         if (st == MOE_OK && opt) {
             float *mo, *vo;
             char nm[160];
             moe_optim_state(opt, i, &mo, &vo);
             snprintf(nm, sizeof nm, "optim.m.%s", ps[i].name);
-            st = read_part(mo, f, nm, &ps[i], off);
+            st = read_part(mo, f, nm, &ps[i], off, r > 1);
             snprintf(nm, sizeof nm, "optim.v.%s", ps[i].name);
-            if (st == MOE_OK) st = read_part(vo, f, nm, &ps[i], off);
+            if (st == MOE_OK) st = read_part(vo, f, nm, &ps[i], off, r > 1);
         }
         if (st != MOE_OK) st = fail(msg, msg_len, st, "%s: %s", path, moe_last_error());
     }
@@ -496,7 +502,14 @@ moe_status ckpt_load(const char *path, lm **m_out, moe_optim **opt_out, int64_t 
         r = *end ? end + 1 : end;
     }
 out:
-    if (st == MOE_OK && step) *step = strtoll(sp, NULL, 10); /* sp lives in f */
+    if (st == MOE_OK) { /* sp lives in f */
+        char *end;
+        long long v = strtoll(sp, &end, 10);
+        if (*end || end == sp || v < 0 || (to && v > t.steps))
+            st = fail(msg, msg_len, MOE_ERR_FORMAT, "%s: its step '%s' is not a number in 0..%lld", path, sp,
+                      to ? (long long)t.steps : (long long)INT64_MAX);
+        else if (step) *step = v;
+    }
     moe_st_close(f);
     if (st != MOE_OK) {
         moe_optim_free(opt);

@@ -99,10 +99,13 @@ moe_status lm_backward(lm *m);
 
 /* Incremental decoding with a key/value cache (sampling): lm_decode_reset
  * empties the cache; lm_decode appends one byte at the next position
- * (0, 1, ... < cfg.S) and leaves its next-byte logits in lm_logits. Gives
- * the logits lm_forward gives at that position of the whole sequence.
+ * (0, 1, ... < cfg.S) and leaves its next-byte logits in lm_logits. With
+ * token-choice layers (topk without expert choice, dense) these are the
+ * logits lm_forward gives at that position of the whole sequence. Layers
+ * with groups see a group of N copies of the token: they mix a group's
+ * tokens (not causal), so no decode can equal their forward.
  * MOE_ERR_ARG when the cache is full (S bytes): reset and feed a shorter
- * context. Layers with groups see a group of N copies of the token. */
+ * context. */
 moe_status lm_decode_reset(lm *m);
 moe_status lm_decode(lm *m, uint8_t tok);
 int64_t    lm_decode_pos(const lm *m);

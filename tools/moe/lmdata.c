@@ -7,11 +7,13 @@
 #include "fortunes.h"
 
 #include <errno.h>
+#include <sys/stat.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { CORPUS_TRAIN_LINES = 40000, CORPUS_VAL_LINES = 2000 };
+#define LMDATA_MAX_FILE ((size_t)4 << 30) /* --data: a larger file (or /dev/zero) is refused */
 
 static void count_classes(lm_data *d, const int8_t *train_class) {
     for (int64_t i = 0; train_class && i < d->n_train; i++)
@@ -68,6 +70,11 @@ static int load_fortunes(lm_data *d, const char *cmd) {
 }
 
 static int load_file(lm_data *d, const char *cmd, const char *path) {
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        fprintf(stderr, "moe %s: --data: %s is a directory; give a text file\n", cmd, path);
+        return 1;
+    }
     FILE *f = fopen(path, "rb");
     if (!f) {
         fprintf(stderr, "moe %s: --data: cannot open %s: %s\n", cmd, path, strerror(errno));
@@ -78,7 +85,7 @@ static int load_file(lm_data *d, const char *cmd, const char *path) {
     while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
         n += got;
         if (n == cap) {
-            uint8_t *b = cap > ((size_t)1 << 40) ? NULL : realloc(buf, cap * 2);
+            uint8_t *b = cap >= LMDATA_MAX_FILE ? NULL : realloc(buf, cap * 2);
             if (!b) free(buf);
             buf = b, cap *= 2;
         }
@@ -87,7 +94,8 @@ static int load_file(lm_data *d, const char *cmd, const char *path) {
     fclose(f);
     if (!buf || err) {
         free(buf);
-        fprintf(stderr, "moe %s: --data: %s %s\n", cmd, path, err ? "could not be read" : "is too large");
+        fprintf(stderr, "moe %s: --data: %s %s\n", cmd, path,
+                err ? "could not be read" : "is too large (more than 4 GiB) or memory ran out");
         return 1;
     }
     if (n < 100) {
@@ -248,6 +256,10 @@ moe_status lmdata_evaluate(lm_eval *ev, lm *m, const lm_data *d, int64_t batch, 
         }
     }
     ev->loss = ev->tokens ? sum / (double)ev->tokens : NAN;
+    if (st == MOE_OK && !ev->tokens)
+        st = MOE_ERR_ARG, snprintf(ev->why, sizeof ev->why, "the validation text (%lld bytes) is shorter than one "
+                                   "sequence of the model's context (%lld bytes) plus one byte",
+                                   (long long)d->n_val, (long long)S);
     free(text), free(ans), free(starts), free(tmp);
     return st;
 }

@@ -59,6 +59,7 @@ typedef struct {
     int n_experts;               /* per layer                                         */
     /* routing (L, n_class, n_experts): rows sent to each expert in eval mode */
     double *route;
+    char why[200];               /* lmdata_evaluate's failure in words, when it has one */
 } lm_eval;
 
 /* Evaluate in batches of `batch` sequences of the model's context, on at most

@@ -257,7 +257,7 @@ int cmd_eval(int argc, char **argv) {
     printf("%s: step %lld, %s\n", a.path, (long long)step, d.desc);
     moe_status st = lmdata_evaluate(&ev, m, &d, to.batch, a.max_bytes);
     if (st == MOE_OK) lmdata_print_eval(stdout, &ev, m, &d);
-    else fprintf(stderr, "moe eval: %s: %s\n", moe_status_str(st), moe_last_error());
+    else fprintf(stderr, "moe eval: %s\n", ev.why[0] ? ev.why : moe_last_error());
     free(ev.route);
     if (st == MOE_OK && a.dump && dump(a.dump, m, &d, to.batch < 4 ? to.batch : 4)) st = MOE_ERR_IO;
     lmdata_free(&d);

@@ -43,7 +43,9 @@ static const char *usage_text =
     "  --context S       sequence length in bytes, the attention window (default 256)\n"
     "  --rope-theta X    RoPE base (default 10000)\n"
     "  --group N         tokens per group for gshard/hierarchical/soft (default 64; groups\n"
-    "                    lie within a sequence: --context must be a multiple of it)\n"
+    "                    lie within a sequence: --context must be a multiple of it). These\n"
+    "                    layers and expert choice mix a group's tokens, so a position sees\n"
+    "                    later bytes of its group: they are not causal (README: Training)\n"
     "  --router NAME     topk layers' router: mixtral (default: softmax top-K, renormalised,\n"
     "                    balance loss 0.01), topk (seed 004), switch, st_moe, deepseek_v3,\n"
     "                    expert_choice (README: Routers); the flags below refine it\n"
@@ -68,7 +70,7 @@ static const char *usage_text =
     "                    sh tools/deps.sh corpus) or tasks (generated copy/reverse/sort/add\n"
     "                    lines, with per-task accuracy)\n"
     "  --data FILE       train on a text file instead (90% train, 10% validation)\n"
-    "  --steps N         total steps (default 3000)\n"
+    "  --steps N         total steps (default 2000)\n"
     "  --batch B         sequences of --context bytes per step (default 16)\n"
     "  --lr X            peak learning rate (default 3e-3), AdamW\n"
     "  --warmup N        linear warmup steps (default 200), then cosine decay\n"
@@ -80,8 +82,9 @@ static const char *usage_text =
     "  --threads N       threads (default: all cores)\n"
     "  --out DIR         run directory (default runs/train): checkpoint.safetensors,\n"
     "                    plot.svg, log.tsv\n"
-    "  --resume FILE     continue from a checkpoint (its model and settings; --steps may\n"
-    "                    not change); N steps + resume + M steps gives the bits of N+M\n"
+    "  --resume FILE     continue from a checkpoint with its model and settings (only --out,\n"
+    "                    --stop-at, --threads, --quiet and --ep may be given with it);\n"
+    "                    N steps + resume + M steps gives the bits of N+M\n"
     "  --stop-at N       stop after step N (checkpoint written), as if interrupted\n"
     "  --quiet           print only the final summary\n"
     "  --ep              expert parallel under mpirun (mpirun -np P moe train --ep): each rank\n"
@@ -238,15 +241,24 @@ static int parse(train_args *a, int argc, char **argv) {
     int have_kind = 0;
     a->E = 8, a->K = 2, a->H = 128, a->Ei = 2;
     train_opts *t = &a->t;
-    t->steps = 3000, t->batch = 16, t->warmup = 200, t->eval_every = 500, t->seed = 1;
+    t->steps = 2000, t->batch = 16, t->warmup = 200, t->eval_every = 500, t->seed = 1;
     t->lr = 3e-3, t->min_lr = 0.1, t->weight_decay = 0.01;
     a->out = "runs/train";
     a->cf = a->bal = a->zl = a->jit = a->rate = NAN;
     a->shared = a->groups = a->topk_groups = -1;
     int bad = 0;
+    char fixed_by_ckpt[64] = ""; /* the first flag a --resume cannot honour */
     for (int i = 1; i < argc && !bad; i++) {
         const char *v;
         double r;
+        {
+            static const char *const free_flags[] = {"--resume", "--out", "--stop-at", "--threads", "--quiet", "--ep"};
+            size_t n = strcspn(argv[i], "=");
+            int free_flag = strncmp(argv[i], "--", 2) != 0;
+            for (size_t k = 0; k < sizeof free_flags / sizeof free_flags[0] && !free_flag; k++)
+                free_flag = strlen(free_flags[k]) == n && !strncmp(argv[i], free_flags[k], n);
+            if (!free_flag && !fixed_by_ckpt[0]) snprintf(fixed_by_ckpt, sizeof fixed_by_ckpt, "%.*s", (int)n, argv[i]);
+        }
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             fputs(usage_text, stdout);
             return -1;
@@ -354,12 +366,23 @@ static int parse(train_args *a, int argc, char **argv) {
                         "gshard and hierarchical route with the seed's top-2 gate\n");
         return 2;
     }
+    if (a->have_K && type != MOE_LAYER_TOPK && !a->dense) {
+        fprintf(stderr, "moe train: --top-k is for --layer topk (and --dense's width); %s routes with its own "
+                        "rule (gshard and hierarchical: top-2)\n", moe_layer_type_name(type));
+        return 2;
+    }
     if (type == MOE_LAYER_TOPK && a->K > a->E) {
         fprintf(stderr, "moe train: --top-k %lld is more than --experts %lld; use --top-k <= --experts\n",
                 (long long)a->K, (long long)a->E);
         return 2;
     }
     snprintf(t->corpus, sizeof t->corpus, "%s", *t->data ? "" : a->corpus ? a->corpus : "fortunes");
+    if (a->resume && fixed_by_ckpt[0]) {
+        fprintf(stderr, "moe train: --resume continues the checkpoint's model and settings: %s cannot change them "
+                        "(with --resume: --out, --stop-at, --threads, --quiet, --ep); to change them, start a new "
+                        "run\n", fixed_by_ckpt);
+        return 2;
+    }
     if (a->resume) return 0; /* the model and settings come from the checkpoint */
     moe_config *m = &c->moe;
     if (a->dense) { /* one plain FFN per block with the active size of K experts */
@@ -459,6 +482,15 @@ static int train_main(train_args *ap, cli_ep *ep) {
             return 1;
         }
         c = *lm_get_config(m);
+        int64_t last = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
+        if (step >= last) { /* nothing left: no files touched */
+            if (r0)
+                printf("moe train: %s is at step %lld%s: nothing to train (a run of more steps starts anew)\n",
+                       a.resume, (long long)step,
+                       a.stop_at && a.stop_at < t.steps ? ", not before --stop-at" : ", the end of its schedule");
+            moe_optim_free(opt), lm_free(m);
+            return 0;
+        }
     } else {
         moe_status st = lm_create(&m, &c);
         if (st != MOE_OK) return cli_fail("train", "model", st);
@@ -517,7 +549,10 @@ static int train_main(train_args *ap, cli_ep *ep) {
     int64_t E = s0.n_experts;
     ctx = malloc((size_t)T), tgt = malloc((size_t)T);
     load = calloc((size_t)(L * E), sizeof *load), load_acc = calloc((size_t)(2 * L * E), sizeof *load_acc);
-    if (!ctx || !tgt || !load || !load_acc) goto done;
+    if (!ctx || !tgt || !load || !load_acc) {
+        fprintf(stderr, "moe train: out of memory for a batch of %lld x %lld bytes\n", (long long)B, (long long)S);
+        goto done;
+    }
     int tty = cli_isatty_err() && !a.quiet;
     int64_t end = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
     if (!a.quiet)
@@ -526,6 +561,13 @@ static int train_main(train_args *ap, cli_ep *ep) {
                moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
                (long long)c.heads, (long long)S, (long long)lm_num_weights(m), d.desc, (long long)t.steps,
                (long long)B, (long long)S, (long long)a.threads, c.dense ? ")" : "", c.moe.bf16 ? ", bf16" : "");
+    if (r0 && !c.dense &&
+        (c.moe.type == MOE_LAYER_GSHARD || c.moe.type == MOE_LAYER_HIERARCHICAL || c.moe.type == MOE_LAYER_SOFT ||
+         c.moe.type == MOE_LAYER_SOFT_DYNAMIC || (c.moe.type == MOE_LAYER_TOPK && c.moe.router == MOE_ROUTER_EXPERT_CHOICE)))
+        fprintf(stderr, "moe train: note: %s mixes the tokens of a group (capacity, slots or expert choice), so a "
+                        "position's output depends on later bytes of its group: not causal, and its bits/byte are "
+                        "optimistic; a causal language model takes a token-choice router (--layer topk)\n",
+                c.moe.type == MOE_LAYER_TOPK ? "expert choice" : moe_layer_type_name(c.moe.type));
     if (!a.quiet && c.moe.type == MOE_LAYER_TOPK && !c.dense) {
         const moe_config *r = &c.moe;
         printf("router: %s, score %s%s, capacity %g/%g%s, balance %g, z-loss %g, jitter %g, shared %d%s, "
@@ -571,7 +613,8 @@ static int train_main(train_args *ap, cli_ep *ep) {
                         (long long)skipped);
             if (in_a_row >= 50) {
                 fprintf(stderr, "moe train: %lld steps in a row had a non-finite loss or gradients: training "
-                                "diverged; resume from the last checkpoint with a lower --lr\n", (long long)in_a_row);
+                                "diverged; train again with a lower --lr (the last checkpoint holds the state before "
+                                "it)\n", (long long)in_a_row);
                 goto done;
             }
         } else if (st != MOE_OK) {
