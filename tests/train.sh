@@ -137,6 +137,7 @@ expect 0 "gshard mixes the tokens of a group" "$moe" train $small --layer gshard
 head -c 150 README.md >"$tmp/tiny.txt"
 expect 1 "shorter than one sequence" "$moe" eval "$tmp/a_topk/checkpoint.safetensors" --data "$tmp/tiny.txt"
 expect 1 "is a directory" "$moe" train --data "$tmp" --out "$tmp/e"
+expect 2 "give one" "$moe" train --data "$tmp/tiny.txt" --corpus tasks --out "$tmp/e"
 cp "$tmp/a_topk/checkpoint.safetensors" "$tmp/heads.safetensors" # 16 does not split into 3 heads
 sed -i 's/\\"heads\\":2,/\\"heads\\":3,/' "$tmp/heads.safetensors"
 expect 1 "model config is invalid: --dim 16 must split into --heads 3" "$moe" sample "$tmp/heads.safetensors"

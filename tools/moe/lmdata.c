@@ -63,6 +63,10 @@ static int load_fortunes(lm_data *d, const char *cmd) {
     for (int k = 0; k < d->n_class; k++) snprintf(d->class_name[k], sizeof d->class_name[k], "%s", fortunes_lang_name(k));
     count_classes(d, fc.train_lang);
     free(fc.train_lang);
+    if (fc.skipped)
+        fprintf(stderr, "moe %s: --corpus fortunes: skipped %lld entries (%lld not convertible to UTF-8, %lld longer "
+                        "than 64 KiB)\n", cmd, (long long)fc.skipped, (long long)fc.skipped_bad,
+                (long long)fc.skipped_long);
     if (fc.missing[0]) fprintf(stderr, "moe %s: --corpus fortunes: no text for: %s (install its fortunes-* package)\n", cmd, fc.missing);
     snprintf(d->desc, sizeof d->desc, "fortunes corpus (%d languages, %.1f MB)", d->n_class,
              (double)(d->n_train + d->n_val) * 1e-6);

@@ -376,6 +376,10 @@ static int parse(train_args *a, int argc, char **argv) {
                 (long long)a->K, (long long)a->E);
         return 2;
     }
+    if (*t->data && a->corpus) {
+        fprintf(stderr, "moe train: --data and --corpus both name the text: give one\n");
+        return 2;
+    }
     snprintf(t->corpus, sizeof t->corpus, "%s", *t->data ? "" : a->corpus ? a->corpus : "fortunes");
     if (a->resume && fixed_by_ckpt[0]) {
         fprintf(stderr, "moe train: --resume continues the checkpoint's model and settings: %s cannot change them "
@@ -557,10 +561,11 @@ static int train_main(train_args *ap, cli_ep *ep) {
     int64_t end = a.stop_at && a.stop_at < t.steps ? a.stop_at : t.steps;
     if (!a.quiet)
         printf("moe train: transformer, %s%s, E=%lld K=%d D=%lld L=%lld heads=%lld context=%lld, %lld parameters; "
-               "%s; %lld steps of %lld x %lld bytes, %lld threads%s%s\n", c.dense ? "dense FFN (" : "",
+               "%s; %lld steps of %lld x %lld bytes, %lld thread%s%s%s\n", c.dense ? "dense FFN (" : "",
                moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
                (long long)c.heads, (long long)S, (long long)lm_num_weights(m), d.desc, (long long)t.steps,
-               (long long)B, (long long)S, (long long)a.threads, c.dense ? ")" : "", c.moe.bf16 ? ", bf16" : "");
+               (long long)B, (long long)S, (long long)a.threads, a.threads == 1 ? "" : "s", c.dense ? ")" : "",
+               c.moe.bf16 ? ", bf16" : "");
     if (r0 && !c.dense &&
         (c.moe.type == MOE_LAYER_GSHARD || c.moe.type == MOE_LAYER_HIERARCHICAL || c.moe.type == MOE_LAYER_SOFT ||
          c.moe.type == MOE_LAYER_SOFT_DYNAMIC || (c.moe.type == MOE_LAYER_TOPK && c.moe.router == MOE_ROUTER_EXPERT_CHOICE)))
