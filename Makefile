@@ -133,7 +133,7 @@ test-mpi-bins: $(MPI_TEST_BIN)
 ifeq ($(CUDA),1)
 cuda: $(CUDA_LIB) $(CUDA_TEST_BIN)
 
-$(BUILD)/obj/src/cuda/%.o: src/cuda/%.cu include/moe.h include/moe_cuda.h
+$(BUILD)/obj/src/cuda/%.o: src/cuda/%.cu include/moe.h include/moe_cuda.h $(wildcard src/cuda/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 

@@ -61,6 +61,7 @@ except ImportError as exc:  # the test must fail, not skip, without torch
 
 sys.path.insert(0, str(HERE))
 import reference_lm as rl  # noqa: E402
+from run_parity import Tally  # noqa: E402  (the suite's pass/fail counter)
 import stio  # noqa: E402
 
 TOL = 1e-4                    # logits, ce, ce_mean: max abs difference
@@ -94,21 +95,6 @@ CASES = [
     ("soft_dynamic, group 16 (derived hidden width)", ["--layer", "soft_dynamic", "--group", "16"], ["--hidden"]),
     ("soft, group 16, geglu experts, hidden 16", ["--layer", "soft", "--group", "16", "--expert", "geglu"], []),
 ]
-
-
-class Tally:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def check(self, ok, what, detail=""):
-        if ok:
-            self.passed += 1
-            print(f"PASS {what}")
-        else:
-            self.failed += 1
-            print(f"FAIL {what}" + (f" : {detail}" if detail else ""))
-        sys.stdout.flush()
-        return ok
 
 
 def note(msg):
