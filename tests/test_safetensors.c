@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -580,6 +582,41 @@ static void test_io_errors(void) {
     unlink(path);
 }
 
+/* A file that cannot get its space (here a file-size limit, as a full disk
+ * would be): MOE_ERR_IO naming the file, no temp file left, and the file
+ * already there untouched. moe_st_write reserves the whole size up front
+ * (fallocate), so the failure comes before any data is written. */
+static void test_no_space(void) {
+    const char *path = tmp_path("space.safetensors");
+    const float w[2] = {1, 2};
+    moe_st_entry e = {.name = "w", .dtype = MOE_DT_F32, .ndim = 1, .shape = {2}, .data = w};
+    CHECK_STATUS(moe_st_write(path, &e, 1, NULL, 0), MOE_OK);
+    size_t len0 = 0, len1 = 0;
+    unsigned char *before = read_all(path, &len0);
+
+    enum { BIG = 1 << 20 }; /* 4 MB of floats against a 1 MB limit */
+    float *big = calloc(BIG, sizeof *big);
+    moe_st_entry eb = {.name = "big", .dtype = MOE_DT_F32, .ndim = 1, .shape = {BIG}, .data = big};
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = 1 << 20;
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN); /* EFBIG instead of the signal */
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+    moe_status st = moe_st_write(path, &eb, 1, NULL, 0);
+    setrlimit(RLIMIT_FSIZE, &old);
+    signal(SIGXFSZ, prev);
+    CHECK_STATUS(st, MOE_ERR_IO);
+    CHECK_MSG(path);
+    CHECK(count_files(".tmp.") == 0, "temp file left behind");
+    unsigned char *after = read_all(path, &len1);
+    CHECK(before && after && len0 == len1 && !memcmp(before, after, len0), "the existing file changed");
+    free(before);
+    free(after);
+    free(big);
+    unlink(path);
+}
+
 static void test_write_args(void) {
     const float w[4] = {1, 2, 3, 4};
     const char *path = tmp_path("args.safetensors");
@@ -706,6 +743,7 @@ int main(void) {
     test_hostile();
     test_truncated();
     test_io_errors();
+    test_no_space();
     test_write_args();
     test_checksum();
     test_write_bytes();

@@ -746,7 +746,25 @@ moe_status moe_st_write(const char *path, const moe_st_entry *entries, int n, co
     }
     const size_t piece = (size_t)4 << 20; /* a multiple of 8 */
     uint64_t h = 0x6c69626d6f65ull;
-    int ok = write_all(fd, head, 8 + padded), err = ok ? 0 : errno;
+    int ok = 1, err = 0;
+#ifdef __linux__
+    /* The file's blocks reserved up front: on ext4 that makes the writes
+     * below about ten times faster (151 MB: 310 -> 25 ms measured; without it
+     * every page written pays for delayed block allocation), and a full disk
+     * is found here, before any data is written. A file system without
+     * fallocate (EOPNOTSUPP) is simply written as before. */
+    size_t total = 8 + padded;
+    for (int i = 0; i < n; i++) total += sizes[i];
+    if (fallocate(fd, 0, 0, (off_t)total) != 0 && errno != EOPNOTSUPP && errno != ENOSYS && errno != EINTR) {
+        err = errno;
+        close(fd);
+        unlink(tmp);
+        st = moe_err(MOE_ERR_IO, "%s: cannot reserve %zu bytes for it: %s%s", path, total, strerror(err),
+                     err == ENOSPC ? " (free some disk space or write elsewhere)" : "");
+        goto done;
+    }
+#endif
+    if (!(ok = write_all(fd, head, 8 + padded))) err = errno;
     for (int i = 0; ok && i < n; i++) {
         const unsigned char *p = entries[i].data;
         for (size_t at = 0; ok && at < sizes[i]; at += piece) {

@@ -42,7 +42,8 @@ static inline int64_t moe_ffn_h2(const moe_ffn *f) { return f->kind == MOE_EXPER
 
 /* Forward over R = offsets[E] rows:
  *   xe (R,D) read; hpre (R,H2) pre-activation, ha (R,H) activation after
- *   dropout, ye (R,D) written. */
+ *   dropout, ye (R,D) written. For MLP experts ha may be hpre (the
+ *   activation in place) when no backward follows. */
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe,
                      float *hpre, float *ha, float *ye);
 /* Backward from dye (R,D): parameter gradients accumulate, dha (R,H) and

@@ -381,7 +381,8 @@ static moe_status soft_forward(moe_layer *l, float *y, float *aux, const float *
     float drop = train ? l->cfg.dropout : 0.0f;
     *w.stream = moe_rng_u64(l->cfg.seed ^ 0x50f7d20d5e1a7ull, l->forward_calls);
     moe_ffn f = ffn_of(l, p, NULL, drop, *w.stream);
-    moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, w.ha, w.ye);
+    /* no backward to follow: the activation in place (topk.c says why) */
+    moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, !l->keep && f.kind == MOE_EXPERT_MLP ? w.hpre : w.ha, w.ye);
 
     /* combine, cropped to the N real positions: y_b = sum_e Cw[:N, e*S..] Y(e, b) */
     for (int64_t b = 0; b < B; b++) {
