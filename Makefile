@@ -209,7 +209,7 @@ bench: all $(BENCH_BIN)
 # The C tests under valgrind memcheck (errors and definite leaks fail), built
 # without -march=native (valgrind has no AVX-512). test_gradcheck and
 # test_faults take many minutes there; they run under ASan in `make test`.
-VALGRIND_TESTS = test_attn test_badinput test_bf16 test_corpus test_fortunes test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft
+VALGRIND_TESTS = test_attn test_badinput test_bf16 test_corpus test_fortunes test_gshard test_layers test_lm test_numerics test_router test_safetensors test_soft test_vmath
 test-valgrind:
 	@sh tools/deps.sh valgrind
 	@$(MAKE) --no-print-directory BUILD=build-vg OPT=-O1 SAN="-DMOE_GEMM_PROBE -DMOE_VALGRIND" test-c

@@ -253,8 +253,9 @@ static void dispatch_combine(float *Dw, float *Cw, const float *L, float *colmax
             for (int64_t j = 0; j < J; j++) cr[j] = 1.0f / (float)J;
             continue;
         }
+        moe_vexpf_sub(cr, lr, mx, J); /* vectorised exp (ops.h), the sum in slot order */
         float s = 0.0f;
-        for (int64_t j = 0; j < J; j++) s += (cr[j] = expf(lr[j] - mx));
+        for (int64_t j = 0; j < J; j++) s += cr[j];
         float inv = 1.0f / s;
         for (int64_t j = 0; j < J; j++) cr[j] *= inv;
     }
@@ -266,12 +267,15 @@ static void dispatch_combine(float *Dw, float *Cw, const float *L, float *colmax
         for (int64_t j = j0; j < j1; j++) colmax[j] = -INFINITY, colsum[j] = 0.0f;
         for (int64_t n = 0; n < Np; n++)
             for (int64_t j = j0; j < j1; j++) colmax[j] = L[n * J + j] > colmax[j] ? L[n * J + j] : colmax[j];
-        for (int64_t n = 0; n < Np; n++)
+        for (int64_t n = 0; n < Np; n++) {
+            float *dr = Dw + n * J;
+            for (int64_t j = j0; j < j1; j++) dr[j] = L[n * J + j] - colmax[j];
+            moe_vexpf(dr + j0, dr + j0, j1 - j0);
             for (int64_t j = j0; j < j1; j++) {
-                float v = colmax[j] == -INFINITY ? 1.0f : expf(L[n * J + j] - colmax[j]);
-                Dw[n * J + j] = v;
-                colsum[j] += v;
+                if (colmax[j] == -INFINITY) dr[j] = 1.0f; /* an all-masked column: uniform */
+                colsum[j] += dr[j];
             }
+        }
         for (int64_t j = j0; j < j1; j++) colsum[j] = 1.0f / colsum[j];
         for (int64_t n = 0; n < Np; n++)
             for (int64_t j = j0; j < j1; j++) Dw[n * J + j] *= colsum[j];

@@ -1,7 +1,9 @@
 /*
  * Activations and GLU, forward and backward, matching torch's definitions:
  * relu (grad 0 at 0), exact erf gelu, silu, leaky_relu (grad slope at x <= 0).
- * Dimension key: M rows, H hidden width.
+ * silu and SwiGLU go through vmath.c's vectorised exp (within 1 ulp of e^x;
+ * libm's expf: 0.5; the same bits on every path); gelu keeps libm's erff and expf.
+ * Dimension key: M rows, H hidden width, n elements.
  */
 #include "ops.h"
 
@@ -14,12 +16,10 @@ static inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * k_inv_sqr
 static inline float gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * k_inv_sqrt2)) + x * k_inv_sqrt_2pi * expf(-0.5f * x * x);
 }
-static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-static inline float silu(float x) { return x * sigmoid(x); }
-static inline float silu_grad(float x) {
-    float s = sigmoid(x);
-    return s * (1.0f + x * (1.0f - s));
-}
+
+/* Elementwise ops over n split in chunks for the threads; any split gives
+ * the same bits. */
+#define ACT_CHUNK 4096
 
 void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act, float slope) {
     switch (act) {
@@ -33,7 +33,7 @@ void moe_act_forward(float *out, const float *pre, int64_t n, moe_activation act
         break;
     case MOE_ACT_SILU:
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; i++) out[i] = silu(pre[i]);
+        for (int64_t i = 0; i < n; i += ACT_CHUNK) moe_vsilu(out + i, pre + i, n - i < ACT_CHUNK ? n - i : ACT_CHUNK);
         break;
     case MOE_ACT_LEAKY_RELU:
 #pragma omp parallel for simd schedule(static)
@@ -55,7 +55,8 @@ void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n
         break;
     case MOE_ACT_SILU:
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; i++) din[i] = dout[i] * silu_grad(pre[i]);
+        for (int64_t i = 0; i < n; i += ACT_CHUNK)
+            moe_vsilu_backward(din + i, dout + i, pre + i, n - i < ACT_CHUNK ? n - i : ACT_CHUNK);
         break;
     case MOE_ACT_LEAKY_RELU:
 #pragma omp parallel for simd schedule(static)
@@ -70,7 +71,9 @@ void moe_glu_forward(float *out, const float *pre, int64_t M, int64_t H, moe_exp
     for (int64_t r = 0; r < M; r++) {
         const float *a = pre + r * 2 * H, *g = a + H;
         float *o = out + r * H;
-        for (int64_t j = 0; j < H; j++) o[j] = a[j] * (swi ? silu(g[j]) : gelu(g[j]));
+        if (swi) moe_vswiglu(o, a, g, H);
+        else
+            for (int64_t j = 0; j < H; j++) o[j] = a[j] * gelu(g[j]);
     }
 }
 
@@ -81,19 +84,16 @@ void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t 
     for (int64_t r = 0; r < M; r++) {
         const float *a = pre + r * 2 * H, *g = a + H, *d = dout + r * H;
         float *da = dpre + r * 2 * H, *dg = da + H;
+        if (swi) { /* one exp per element for both silu and silu' */
+            moe_vswiglu_backward(da, dg, d, a, g, H);
+            continue;
+        }
         for (int64_t j = 0; j < H; j++) {
-            /* one expf (silu) or one erff (gelu) per element for both f and f':
-             * the same formulas as silu/silu_grad and gelu/gelu_grad */
-            float x = g[j], f, fp;
-            if (swi) {
-                float sg = sigmoid(x);
-                f = x * sg;
-                fp = sg * (1.0f + x * (1.0f - sg));
-            } else {
-                float er = erff(x * k_inv_sqrt2);
-                f = 0.5f * x * (1.0f + er);
-                fp = 0.5f * (1.0f + er) + x * k_inv_sqrt_2pi * expf(-0.5f * x * x);
-            }
+            /* one erff per element for both f and f': the formulas of gelu/gelu_grad */
+            float x = g[j];
+            float er = erff(x * k_inv_sqrt2);
+            float f = 0.5f * x * (1.0f + er);
+            float fp = 0.5f * (1.0f + er) + x * k_inv_sqrt_2pi * expf(-0.5f * x * x);
             da[j] = d[j] * f;
             dg[j] = d[j] * a[j] * fp;
         }

@@ -74,6 +74,45 @@ void moe_glu_forward(float *out, const float *pre, int64_t M, int64_t H, moe_exp
 void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t M, int64_t H,
                       moe_expert_kind kind);
 
+/* ---- vectorised elementwise math (vmath.c) ----
+ * exp by Cody-Waite range reduction and a degree-7 polynomial (SLEEF's
+ * xexpf coefficients): within 1 ulp of the exact value for every float
+ * (0.988 measured over all 2^32; tests assert <= 2; libm's expf: 0.5 ulp,
+ * but a scalar call gcc does not vectorise without -ffast-math). Special
+ * cases exact: NaN -> NaN (quiet), +inf -> +inf, -inf -> +0,
+ * x > ln(FLT_MAX) ~ 88.7228 -> +inf, denormal results rounded once (gradual
+ * underflow), x < -150 ln2 ~ -103.972 -> +0.
+ * Each array function runs AVX-512 where the CPU has it (the tail through the
+ * same vector code, masked) and the scalar twins otherwise; both give the
+ * same bits for every input, any length and alignment. Outputs may alias
+ * inputs exactly (y == x), not partially. Elementwise, so independent of the
+ * thread count. Not for routing decisions: the routers keep libm's expf. */
+float moe_expf(float x);       /* scalar twin: e^x; e^NaN = x + x (x made quiet) */
+/* 1 / (1 + moe_expf(-x)), exact division: within 3 ulp; 0 below -88.7228,
+ * where e^-x overflows (as libm's expf and torch's sigmoid give). */
+float moe_sigmoidf(float x);
+/* silu and its derivative from that sigmoid s: x * s, and s * fmaf(x, 1 - s, 1)
+ * (torch's s (1 + x (1 - s))). These and the silu/SwiGLU array functions
+ * return the one quiet NaN 0x7fc00000 for a NaN result (which of two NaN
+ * operands a product passes on is not fixed across compilers). */
+float moe_siluf(float x);
+float moe_silu_gradf(float x);
+/* y (n) = e^x (n). */
+void moe_vexpf(float *y, const float *x, int64_t n);
+/* y (n) = e^(x - c) for x (n): a softmax's numerators (bits of moe_expf(x[i] - c)). */
+void moe_vexpf_sub(float *y, const float *x, float c, int64_t n);
+/* y (n) = silu(x) (n), bits of moe_siluf. */
+void moe_vsilu(float *y, const float *x, int64_t n);
+/* dx (n) = dy (n) * silu'(x (n)), bits of dy[i] * moe_silu_gradf(x[i]). */
+void moe_vsilu_backward(float *dx, const float *dy, const float *x, int64_t n);
+/* SwiGLU: o (n) = a * silu(g) for a, g (n): bits of a[i] * moe_siluf(g[i]). */
+void moe_vswiglu(float *o, const float *a, const float *g, int64_t n);
+/* Its backward for d = dL/do (n): da (n) = d * silu(g), dg (n) = (d * a) * silu'(g)
+ * (written, not accumulated); bits of the twins in that order. */
+void moe_vswiglu_backward(float *da, float *dg, const float *d, const float *a, const float *g, int64_t n);
+/* 1 if the array functions take the AVX-512 path on this CPU (for tests). */
+int moe_vmath_avx512(void);
+
 /* ---- softmax and routing ---- */
 /* p (T,E) = softmax over each row of logits (T,E). p may alias logits. */
 void moe_softmax_rows(float *p, const float *logits, int64_t T, int64_t E);

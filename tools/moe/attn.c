@@ -5,13 +5,16 @@
  * CPU; its GEMMs go to oneDNN through moe_sgemm. Each (sequence, head) pair
  * is one task: per block of query rows two GEMMs and a masked softmax in
  * forward, four GEMMs in backward, always in the same order, so results do
- * not depend on the thread count.
+ * not depend on the thread count. The softmax numerators use libmoe's
+ * vectorised exp (moe_vexpf_sub, within 2 ulp; libm's expf is a scalar call
+ * gcc does not vectorise), the sums stay in key order.
  * Dimension key: B sequences, S positions, T = B*S tokens, D model dim,
  * NH heads, hd = D/NH head dim, n cached positions.
  */
 #include "attn.h"
 
 #include "moe.h"
+#include "ops.h" /* moe_vexpf_sub */
 
 #include <math.h>
 #include <string.h>
@@ -43,12 +46,9 @@ void attn_rope(float *qkv, int64_t B, int64_t S, int64_t pos0, int64_t D, int64_
 static void causal_softmax_row(float *p, int64_t i, int64_t S) {
     float mx = p[0];
     for (int64_t j = 1; j <= i; j++) mx = p[j] > mx ? p[j] : mx;
+    moe_vexpf_sub(p, p, mx, i + 1);
     double sum = 0;
-    for (int64_t j = 0; j <= i; j++) {
-        float e = expf(p[j] - mx);
-        p[j] = e;
-        sum += e;
-    }
+    for (int64_t j = 0; j <= i; j++) sum += p[j];
     float inv = (float)(1.0 / sum);
     for (int64_t j = 0; j <= i; j++) p[j] *= inv;
     for (int64_t j = i + 1; j < S; j++) p[j] = 0.0f;
@@ -122,8 +122,9 @@ void attn_decode(float *o, float *w, const float *q, const float *kc, const floa
             w[j] = (float)(s * alpha);
             mx = w[j] > mx ? w[j] : mx;
         }
+        moe_vexpf_sub(w, w, mx, n);
         double sum = 0;
-        for (int64_t j = 0; j < n; j++) sum += (w[j] = expf(w[j] - mx));
+        for (int64_t j = 0; j < n; j++) sum += w[j];
         float *oh = o + h * hd;
         for (int64_t c = 0; c < hd; c++) {
             double acc = 0;
