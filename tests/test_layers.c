@@ -5,7 +5,6 @@
  * Dimension key: T tokens, D model dim, H hidden dim, E experts, K top-k.
  */
 #include "check.h"
-#include "ffn.h"
 #include "layer_internal.h"
 #include "moe.h"
 #include "ops.h"
@@ -532,65 +531,6 @@ static void test_small_gemm(void) {
     CHECK(ok, "moe_sgemm_nt_small differs from the GEMM reference (worst %g)", worst);
 }
 
-/* Decode: with every expert at most MOE_SMALL_ROWS rows, moe_ffn_forward
- * splits the experts' weight rows into blocks over the threads. Its bits must
- * be those of one expert per task (the plain order, written out here with
- * the same small-row kernels), on 1 and 2 threads, fp32 and bf16, MLP and
- * GLU, with widths that end inside a block and empty experts. */
-static void test_decode_blocks(void) {
-    enum { E = 5, D = 37 };
-    static const int64_t Hs[] = {1, 130, 300};
-    static const moe_expert_kind kinds[] = {MOE_EXPERT_MLP, MOE_EXPERT_SWIGLU};
-    const int64_t off[E + 1] = {0, 1, 9, 9, 12, 13}; /* 1, 8, 0, 3, 1 rows */
-    unsigned long long st = 99;
-    for (int hi = 0; hi < 3; hi++)
-        for (int ki = 0; ki < 2; ki++)
-            for (int b16 = 0; b16 < 2; b16++) {
-                int64_t H = Hs[hi], H2 = kinds[ki] == MOE_EXPERT_MLP ? H : 2 * H, R = off[E];
-                size_t n1 = (size_t)(E * H2 * D), n2 = (size_t)(E * D * H);
-                float *W1 = malloc(n1 * 4), *W2 = malloc(n2 * 4), *b1 = malloc((size_t)(E * H2) * 4);
-                float *b2 = malloc((size_t)(E * D) * 4), *x = malloc((size_t)(R * D) * 4);
-                uint16_t *W1h = malloc(n1 * 2), *W2h = malloc(n2 * 2), *x16 = malloc((size_t)(R * D) * 2);
-                uint16_t *h16 = malloc((size_t)(R * H) * 2), *rh16 = malloc((size_t)(R * H) * 2);
-                float *hp = malloc((size_t)(R * H2) * 4), *ha = malloc((size_t)(R * H) * 4), *y = malloc((size_t)(R * D) * 4);
-                float *rhp = malloc((size_t)(R * H2) * 4), *rha = malloc((size_t)(R * H) * 4), *ry = malloc((size_t)(R * D) * 4);
-                for (size_t i = 0; i < n1; i++) W1[i] = 0.2f * check_nrand(&st);
-                for (size_t i = 0; i < n2; i++) W2[i] = 0.2f * check_nrand(&st);
-                for (int64_t i = 0; i < E * H2; i++) b1[i] = 0.1f * check_nrand(&st);
-                for (int64_t i = 0; i < E * D; i++) b2[i] = 0.1f * check_nrand(&st);
-                for (int64_t i = 0; i < R * D; i++) x[i] = check_nrand(&st);
-                moe_to_bf16(W1h, W1, (int64_t)n1), moe_to_bf16(W2h, W2, (int64_t)n2), moe_to_bf16(x16, x, R * D);
-                moe_ffn f = {W1, b1, W2, b2, NULL, NULL, NULL, NULL, D, H, E, kinds[ki], MOE_ACT_GELU, 0.0f, 0.0f, 0,
-                             b16 ? W1h : NULL, b16 ? W2h : NULL, x16, h16, NULL, NULL};
-                for (int e = 0; e < E; e++) { /* the reference: one expert at a time, whole matrices */
-                    int64_t r0 = off[e], n = off[e + 1] - r0;
-                    for (int64_t r = r0; r < r0 + n; r++) {
-                        memcpy(rhp + r * H2, b1 + e * H2, (size_t)H2 * 4);
-                        memcpy(ry + r * D, b2 + e * D, (size_t)D * 4);
-                    }
-                    if (n == 0) continue;
-                    if (b16) moe_gemm_bf16_nt_small(rhp + r0 * H2, x16 + r0 * D, W1h + e * H2 * D, n, H2, D);
-                    else moe_sgemm_nt_small(rhp + r0 * H2, H2, x + r0 * D, D, W1 + e * H2 * D, n, H2, D);
-                    if (kinds[ki] == MOE_EXPERT_MLP) moe_act_forward(rha + r0 * H, rhp + r0 * H2, n * H, MOE_ACT_GELU, 0);
-                    else moe_glu_forward(rha + r0 * H, rhp + r0 * H2, n, H, kinds[ki]);
-                    moe_to_bf16(rh16 + r0 * H, rha + r0 * H, n * H);
-                    if (b16) moe_gemm_bf16_nt_small(ry + r0 * D, rh16 + r0 * H, W2h + e * D * H, n, D, H);
-                    else moe_sgemm_nt_small(ry + r0 * D, D, rha + r0 * H, H, W2 + e * D * H, n, D, H);
-                }
-                for (int t = 1; t <= 2; t++) {
-                    moe_set_num_threads(t);
-                    memset(y, 0xff, (size_t)(R * D) * 4);
-                    moe_ffn_forward(&f, off, x, hp, ha, y);
-                    CHECK(!memcmp(y, ry, (size_t)(R * D) * 4) && !memcmp(ha, rha, (size_t)(R * H) * 4),
-                          "decode blocks (H %lld, %s, %s, %d threads) differ from one expert per task",
-                          (long long)H, moe_expert_kind_name(kinds[ki]), b16 ? "bf16" : "fp32", t);
-                }
-                moe_set_num_threads(2);
-                free(W1), free(W2), free(b1), free(b2), free(x), free(W1h), free(W2h), free(x16), free(h16), free(rh16);
-                free(hp), free(ha), free(y), free(rhp), free(rha), free(ry);
-            }
-}
-
 /* moe_sgemm (oneDNN, libmoe's tiling) against its plain twin moe_sgemm_ref on
  * awkward shapes: both transposes, 1-row and odd sizes, sizes that cut into
  * 1..4 tiles along either side, leading dimensions wider than the matrix,
@@ -664,6 +604,5 @@ int main(void) {
     test_optim();
     test_learns();
     test_small_gemm();
-    test_decode_blocks();
     return check_summary("test_layers");
 }

@@ -139,70 +139,11 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
     }
 }
 
-/* Decode (every expert at most MOE_SMALL_ROWS rows): the cost is reading the
- * selected experts' weights, and an expert a thread would leave the threads
- * unevenly loaded (T = 4 selects about 6.5 experts of 16: 4 on one thread, 3
- * on the other). Instead every thread takes blocks of an expert's weight rows:
- * first W1's rows of every active expert, then (after the activations) W2's.
- * The small-row kernels compute each output from its own weight row, so the
- * blocks give the same bits as expert_forward on any thread count. */
-enum { DEC_BLOCK = 128 }; /* weight rows per work item (128 KB of fp32 rows at K = 256..) */
-
-static void decode_linear(float *C, int64_t ldc, const float *A, const uint16_t *A16, const float *W,
-                          const uint16_t *W16, const float *b, int64_t n, int64_t j0, int64_t m, int64_t K) {
-    for (int64_t r = 0; r < n; r++) memcpy(C + r * ldc + j0, b + j0, (size_t)m * sizeof(float));
-    if (W16) moe_gemm_bf16_nt_small_ld(C + j0, ldc, A16, W16 + j0 * K, n, m, K);
-    else moe_sgemm_nt_small(C + j0, ldc, A, K, W + j0 * K, n, m, K);
-}
-
-static void ffn_forward_decode(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
-                               float *ye) {
-    int64_t D = f->D, H = f->H, H2 = moe_ffn_h2(f);
-    int E = f->E;
-    int64_t b1 = (H2 + DEC_BLOCK - 1) / DEC_BLOCK, b2 = (D + DEC_BLOCK - 1) / DEC_BLOCK;
-#pragma omp parallel
-    {
-        moe__in_task = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < (int64_t)E * b1; it++) { /* hpre = b1 + x W1^T, a block of W1's rows */
-            int e = (int)(it / b1);
-            int64_t r0 = offsets[e], n = offsets[e + 1] - r0, j0 = (it % b1) * DEC_BLOCK;
-            if (n == 0) continue;
-            int64_t m = H2 - j0 < DEC_BLOCK ? H2 - j0 : DEC_BLOCK;
-            decode_linear(hpre + r0 * H2, H2, xe + r0 * D, f->W1h ? f->x16 + r0 * D : NULL, f->W1 + e * H2 * D,
-                          f->W1h ? f->W1h + e * H2 * D : NULL, f->b1 + e * H2, n, j0, m, D);
-        }
-#pragma omp for schedule(static)
-        for (int e = 0; e < E; e++) { /* activation, dropout, bf16 rounding: an expert's few rows */
-            int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-            if (n == 0) continue;
-            float *h = ha + r0 * H, *hp = hpre + r0 * H2;
-            if (f->kind != MOE_EXPERT_MLP) moe_glu_forward(h, hp, n, H, f->kind);
-            else moe_act_forward(h, hp, n * H, f->act, f->slope);
-            dropout_rows(ha, r0, n, H, f->dropout, f->stream);
-            if (f->W1h) moe_to_bf16(f->h16 + r0 * H, h, n * H);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < (int64_t)E * b2; it++) { /* ye = b2 + h W2^T, a block of W2's rows */
-            int e = (int)(it / b2);
-            int64_t r0 = offsets[e], n = offsets[e + 1] - r0, j0 = (it % b2) * DEC_BLOCK;
-            if (n == 0) continue;
-            int64_t m = D - j0 < DEC_BLOCK ? D - j0 : DEC_BLOCK;
-            decode_linear(ye + r0 * D, D, ha + r0 * H, f->W1h ? f->h16 + r0 * H : NULL, f->W2 + e * D * H,
-                          f->W1h ? f->W2h + e * D * H : NULL, f->b2 + e * D, n, j0, m, H);
-        }
-        moe__in_task = 0;
-    }
-}
-
 void moe_ffn_forward(const moe_ffn *f, const int64_t *offsets, const float *xe, float *hpre, float *ha,
                      float *ye) {
     ffn_args a = {f, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL, 0};
     if (f->W1h) moe_to_bf16_par(f->x16, xe, offsets[f->E] * f->D);
-    int small = 1;
-    for (int e = 0; e < f->E && small; e++) small = offsets[e + 1] - offsets[e] <= MOE_SMALL_ROWS;
-    if (small && offsets[f->E] > 0) ffn_forward_decode(f, offsets, xe, hpre, ha, ye);
-    else moe_each_expert(offsets, f->E, expert_forward, &a);
+    moe_each_expert(offsets, f->E, expert_forward, &a);
 }
 
 int moe_ffn_backward(const moe_ffn *f, const int64_t *offsets, const float *xe, const float *hpre,

@@ -235,16 +235,7 @@ __attribute__((target("avx512f,avx512bf16"))) static void nt_small_dp(float *C, 
 }
 
 void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K) {
-    moe_gemm_bf16_nt_small_ld(C, N, A, W, n, N, K);
-}
-
-void moe_gemm_bf16_nt_small_ld(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
-                               int64_t K) {
     if (n <= 0 || N <= 0) return;
-    if (__builtin_cpu_supports("avx512bf16")) {
-        nt_small_dp(C, ldc, A, W, n, N, K);
-        return;
-    }
-    /* without AVX512-BF16: oneDNN, a row of C at a time (its C is dense) */
-    for (int64_t r = 0; r < n; r++) moe_gemm_bf16(0, 1, 1, N, K, A + r * K, W, 1.0f, C + r * ldc);
+    if (__builtin_cpu_supports("avx512bf16")) nt_small_dp(C, N, A, W, n, N, K);
+    else moe_gemm_bf16(0, 1, n, N, K, A, W, 1.0f, C); /* without AVX512-BF16: oneDNN */
 }

@@ -41,9 +41,6 @@ void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16
  * them). The same product as moe_gemm_bf16(0, 1, n, N, K, A, W, 1, C) up to
  * float rounding. */
 void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K);
-/* The same with C's rows ldc floats apart (a block of C's columns). */
-void moe_gemm_bf16_nt_small_ld(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
-                               int64_t K);
 /* Its plain twin: exact products summed in double. Any beta. */
 void moe_gemm_bf16_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                        float beta, float *C);
