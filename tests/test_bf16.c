@@ -125,7 +125,7 @@ static void test_gemm(void) {
 static void test_small(void) {
     static const int64_t Ks[] = {1, 31, 32, 33, 100, 512}, Ns[] = {1, 5, 64};
     unsigned long long st = 77;
-    int ok = 1;
+    int ok = 1, alone = 1;
     double worst = 0;
     for (int64_t n = 1; n <= MOE_SMALL_ROWS; n++)
         for (int ki = 0; ki < 6; ki++)
@@ -136,6 +136,8 @@ static void test_small(void) {
                 for (int64_t i = 0; i < n * K; i++) A[i] = moe_f32_to_bf16(check_nrand(&st));
                 for (int64_t i = 0; i < N * K; i++) W[i] = moe_f32_to_bf16(check_nrand(&st));
                 for (int64_t i = 0; i < n * N; i++) C[i] = R[i] = check_nrand(&st);
+                float *C1 = malloc((size_t)(n * N) * 4);
+                memcpy(C1, C, (size_t)(n * N) * 4);
                 moe_gemm_bf16_nt_small(C, A, W, n, N, K);
                 moe_gemm_bf16_ref(0, 1, n, N, K, A, W, 1.0f, R);
                 for (int64_t i = 0; i < n * N; i++) {
@@ -143,9 +145,18 @@ static void test_small(void) {
                     ok &= d <= 2e-6 * (1.0 + sqrt((double)K)) * (1.0 + fabs((double)R[i]));
                     worst = fmax(worst, d);
                 }
-                free(A), free(W), free(C), free(R);
+                /* each element's sum depends only on K: one row of A against one
+                 * row of W at a time gives the same bits as the whole call */
+                for (int64_t r = 0; r < n; r++)
+                    for (int64_t j = 0; j < N; j++) {
+                        float c = C1[r * N + j];
+                        moe_gemm_bf16_nt_small(&c, A + r * K, W + j * K, 1, 1, K);
+                        alone &= memcmp(&c, &C[r * N + j], 4) == 0;
+                    }
+                free(A), free(W), free(C), free(R), free(C1);
             }
     CHECK(ok, "moe_gemm_bf16_nt_small differs from the twin (worst %g)", worst);
+    CHECK(alone, "moe_gemm_bf16_nt_small: an element's bits depend on where its row falls (groups of 4 rows)");
 }
 
 /* The expert bank in bf16, stage by stage, against double precision with

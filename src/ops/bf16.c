@@ -198,40 +198,59 @@ void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16
  * reason as moe_sgemm_nt_small: a GEMM packs all of W first, reading it
  * twice, and in decode the experts' weights are the whole cost; here each
  * row of W is read once (half the bytes of fp32) and dotted with the n rows
- * of A, which stay in L1. vdpbf16ps sums bf16 pairs into 16 fp32 lanes; the
- * lanes are added in a fixed order, so the result depends only on the shape. */
+ * of A, which stay in L1. vdpbf16ps sums bf16 pairs into 16 fp32 lanes.
+ *
+ * Four rows of W at a time, one accumulator each: four independent chains
+ * hide the dot product's latency and share each load of A, and the four
+ * horizontal sums are trees that run side by side (a serial 16-add sum per
+ * row was a quarter of a one-token call's time). Every element of C is
+ * summed the same way wherever its row falls (one chain over k, the lanes
+ * by _mm512_reduce_add_ps's fixed tree, then the K % 32 tail in order), so
+ * the result depends only on K, never on N, n or the thread count. */
+__attribute__((target("avx512f,avx512bf16"))) static inline float dp_tail(float s, const uint16_t *a,
+                                                                            const uint16_t *w, int64_t k0, int64_t K) {
+    for (int64_t k = k0; k < K; k++) s += moe_bf16_to_f32(a[k]) * moe_bf16_to_f32(w[k]);
+    return s;
+}
+
 __attribute__((target("avx512f,avx512bf16"))) static void nt_small_dp(float *C, int64_t ldc, const uint16_t *A,
                                                                         const uint16_t *W, int64_t n, int64_t N,
                                                                         int64_t K) {
     enum { L = 32, PF = 4 };
-    for (int64_t j = 0; j < N; j++) {
-        const uint16_t *w = W + j * K;
-        if (j + PF < N)
-            for (int64_t k = 0; k < K; k += 32) __builtin_prefetch(W + (j + PF) * K + k);
+    int64_t K32 = K / L * L;
+#define LD(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+    int64_t j = 0;
+    for (; j + 4 <= N; j += 4) {
+        const uint16_t *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        if (j + 4 + PF <= N) /* the rows PF ahead: more reads in flight than the stream prefetcher keeps */
+            for (int64_t k = 0; k < 4 * K; k += 32) __builtin_prefetch(W + (j + PF) * K + k);
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
-            /* four independent chains (the dot product's latency would
-             * otherwise bound a one-row decode), added in a fixed order */
-            __m512 acc = _mm512_setzero_ps(), acc1 = acc, acc2 = acc, acc3 = acc;
-            int64_t k = 0;
-#define DP(c, o) c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512((const void *)(a + k + (o))), \
-                                      (__m512bh)_mm512_loadu_si512((const void *)(w + k + (o))))
-            for (; k + 4 * L <= K; k += 4 * L) {
-                DP(acc, 0);
-                DP(acc1, L);
-                DP(acc2, 2 * L);
-                DP(acc3, 3 * L);
+            __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t k = 0; k < K32; k += L) {
+                __m512bh av = LD(a + k);
+                c0 = _mm512_dpbf16_ps(c0, av, LD(w0 + k));
+                c1 = _mm512_dpbf16_ps(c1, av, LD(w1 + k));
+                c2 = _mm512_dpbf16_ps(c2, av, LD(w2 + k));
+                c3 = _mm512_dpbf16_ps(c3, av, LD(w3 + k));
             }
-            for (; k + L <= K; k += L) DP(acc, 0);
-#undef DP
-            acc = _mm512_add_ps(_mm512_add_ps(acc, acc1), _mm512_add_ps(acc2, acc3));
-            float lanes[16], s = 0.0f;
-            _mm512_storeu_ps(lanes, acc);
-            for (int i = 0; i < 16; i++) s += lanes[i];
-            for (; k < K; k++) s += moe_bf16_to_f32(a[k]) * moe_bf16_to_f32(w[k]);
-            C[r * ldc + j] += s;
+            float *c = C + r * ldc + j;
+            c[0] += dp_tail(_mm512_reduce_add_ps(c0), a, w0, K32, K);
+            c[1] += dp_tail(_mm512_reduce_add_ps(c1), a, w1, K32, K);
+            c[2] += dp_tail(_mm512_reduce_add_ps(c2), a, w2, K32, K);
+            c[3] += dp_tail(_mm512_reduce_add_ps(c3), a, w3, K32, K);
         }
     }
+    for (; j < N; j++) { /* the last N % 4 rows: the same sum, one row at a time */
+        const uint16_t *w0 = W + j * K;
+        for (int64_t r = 0; r < n; r++) {
+            const uint16_t *a = A + r * K;
+            __m512 c0 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K32; k += L) c0 = _mm512_dpbf16_ps(c0, LD(a + k), LD(w0 + k));
+            C[r * ldc + j] += dp_tail(_mm512_reduce_add_ps(c0), a, w0, K32, K);
+        }
+    }
+#undef LD
 }
 
 void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K) {
