@@ -12,7 +12,7 @@
  *     -> exchange back: the reverse  -> combine (local)
  *
  * hierarchical sends its outer rows this way, to the owners of their outer
- * experts, who run the inner level (gshard.c). dense, where every token
+ * experts, who run the inner level (gshard_ep.c). dense, where every token
  * needs every expert, all-gathers the tokens instead and sends each rank
  * back its tokens' partial sums (dense.c).
  *

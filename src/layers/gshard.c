@@ -38,7 +38,8 @@
  *     (per segment, moe_top2.seg_w). The inner level's stats (expert_counts,
  *     its drops, assignments) are counted by the owner.
  *   Every rank's groups must have the same N (the inner capacity depends on
- *   it); a rank may have none.
+ *   it); a rank may have none. The hierarchical owner's side lives in
+ *   gshard_ep.c; the types both files use in gshard.h.
  *
  * Parameters (one block; names and shapes are the seed module's state_dict;
  * expert parallel: the rank's slices El of dim 0 of the experts' tensors and
@@ -49,32 +50,15 @@
  * Init as the seed: w_gating N(0,1); w1, w2 uniform(+-1/sqrt(last dim)).
  */
 #include "ffn.h"
-#include "layer_internal.h"
+#include "gshard.h"
 #include "ops.h"
-#include "top2.h"
 
 #include <limits.h>
 #include <math.h>
 #include <string.h>
 
-typedef struct {
-    int64_t *start, *len;  /* (S) segments                                      */
-    int32_t *set;          /* (S)                                               */
-    float   *p, *dl;       /* (R,E) softmax of the logits; their gradient       */
-    float   *dgate;        /* (R,2)                                             */
-    moe_top2 g;            /* idx, gate, pos, counts, ... point into the ws     */
-} level_ws;
-
-/* The rows the experts run and their activations: the workspace's in one
- * process; expert parallel, the rows received from every rank (l->ep_mem). */
-typedef struct {
-    float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
-    float *raw;                                   /* (R, D) exchange scratch, or NULL */
-    uint16_t *x16, *h16, *dy16, *dh16;            /* (R, D|H) bf16 (cfg.bf16)  */
-} gs_rows;
-
 /* Carve r's R rows (and its exchange scratch when raw). */
-static void carve_rows(const moe_config *c, char *base, size_t *off, int64_t R, int64_t D, int64_t H, int raw,
+void moe__gs_carve_rows(const moe_config *c, char *base, size_t *off, int64_t R, int64_t D, int64_t H, int raw,
                        gs_rows *r) {
     size_t F = sizeof(float);
     r->raw = raw ? moe__carve(base, off, R, D, F) : NULL;
@@ -89,22 +73,7 @@ static void carve_rows(const moe_config *c, char *base, size_t *off, int64_t R, 
                     (uint16_t **const[4]){&r->x16, &r->h16, &r->dy16, &r->dh16});
 }
 
-typedef struct {
-    float *x;                            /* (T,D) copy of the input              */
-    level_ws L1, L2;                     /* first gate; inner gate (hier.)       */
-    float *imp;                          /* (A1) importance of outer rows        */
-    float *xo, *yo, *dyo, *dxo;          /* (A1,D) outer buffers (hierarchical)  */
-    gs_rows r;                           /* expert rows (Amax,D|H), no scratch    */
-    /* hierarchical, expert parallel (L2 and the expert rows are the owner's, in l->ep_mem) */
-    int64_t *bn;                         /* (P,2) groups and N of every rank      */
-    int64_t *ocount;                     /* (Eo) rows sent to each outer expert   */
-    int64_t *segsend;                    /* (Eo,B) rows of each (outer expert, group) */
-    double  *segterm;                    /* (Eo,B) their inner loss terms, from the owners */
-    double  *wq;                         /* (P) every rank's weight of its inner terms */
-} gs_ws;
-
 static int is_hier(const moe_layer *l) { return l->cfg.type == MOE_LAYER_HIERARCHICAL; }
-static int64_t hidden(const moe_config *c) { return c->hidden_dim ? c->hidden_dim : 4 * c->input_dim; }
 
 /* Most rows any mode can keep at a level: min(2 * rows in, experts * groups * capacity). */
 static int64_t max_rows(int64_t rows_in, int64_t groups, int64_t Ng, int E, int n_sets, const moe_config *c) {
@@ -116,12 +85,12 @@ static int64_t max_rows(int64_t rows_in, int64_t groups, int64_t Ng, int E, int 
 }
 
 /* Outer capacity (the inner segments' nominal size) for this mode. */
-static int64_t outer_cap(const moe_layer *l, int64_t N, int train) {
+int64_t moe__gs_outer_cap(const moe_layer *l, int64_t N, int train) {
     const moe_config *c = &l->cfg;
     return moe_top2_capacity(N, train ? c->capacity_factor_train : c->capacity_factor_eval, c->num_experts);
 }
 
-static void carve_level(char *base, size_t *off, level_ws *v, int64_t R, int64_t A, int S, int E, int n_sets) {
+void moe__gs_carve_level(char *base, size_t *off, level_ws *v, int64_t R, int64_t A, int S, int E, int n_sets) {
     size_t F = sizeof(float), I = sizeof(int32_t), L = sizeof(int64_t);
     moe_top2 *g = &v->g;
     v->start = moe__carve(base, off, S, 1, L);
@@ -147,13 +116,13 @@ static void carve_level(char *base, size_t *off, level_ws *v, int64_t R, int64_t
 /* Measure (base NULL) or carve the workspace for B groups of N tokens. */
 static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws *w) {
     const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = hidden(c), T = B * N;
+    int64_t D = c->input_dim, H = gs_hidden(c), T = B * N;
     int E1 = c->num_experts, Ei = c->num_experts_inner;
     int64_t A1 = max_rows(T, B, N, E1, 1, c), Amax = A1;
     size_t off = 0, F = sizeof(float);
     memset(w, 0, sizeof *w);
     w->x = moe__carve(base, &off, T, D, F);
-    carve_level(base, &off, &w->L1, T, A1, (int)B, E1, 1);
+    moe__gs_carve_level(base, &off, &w->L1, T, A1, (int)B, E1, 1);
     if (is_hier(l) && l->ep) { /* the inner level runs on the owners (hier_ep) */
         int64_t P = l->ep->size;
         w->imp = moe__carve(base, &off, A1, 1, F);
@@ -172,7 +141,7 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws
         int64_t Cmax = moe_top2_capacity(N, fmax(c->capacity_factor_train, c->capacity_factor_eval), E1);
         int64_t A2 = max_rows(A1, B, Cmax, Ei, E1, c);
         if ((double)E1 * (double)B > INT_MAX) return SIZE_MAX;
-        carve_level(base, &off, &w->L2, A1, A2, (int)(E1 * B), Ei, E1);
+        moe__gs_carve_level(base, &off, &w->L2, A1, A2, (int)(E1 * B), Ei, E1);
         w->imp = moe__carve(base, &off, A1, 1, F);
         w->xo = moe__carve(base, &off, A1, D, F);
         w->yo = moe__carve(base, &off, A1, D, F);
@@ -180,7 +149,7 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, gs_ws
         w->dxo = moe__carve(base, &off, A1, D, F);
         Amax = A2;
     }
-    carve_rows(c, base, &off, Amax, D, H, 0, &w->r);
+    moe__gs_carve_rows(c, base, &off, Amax, D, H, 0, &w->r);
     return off;
 }
 
@@ -190,13 +159,9 @@ static size_t gs_workspace_bytes(const moe_layer *l, int64_t B, int64_t N) {
     return layout(l, B, N, NULL, &w);
 }
 
-typedef struct {
-    float *wg1, *wg2, *w1, *w2; /* wg2: inner gate (hierarchical), else NULL */
-} gs_params;
-
 static gs_params params_of(const moe_layer *l, float *mem) {
     const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts;
+    int64_t D = c->input_dim, H = gs_hidden(c), E1 = c->num_experts;
     int64_t Ei = is_hier(l) ? c->num_experts_inner : 1, El = l->ep ? l->ep->e_count : E1, nk = El * Ei;
     gs_params p;
     p.wg1 = mem;
@@ -208,9 +173,9 @@ static gs_params params_of(const moe_layer *l, float *mem) {
 
 /* Expert parallel: the rows received from every rank, in l->ep_mem. */
 static size_t ep_rows_layout(const moe_layer *l, int64_t R, char *base, gs_rows *r) {
-    int64_t D = l->cfg.input_dim, H = hidden(&l->cfg);
+    int64_t D = l->cfg.input_dim, H = gs_hidden(&l->cfg);
     size_t off = 0;
-    carve_rows(&l->cfg, base, &off, R, D, H, 1, r);
+    moe__gs_carve_rows(&l->cfg, base, &off, R, D, H, 1, r);
     return off;
 }
 
@@ -236,7 +201,7 @@ static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A
 static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
-    int64_t D = a->c->input_dim, H = hidden(a->c);
+    int64_t D = a->c->input_dim, H = gs_hidden(a->c);
     int b = a->w1h != NULL;
     const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
     float *hp = w->hpre + r0 * H, *ha = w->ha + r0 * H;
@@ -251,7 +216,7 @@ static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
 static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
     const gs_experts *a = ctx;
     const gs_rows *w = a->w;
-    int64_t D = a->c->input_dim, H = hidden(a->c);
+    int64_t D = a->c->input_dim, H = gs_hidden(a->c);
     int b = a->w1h != NULL;
     const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
     const uint16_t *dy16 = b ? w->dy16 + r0 * D : NULL, *h16 = b ? w->h16 + r0 * H : NULL;
@@ -286,7 +251,7 @@ static void bf16_of(const moe_layer *l, const gs_params *p, gs_experts *a) {
     a->w2h = l->w16 + (p->w2 - l->wmem);
 }
 
-static void experts_forward(const moe_layer *l, const gs_rows *w, const gs_params *p, const int64_t *off, int nk) {
+void moe__gs_experts_forward(const moe_layer *l, const gs_rows *w, const gs_params *p, const int64_t *off, int nk) {
     gs_experts a = {&l->cfg, w, p, NULL, NULL, NULL, 0};
     bf16_of(l, p, &a);
     if (a.w1h) moe_to_bf16_par(w->x16, w->xe, off[nk] * l->cfg.input_dim);
@@ -294,7 +259,7 @@ static void experts_forward(const moe_layer *l, const gs_rows *w, const gs_param
 }
 
 /* Returns 1 if an expert gradient holds a NaN or Inf. */
-static int experts_backward(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g,
+int moe__gs_experts_backward(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g,
                             const int64_t *off, int nk) {
     gs_experts a = {&l->cfg, w, p, g, NULL, NULL, 0};
     bf16_of(l, p, &a);
@@ -318,199 +283,10 @@ static moe_status ep_out(moe_layer *l, const float *xe, gs_rows *r) {
 }
 
 /* Gate settings of this mode into a level. */
-static void set_mode(moe_top2 *g, const moe_config *c, int train) {
+void moe__gs_set_mode(moe_top2 *g, const moe_config *c, int train) {
     g->policy = train ? c->second_policy_train : c->second_policy_eval;
     g->threshold = train ? c->second_threshold_train : c->second_threshold_eval;
     g->capacity_factor = train ? c->capacity_factor_train : c->capacity_factor_eval;
-}
-
-/* ---------------------------------------------------------------- hierarchical, expert parallel */
-
-/* The owner's side of the inner level, in l->ep_mem: the outer rows of its
- * El outer experts from every rank (Rr), regrouped by outer expert, in
- * segments s = i*G + b (local outer expert i, global group b). */
-typedef struct {
-    int64_t *segcnt;   /* (El*G) rows of each segment as received: rank q's (El, B_q) block after rank q-1's */
-    double  *segterm;  /* (El*G) each segment's loss term, in that order, to send back     */
-    double  *segw;     /* (El*G) backward: each segment's weight in the loss, in s order    */
-    level_ws L2;       /* the inner gate over the Rr rows, S = El*G segments, El weight sets */
-    float   *imp;      /* (Rr) importance of the rows                                       */
-    float   *impraw;   /* (Rr) exchange scratch                                             */
-    float   *raw;      /* (Rr,D) exchange scratch                                           */
-    float   *xo, *yo, *dyo, *dxo; /* (Rr,D) the outer rows and their outputs, gradients   */
-    gs_rows  r;        /* the inner experts' rows (2*Rr, D|H)                               */
-} hier_ep;
-
-static size_t hier_ep_layout(const moe_layer *l, int64_t Rr, int64_t G, char *base, hier_ep *h) {
-    const moe_config *c = &l->cfg;
-    int64_t D = c->input_dim, H = hidden(c), El = l->ep->e_count, A2 = 2 * Rr, S = El * G;
-    size_t off = 0, F = sizeof(float);
-    memset(h, 0, sizeof *h);
-    if ((double)S > INT_MAX || (double)A2 > INT32_MAX) return SIZE_MAX;
-    h->segcnt = moe__carve(base, &off, S, 1, sizeof(int64_t));
-    h->segterm = moe__carve(base, &off, S, 1, sizeof(double));
-    h->segw = moe__carve(base, &off, S, 1, sizeof(double));
-    carve_level(base, &off, &h->L2, Rr, A2, (int)S, c->num_experts_inner, (int)El);
-    h->imp = moe__carve(base, &off, Rr, 1, F);
-    h->impraw = moe__carve(base, &off, Rr, 1, F);
-    h->raw = moe__carve(base, &off, Rr, D, F);
-    h->xo = moe__carve(base, &off, Rr, D, F);
-    h->yo = moe__carve(base, &off, Rr, D, F);
-    h->dyo = moe__carve(base, &off, Rr, D, F);
-    h->dxo = moe__carve(base, &off, Rr, D, F);
-    carve_rows(c, base, &off, A2, D, H, 0, &h->r);
-    return off;
-}
-
-/* G, the groups of all ranks, and N, their tokens per group, from bn (P,2);
- * the ranks with groups must agree on N (every rank sees the same bn, so
- * all fail alike). */
-static moe_status hier_ep_dims(const moe_layer *l, const int64_t *bn, int64_t *G, int64_t *N) {
-    int P = l->ep->size, first = -1;
-    *G = 0, *N = 1;
-    for (int q = 0; q < P; q++) {
-        if (bn[2 * q] == 0) continue;
-        if (first < 0) first = q, *N = bn[2 * q + 1];
-        else if (bn[2 * q + 1] != *N)
-            return moe_err(MOE_ERR_ARG, "hierarchical, expert parallel: every rank's groups must have the same "
-                           "number of tokens (the inner capacity depends on it): rank %d has N = %lld, rank %d "
-                           "has N = %lld", first, (long long)*N, q, (long long)bn[2 * q + 1]);
-        *G += bn[2 * q];
-    }
-    return MOE_OK;
-}
-
-/* The owner's view of the last forward: G, N and the buffers in l->ep_mem. */
-static void hier_ep_of(const moe_layer *l, const gs_ws *w, hier_ep *h, int64_t *G, int64_t *N) {
-    hier_ep_dims(l, w->bn, G, N);
-    hier_ep_layout(l, l->plan.Rr, *G, (char *)l->ep_mem, h);
-}
-
-/* The inner segments from the received counts: segment i*G + g0_q + b gets
- * rank q's rows of (local outer expert i, its group b), in bank order. */
-static void hier_ep_segments(const moe_layer *l, const int64_t *bn, int64_t G, hier_ep *h) {
-    int P = l->ep->size, El = l->ep->e_count;
-    level_ws *v = &h->L2;
-    for (int64_t q = 0, g0 = 0; q < P; q++) {
-        int64_t Bq = bn[2 * q];
-        const int64_t *cnt = h->segcnt + (int64_t)El * g0;
-        for (int i = 0; i < El; i++)
-            for (int64_t b = 0; b < Bq; b++) v->len[i * G + g0 + b] = cnt[i * Bq + b], v->set[i * G + g0 + b] = i;
-        g0 += Bq;
-    }
-    int64_t start = 0;
-    for (int64_t s = 0; s < El * G; s++) v->start[s] = start, start += v->len[s];
-}
-
-/* Forward of the inner level, expert parallel: the outer rows xo and their
- * importance (this rank's, in outer-expert order) to the owners, the inner
- * gate, inner experts and inner combine there, the outer experts' outputs
- * back into yo. Adds this rank's groups' inner loss to *loss. Collective. */
-static moe_status hier_ep_forward(moe_layer *l, gs_ws *w, const gs_params *p, uint64_t stream, int train,
-                                  double *loss) {
-    const moe_config *c = &l->cfg;
-    moe_ep *ep = l->ep;
-    int P = ep->size, El = ep->e_count, e0 = ep->e_first, E1 = c->num_experts, Ei = c->num_experts_inner;
-    int64_t D = c->input_dim, B = l->B, mine[2] = {l->B, l->N}, twos[P], sc[P], rc[P], G = 0, N = 1;
-    const moe_top2 *g1 = &w->L1.g;
-    for (int q = 0; q < P; q++) twos[q] = 2;
-    /* every rank's groups and N; the rows per outer expert (the plan) */
-    moe_status st = moe_ep_allgatherv(ep, w->bn, twos, mine, 2, sizeof(int64_t));
-    if (st != MOE_OK) return st;
-    if ((st = hier_ep_dims(l, w->bn, &G, &N)) != MOE_OK) return st;
-    for (int eo = 0; eo < E1; eo++) w->ocount[eo] = g1->offsets[eo + 1] - g1->offsets[eo];
-    if ((st = moe_ep_counts(ep, &l->plan, w->ocount)) != MOE_OK) return st;
-    int64_t Rr = l->plan.Rr;
-    hier_ep h;
-    size_t bytes = hier_ep_layout(l, Rr, G, NULL, &h);
-    st = bytes == SIZE_MAX ? moe_err(MOE_ERR_ARG, "expert-parallel rows too large") : moe__ep_reserve(l, bytes);
-    if ((st = ep->agree(ep, st)) != MOE_OK) return st;
-    hier_ep_layout(l, Rr, G, (char *)l->ep_mem, &h);
-    /* the rows of each (outer expert, group) to the outer expert's owner, then the rows and their importance */
-    for (int eo = 0; eo < E1; eo++)
-        for (int64_t b = 0; b < B; b++) w->segsend[eo * B + b] = g1->counts[b * E1 + eo];
-    for (int q = 0; q < P; q++) sc[q] = El * B, rc[q] = El * w->bn[2 * q];
-    st = moe_ep_alltoallv(ep, h.segcnt, rc, w->segsend, sc, sizeof(int64_t));
-    if (st == MOE_OK) st = moe_ep_rows_out(ep, &l->plan, h.xo, h.raw, w->xo, D);
-    if (st == MOE_OK) st = moe_ep_rows_out(ep, &l->plan, h.imp, h.impraw, w->imp, 1);
-    if (st != MOE_OK) return st;
-
-    /* the inner level over the local outer experts' rows of every group */
-    hier_ep_segments(l, w->bn, G, &h);
-    for (int i = 0; i < El; i++) {
-        int64_t r0 = l->plan.bank_off[i], n = l->plan.bank_off[i + 1] - r0;
-        if (n) moe_sgemm(0, 0, n, Ei, D, 1.0f, h.xo + r0 * D, D, p->wg2 + (int64_t)i * D * Ei, Ei, 0.0f,
-                         h.L2.p + r0 * Ei, Ei);
-    }
-    moe_softmax_rows(h.L2.p, h.L2.p, Rr, Ei);
-    moe_top2 *g2 = &h.L2.g;
-    g2->R = Rr, g2->Ng = outer_cap(l, N, train), g2->imp = h.imp, g2->rng_stream = stream + 1;
-    g2->seg0 = (int64_t)e0 * G; /* segment i*G + b here is eo*G + b in one process */
-    memset(l->expert_counts, 0, (size_t)l->n_expert_counts * sizeof *l->expert_counts);
-    g2->expert_counts = l->expert_counts + (int64_t)e0 * Ei;
-    set_mode(g2, c, train);
-    moe_top2_forward(g2);
-    l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
-    l->assignments = g2->A;
-    moe_gather_rows(h.r.xe, h.xo, g2->src, g2->A, D);
-    experts_forward(l, &h.r, p, g2->offsets, El * Ei);
-    moe_combine(h.yo, h.r.ye, g2->gate, g2->pos, Rr, 2, D);
-
-    /* the outer experts' outputs back; each segment's loss term to its group's rank */
-    if ((st = moe_ep_rows_back(ep, &l->plan, w->yo, h.yo, h.raw, D)) != MOE_OK) return st;
-    const double *term = moe_top2_segment_terms(g2);
-    for (int64_t q = 0, g0 = 0; q < P; q++) {
-        int64_t Bq = w->bn[2 * q];
-        for (int i = 0; i < El; i++)
-            for (int64_t b = 0; b < Bq; b++) h.segterm[(int64_t)El * g0 + i * Bq + b] = term[i * G + g0 + b];
-        g0 += Bq;
-    }
-    if ((st = moe_ep_alltoallv(ep, w->segterm, sc, h.segterm, rc, sizeof(double))) != MOE_OK) return st;
-    /* w->segterm (Eo,B): summed in one process's order, scaled as its mean over Eo*B segments */
-    double inner = 0.0;
-    for (int64_t s = 0; s < E1 * B; s++) inner += w->segterm[s];
-    if (B) *loss += inner * (double)Ei / (double)(E1 * B);
-    return MOE_OK;
-}
-
-/* Backward of the inner level, expert parallel: dyo to the owners, the inner
- * combine, experts and gate backward there (their gradients complete on the
- * owner), dxo back. dloss weighs this rank's aux. Collective. */
-static moe_status hier_ep_backward(moe_layer *l, gs_ws *w, const gs_params *p, const gs_params *g, float dloss) {
-    const moe_config *c = &l->cfg;
-    moe_ep *ep = l->ep;
-    int P = ep->size, El = ep->e_count, E1 = c->num_experts, Ei = c->num_experts_inner;
-    int64_t D = c->input_dim, B = l->B, G, N, ones[P];
-    hier_ep h;
-    hier_ep_of(l, w, &h, &G, &N);
-    int64_t Rr = l->plan.Rr;
-    for (int q = 0; q < P; q++) ones[q] = 1;
-    /* this rank's weight of each of its inner segments' terms: dloss * Ei / (Eo * B) as in hier_ep_forward */
-    double wmine = B ? (double)dloss * (double)Ei / (double)(E1 * B) : 0.0;
-    moe_status st = moe_ep_rows_out(ep, &l->plan, h.dyo, h.raw, w->dyo, D);
-    if (st == MOE_OK) st = moe_ep_allgatherv(ep, w->wq, ones, &wmine, 1, sizeof(double));
-    if (st != MOE_OK) return st;
-    for (int64_t q = 0, g0 = 0; q < P; q++) {
-        for (int i = 0; i < El; i++)
-            for (int64_t b = 0; b < w->bn[2 * q]; b++) h.segw[i * G + g0 + b] = w->wq[q];
-        g0 += w->bn[2 * q];
-    }
-    moe_top2 *g2 = &h.L2.g;
-    g2->R = Rr, g2->Ng = outer_cap(l, N, l->cached_train), g2->imp = h.imp, g2->seg_w = h.segw;
-    moe_combine_backward(h.r.dye, h.L2.dgate, h.dyo, h.r.ye, g2->gate, g2->pos, Rr, 2, D);
-    l->grad_bad = experts_backward(l, &h.r, p, g, g2->offsets, El * Ei);
-    memset(h.dxo, 0, (size_t)(Rr * D) * sizeof(float));
-    moe_scatter_add(h.dxo, h.r.dxe, g2->pos, Rr, 2, D);
-    moe_top2_backward(g2, h.L2.dl, h.L2.dgate, dloss);
-    for (int i = 0; i < El; i++) {
-        int64_t r0 = l->plan.bank_off[i], n = l->plan.bank_off[i + 1] - r0;
-        if (n == 0) continue;
-        float *gw = g->wg2 + (int64_t)i * D * Ei;
-        const float *pw = p->wg2 + (int64_t)i * D * Ei;
-        moe_sgemm(1, 0, D, Ei, n, 1.0f, h.xo + r0 * D, D, h.L2.dl + r0 * Ei, Ei, 1.0f, gw, Ei);
-        moe_sgemm(0, 1, n, D, Ei, 1.0f, h.L2.dl + r0 * Ei, Ei, pw, Ei, 1.0f, h.dxo + r0 * D, D);
-    }
-    return moe_ep_rows_back(ep, &l->plan, w->dxo, h.dxo, h.raw, D);
 }
 
 /* Importance of each outer row from the gate value that filled it. */
@@ -539,7 +315,7 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
     for (int64_t b = 0; b < B; b++) w.L1.start[b] = b * N, w.L1.len[b] = N, w.L1.set[b] = 0;
     g1->R = T, g1->Ng = N, g1->imp = NULL, g1->rng_stream = stream, g1->seg0 = l->g0;
     g1->expert_counts = hier ? NULL : l->expert_counts;
-    set_mode(g1, c, train);
+    moe__gs_set_mode(g1, c, train);
     moe_top2_forward(g1);
     double loss = g1->loss;
     l->dropped = g1->dropped, l->second_candidates = g1->cand2, l->second_kept = g1->kept2;
@@ -550,21 +326,21 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
         if (l->ep) { /* exchange out, the local experts, exchange back */
             moe_status st = ep_out(l, w.r.xe, &r);
             if (st != MOE_OK) return st;
-            experts_forward(l, &r, &p, l->plan.bank_off, l->ep->e_count);
+            moe__gs_experts_forward(l, &r, &p, l->plan.bank_off, l->ep->e_count);
             if ((st = moe_ep_rows_back(l->ep, &l->plan, w.r.ye, r.ye, r.raw, D)) != MOE_OK) return st;
         } else {
-            experts_forward(l, &r, &p, g1->offsets, E1);
+            moe__gs_experts_forward(l, &r, &p, g1->offsets, E1);
         }
         moe_combine(y, w.r.ye, g1->gate, g1->pos, T, 2, D);
         l->assignments = g1->A;
     } else if (l->ep) {
         moe_gather_rows(w.xo, x, g1->src, g1->A, D);
         outer_importance(&w, T);
-        moe_status st = hier_ep_forward(l, &w, &p, stream, train, &loss);
+        moe_status st = moe__gs_hier_ep_forward(l, &w, &p, stream, train, &loss);
         if (st != MOE_OK) return st;
         moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
     } else {
-        int64_t A1 = g1->A, C = outer_cap(l, N, train);
+        int64_t A1 = g1->A, C = moe__gs_outer_cap(l, N, train);
         moe_gather_rows(w.xo, x, g1->src, A1, D);
         outer_importance(&w, T);
         /* inner segments: the rows of (eo, b), in outer-buffer order */
@@ -587,13 +363,13 @@ static moe_status gs_forward(moe_layer *l, float *y, float *aux, const float *x,
         moe_top2 *g2 = &w.L2.g;
         g2->R = A1, g2->Ng = C, g2->imp = w.imp, g2->rng_stream = stream + 1, g2->seg0 = 0;
         g2->expert_counts = l->expert_counts;
-        set_mode(g2, c, train);
+        moe__gs_set_mode(g2, c, train);
         moe_top2_forward(g2);
         loss += g2->loss;
         l->dropped += g2->dropped, l->second_candidates += g2->cand2, l->second_kept += g2->kept2;
         moe_gather_rows(w.r.xe, w.xo, g2->src, g2->A, D);
         gs_rows r = w.r;
-        experts_forward(l, &r, &p, g2->offsets, E1 * Ei);
+        moe__gs_experts_forward(l, &r, &p, g2->offsets, E1 * Ei);
         moe_combine(w.yo, w.r.ye, g2->gate, g2->pos, A1, 2, D);
         moe_combine(y, w.yo, g1->gate, g1->pos, T, 2, D);
         l->assignments = g2->A;
@@ -621,23 +397,23 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
             ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, &r);
             moe_status st = moe_ep_rows_out(l->ep, &l->plan, r.dye, r.raw, w.r.dye, D);
             if (st != MOE_OK) return st;
-            l->grad_bad = experts_backward(l, &r, &p, &g, l->plan.bank_off, l->ep->e_count);
+            l->grad_bad = moe__gs_experts_backward(l, &r, &p, &g, l->plan.bank_off, l->ep->e_count);
             if ((st = moe_ep_rows_back(l->ep, &l->plan, w.r.dxe, r.dxe, r.raw, D)) != MOE_OK) return st;
         } else {
-            l->grad_bad = experts_backward(l, &r, &p, &g, g1->offsets, E1);
+            l->grad_bad = moe__gs_experts_backward(l, &r, &p, &g, g1->offsets, E1);
         }
     } else if (l->ep) {
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
-        moe_status st = hier_ep_backward(l, &w, &p, &g, dloss);
+        moe_status st = moe__gs_hier_ep_backward(l, &w, &p, &g, dloss);
         if (st != MOE_OK) return st;
     } else {
         moe_top2 *g2 = &w.L2.g;
         int64_t A1 = g1->offsets[E1];
-        g2->R = A1, g2->Ng = outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
+        g2->R = A1, g2->Ng = moe__gs_outer_cap(l, l->N, l->cached_train), g2->imp = w.imp;
         moe_combine_backward(w.dyo, w.L1.dgate, dy, w.yo, g1->gate, g1->pos, T, 2, D);
         moe_combine_backward(w.r.dye, w.L2.dgate, w.dyo, w.r.ye, g2->gate, g2->pos, A1, 2, D);
         gs_rows r = w.r;
-        l->grad_bad = experts_backward(l, &r, &p, &g, g2->offsets, E1 * Ei);
+        l->grad_bad = moe__gs_experts_backward(l, &r, &p, &g, g2->offsets, E1 * Ei);
         memset(w.dxo, 0, (size_t)(A1 * D) * sizeof(float));
         moe_scatter_add(w.dxo, w.r.dxe, g2->pos, A1, 2, D);
         moe_top2_backward(g2, w.L2.dl, w.L2.dgate, dloss);
@@ -662,7 +438,7 @@ static moe_status gs_backward(moe_layer *l, float *dx, const float *dy, float da
 
 static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
     const moe_config *c = &l->cfg;
-    int64_t T = l->T, D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = c->num_experts_inner;
+    int64_t T = l->T, D = c->input_dim, H = gs_hidden(c), E1 = c->num_experts, Ei = c->num_experts_inner;
     gs_ws w;
     layout(l, l->B, l->N, l->ws, &w);
     int hier = is_hier(l);
@@ -674,7 +450,7 @@ static int gs_probes(const moe_layer *l, int backward, moe_probe *pr) {
     if (l->ep && hier) {
         hier_ep h;
         int64_t G, N;
-        hier_ep_of(l, &w, &h, &G, &N);
+        moe__gs_hier_ep_of(l, &w, &h, &G, &N);
         L2 = h.L2, r = h.r, R2 = l->plan.Rr, A = h.L2.g.offsets[l->ep->e_count * Ei];
     } else if (l->ep) {
         ep_rows_layout(l, l->plan.Rr, (char *)l->ep_mem, &r);
@@ -737,7 +513,7 @@ moe_status moe__gshard_create(moe_layer *l) {
     moe_status st = check_gate_config(c);
     if (st != MOE_OK) return st;
     int hier = is_hier(l);
-    int64_t D = c->input_dim, H = hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
+    int64_t D = c->input_dim, H = gs_hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
     if (H < 1 || H > INT_MAX / 4)
         return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4, (long long)H);
     /* parameter count, overflow-checked: D*E1 + E1*D*Ei (hier) + 2*E1*Ei*D*H */
@@ -798,7 +574,7 @@ int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     if (is_hier(l) && l->ep) { /* level 2: the rows this rank's outer experts received */
         hier_ep h;
         int64_t G, N;
-        hier_ep_of(l, &w, &h, &G, &N);
+        moe__gs_hier_ep_of(l, &w, &h, &G, &N);
         parts[2] = h.L2.g.idx, parts[3] = h.L2.g.pos, lens[2] = lens[3] = 2 * l->plan.Rr;
     } else if (is_hier(l)) {
         int64_t A1 = w.L1.g.offsets[l->cfg.num_experts];
