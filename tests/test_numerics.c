@@ -395,6 +395,38 @@ static void overflow(void) {
         free(xx), free(yy);
     }
 
+    /* A forward with nothing kept (MOE_NO_GRAD) computes an MLP expert's
+     * activation in place: the message must still name the right buffer, not
+     * an activation buffer left over from an earlier forward. First a train
+     * forward whose activations overflow (fc1 weights 3e38), then
+     * fc1 small and fc2 huge: the activations are finite, the outputs not. */
+    for (int soft = 0; soft < 2; soft++) {
+        moe_config_init(&c, soft ? MOE_LAYER_SOFT_DYNAMIC : MOE_LAYER_TOPK);
+        if (soft) c.input_dim = 4, c.num_experts = 2, c.expert_mult = 1, c.seed = 3;
+        else c.input_dim = 4, c.hidden_dim = 4, c.num_experts = 2, c.top_k = 1, c.seed = 3;
+        CHECK_STATUS(moe_layer_create(&l, &c), MOE_OK);
+        float xs[8] = {1, 2, 3, 4, 4, 3, 2, 1}, ys[8], big[8];
+        for (int j = 0; j < 8; j++) big[j] = 1e10f * xs[j];
+        for (int pass = 0; pass < 2; pass++) {
+            for (int p = 0; p < moe_layer_num_params(l); p++) {
+                moe_param *pp = moe_layer_param(l, p);
+                int fc1 = strstr(pp->name, "experts") && strstr(pp->name, "0.weight");
+                int fc2 = strstr(pp->name, "experts") && strstr(pp->name, soft ? "3.weight" : "2.weight");
+                if (fc1) for (int64_t j = 0; j < pp->numel; j++) pp->data[j] = pass ? 0.5f : 3e38f;
+                if (fc2) for (int64_t j = 0; j < pp->numel; j++) pp->data[j] = pass ? 3e38f : 1.0f;
+            }
+            moe_layer_params_changed(l);
+            moe_status st = pass ? moe_layer_forward_seq(l, ys, NULL, xs, 1, 2, MOE_TRAIN | MOE_NO_GRAD)
+                                 : moe_layer_forward_seq(l, ys, NULL, big, 1, 2, MOE_TRAIN);
+            CHECK(st == MOE_ERR_NONFINITE, "%s pass %d: %s", soft ? "soft_dynamic" : "topk", pass, moe_status_str(st));
+            if (pass) {
+                printf("no-grad forward overflow, %s: %s\n", soft ? "soft_dynamic" : "topk", moe_last_error());
+                CHECK_MSG("first non-finite intermediate is the expert outputs");
+            }
+        }
+        moe_layer_free(l);
+    }
+
     /* backward overflow: finite y, dy of 1e38 through weights of 10 */
     for (int i = 0; layer_case(&c, i, &B, &N); i++) {
         CHECK_STATUS(moe_layer_create(&l, &c), MOE_OK);

@@ -176,4 +176,10 @@ static inline void moe__carve_bf16(const moe_config *c, char *base, size_t *off,
     for (int i = 0; i < 4; i++) *p[i] = moe__carve(base, off, c->bf16 ? R : 0, w[i], sizeof(uint16_t));
 }
 
+/* The last (or running) forward kept nothing for a backward and its experts
+ * are MLPs: the expert bank then computed the activation in place, over the
+ * pre-activation buffer (topk, soft), and the activation buffer holds
+ * nothing of that forward. */
+static inline int moe__act_in_place(const moe_layer *l) { return !l->keep && l->cfg.expert == MOE_EXPERT_MLP; }
+
 #endif

@@ -131,7 +131,9 @@ static moe_status load_from(moe_layer *l, const moe_st_file *f, const char *path
     moe_status st = MOE_OK;
     int first = 0; /* the first tensor the sequential pass reads */
     if (fresh && !w16) {
-        /* Copied and checked on every thread, a tensor each: most of a load's
+        /* Copied and checked on every thread, a tensor per task (topk and the
+         * soft layers have tensors per expert; gshard's weights are two
+         * tensors, one per thread on two threads): most of a load's
          * time is first-touch page faults on the fresh parameter block (about
          * 0.4 ms per MB on these VMs), and those run in parallel. The first
          * failing tensor, if any, is then checked again below on this thread,

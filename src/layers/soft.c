@@ -386,7 +386,7 @@ static moe_status soft_forward(moe_layer *l, float *y, float *aux, const float *
     *w.stream = moe_rng_u64(l->cfg.seed ^ 0x50f7d20d5e1a7ull, l->forward_calls);
     moe_ffn f = ffn_of(l, p, NULL, drop, *w.stream);
     /* no backward to follow: the activation in place (topk.c says why) */
-    moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, !l->keep && f.kind == MOE_EXPERT_MLP ? w.hpre : w.ha, w.ye);
+    moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, moe__act_in_place(l) ? w.hpre : w.ha, w.ye);
 
     /* combine, cropped to the N real positions: y_b = sum_e Cw[:N, e*S..] Y(e, b) */
     for (int64_t b = 0; b < B; b++) {
@@ -516,8 +516,12 @@ static int soft_probes(const moe_layer *l, int backward, moe_probe *pr) {
         pr[n++] = (moe_probe){"dispatch weights", w.Dw, d.B * d.Np, d.J};
         pr[n++] = (moe_probe){"combine weights", w.Cw, d.B * d.Np, d.J};
         pr[n++] = (moe_probe){"slot inputs", w.xs, d.R, d.D};
-        pr[n++] = (moe_probe){"expert pre-activations", w.hpre, d.R, d.H2};
-        pr[n++] = (moe_probe){"expert activations", w.ha, d.R, d.H};
+        if (moe__act_in_place(l)) /* one buffer held both (topk.c) */
+            pr[n++] = (moe_probe){"expert activations", w.hpre, d.R, d.H};
+        else {
+            pr[n++] = (moe_probe){"expert pre-activations", w.hpre, d.R, d.H2};
+            pr[n++] = (moe_probe){"expert activations", w.ha, d.R, d.H};
+        }
         pr[n++] = (moe_probe){"expert outputs", w.ye, d.R, d.D};
     } else {
         pr[n++] = (moe_probe){"slot output gradients", w.dye, d.R, d.D};

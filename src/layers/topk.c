@@ -319,7 +319,7 @@ static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *
     /* nothing kept for a backward (MOE_NO_GRAD, inference): an MLP expert's
      * activation overwrites its pre-activation, so a forward-only run touches
      * one (rows, H) buffer instead of two (fresh pages cost 0.4 ms per MB here) */
-    moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, !l->keep && f.kind == MOE_EXPERT_MLP ? bk.hpre : bk.ha, bk.y);
+    moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, moe__act_in_place(l) ? bk.hpre : bk.ha, bk.y);
     if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
 
@@ -399,8 +399,12 @@ static int topk_probes(const moe_layer *l, int backward, moe_probe *pr) {
         pr[n++] = (moe_probe){"router probabilities", w.p, T, E};
         pr[n++] = (moe_probe){"routing weights", w.w, T, Ks};
         if (Ns && c->shared_gate) pr[n++] = (moe_probe){"shared-expert gates", w.sg, T, Ns};
-        pr[n++] = (moe_probe){"expert pre-activations", bk.hpre, Rb, H2};
-        pr[n++] = (moe_probe){"expert activations", bk.ha, Rb, H};
+        if (moe__act_in_place(l)) /* one buffer held both: the activations are what is left */
+            pr[n++] = (moe_probe){"expert activations", bk.hpre, Rb, H};
+        else {
+            pr[n++] = (moe_probe){"expert pre-activations", bk.hpre, Rb, H2};
+            pr[n++] = (moe_probe){"expert activations", bk.ha, Rb, H};
+        }
         pr[n++] = (moe_probe){"expert outputs", w.ye, A, D};
     } else {
         pr[n++] = (moe_probe){"expert output gradients", w.dye, A, D};

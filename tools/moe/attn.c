@@ -6,7 +6,7 @@
  * is one task: per block of query rows two GEMMs and a masked softmax in
  * forward, four GEMMs in backward, always in the same order, so results do
  * not depend on the thread count. The softmax numerators use libmoe's
- * vectorised exp (moe_vexpf_sub, within 2 ulp; libm's expf is a scalar call
+ * vectorised exp (moe_vexpf_sub, within 1 ulp; libm's expf is a scalar call
  * gcc does not vectorise), the sums stay in key order.
  * Dimension key: B sequences, S positions, T = B*S tokens, D model dim,
  * NH heads, hd = D/NH head dim, n cached positions.
