@@ -152,15 +152,6 @@ AVX512 static inline __m512 silu_grad16(__m512 x) {
 /* The lanes left of a length-k tail (k < 16). */
 static inline __mmask16 tail_mask(int64_t k) { return (__mmask16)((1u << k) - 1u); }
 
-AVX512 static void vexpf_avx512(float *y, const float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp16(_mm512_loadu_ps(x + i)));
-    if (i < n) {
-        __mmask16 m = tail_mask(n - i);
-        _mm512_mask_storeu_ps(y + i, m, exp16(_mm512_maskz_loadu_ps(m, x + i)));
-    }
-}
-
 AVX512 static void vexpf_sub_avx512(float *y, const float *x, float c, int64_t n) {
     const __m512 vc = _mm512_set1_ps(c);
     int64_t i = 0;
@@ -240,13 +231,8 @@ static int have_avx512(void) { return __builtin_cpu_supports("avx512f") && __bui
 
 int moe_vmath_avx512(void) { return have_avx512(); }
 
-void moe_vexpf(float *y, const float *x, int64_t n) {
-    if (have_avx512()) {
-        vexpf_avx512(y, x, n);
-        return;
-    }
-    for (int64_t i = 0; i < n; i++) y[i] = moe_expf(x[i]);
-}
+/* x - 0 is x for every float (-0 and NaN included), so exp is exp_sub at 0. */
+void moe_vexpf(float *y, const float *x, int64_t n) { moe_vexpf_sub(y, x, 0.0f, n); }
 
 void moe_vexpf_sub(float *y, const float *x, float c, int64_t n) {
     if (have_avx512()) {
