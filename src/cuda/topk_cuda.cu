@@ -426,26 +426,27 @@ extern "C" moe_status moe_cuda_layer_set_param(moe_layer_cuda *l, const char *na
     return MOE_OK;
 }
 
-extern "C" moe_status moe_cuda_layer_get_param(const moe_layer_cuda *l, float *host, const char *name,
-                                               int64_t numel) {
+/* A parameter (grad 0) or its gradient (grad 1) to the host, for the two
+ * public getters below (fn: the caller's name, for messages). */
+static moe_status copy_out(const moe_layer_cuda *l, float *host, const char *name, int64_t numel, int grad,
+                           const char *fn) {
     moe_err_clear();
     const cu_param *p;
-    moe_status st = param_copy(l, "moe_cuda_layer_get_param", name, numel, 0, &p);
+    moe_status st = param_copy(l, fn, name, numel, grad, &p);
     if (st != MOE_OK) return st;
-    if (!host) return moe_err(MOE_ERR_ARG, "moe_cuda_layer_get_param: NULL destination for %s", name);
-    CU(cudaMemcpy(host, dev_of(l, p, 0), (size_t)numel * sizeof(float), cudaMemcpyDeviceToHost));
+    if (!host) return moe_err(MOE_ERR_ARG, "%s: NULL destination for %s", fn, name);
+    CU(cudaMemcpy(host, dev_of(l, p, grad), (size_t)numel * sizeof(float), cudaMemcpyDeviceToHost));
     return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_layer_get_param(const moe_layer_cuda *l, float *host, const char *name,
+                                               int64_t numel) {
+    return copy_out(l, host, name, numel, 0, "moe_cuda_layer_get_param");
 }
 
 extern "C" moe_status moe_cuda_layer_get_grad(const moe_layer_cuda *l, float *host, const char *name,
                                               int64_t numel) {
-    moe_err_clear();
-    const cu_param *p;
-    moe_status st = param_copy(l, "moe_cuda_layer_get_grad", name, numel, 1, &p);
-    if (st != MOE_OK) return st;
-    if (!host) return moe_err(MOE_ERR_ARG, "moe_cuda_layer_get_grad: NULL destination for %s", name);
-    CU(cudaMemcpy(host, dev_of(l, p, 1), (size_t)numel * sizeof(float), cudaMemcpyDeviceToHost));
-    return MOE_OK;
+    return copy_out(l, host, name, numel, 1, "moe_cuda_layer_get_grad");
 }
 
 extern "C" moe_status moe_cuda_layer_zero_grad(moe_layer_cuda *l) {
