@@ -7,13 +7,37 @@ CC       ?= cc
 # GEMMs: oneDNN (Debian's libdnnl-dev, the OpenMP build: its threads are the
 # same OpenMP runtime as ours; libmoe runs each call single-threaded inside
 # its own regions, see src/ops/gemm.c).
-OPT      ?= -O2 -march=native
+OPT      ?= -O2
 SAN      ?=
 BUILD    ?= build
 
-# -fvisibility=hidden: libmoe.so exports the public API only (MOE_API in moe.h)
-CFLAGS  = $(OPT) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter \
-          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers $(SAN)
+# One build for every CPU of the architecture (README "Every CPU"): the
+# library, the tool and the tests are built for a baseline (x86-64-v2;
+# armv8-a) and the kernels of src/kernels/<isa>/ are each built with their
+# ISA's flags and chosen at run time (MOE_MAX_CPU_ISA caps the choice).
+# NATIVE=1 builds everything else for this machine (-march=native): faster
+# elsewhere by a few percent at most, and the result may not run on an older CPU.
+TARGET_ARCH := $(firstword $(subst -, ,$(shell $(CC) -dumpmachine)))
+NATIVE   ?= 0
+ifeq ($(NATIVE),1)
+ARCHFLAGS ?= -march=native
+else ifeq ($(TARGET_ARCH),x86_64)
+ARCHFLAGS ?= -march=x86-64-v2
+else
+ARCHFLAGS ?=
+endif
+KERNEL_ISAS = $(if $(filter x86_64,$(TARGET_ARCH)),x86_avx2 x86_avx512 x86_avx512bf16,$(if $(filter aarch64,$(TARGET_ARCH)),arm_neon))
+ISA_x86_avx2       = -mavx2 -mfma
+ISA_x86_avx512     = $(ISA_x86_avx2) -mavx512f -mavx512bw -mavx512dq -mavx512vl
+ISA_x86_avx512bf16 = $(ISA_x86_avx512) -mavx512bf16
+ISA_arm_neon       =
+
+# -fvisibility=hidden: libmoe.so exports the public API only (MOE_API in moe.h).
+# -ffp-contract=off: no a*b+c contracted into an fma behind the code's back
+# (gcc's default for -std=c11; said here for every compiler): the kernels'
+# bit-for-bit promises rest on it.
+CFLAGS  = $(OPT) $(ARCHFLAGS) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -ffp-contract=off \
+          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels $(SAN)
 LDFLAGS = -fopenmp $(SAN)
 LDLIBS  = -ldnnl -lcjson -lm
 
@@ -61,7 +85,8 @@ CUDA_LIB  = $(BUILD)/libmoe_cuda.a
 CUDA_TEST_BIN = $(BUILD)/tests/cuda/test_cuda $(BUILD)/tests/cuda/bench_cuda
 endif
 
-LIB_SRC  = $(filter-out src/dist/%,$(sort $(wildcard src/*/*.c)))
+LIB_SRC  = $(filter-out src/dist/%,$(sort $(wildcard src/*/*.c))) $(sort $(wildcard src/kernels/generic/*.c)) \
+           $(foreach i,$(KERNEL_ISAS),$(sort $(wildcard src/kernels/$(i)/*.c)))
 LIB_OBJ  = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 DIST_SRC = $(sort $(wildcard src/dist/*.c))
 DIST_OBJ = $(DIST_SRC:%.c=$(BUILD)/obj/%.o)
@@ -71,7 +96,7 @@ TEST_SRC = $(sort $(wildcard tests/test_*.c))
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(sort $(wildcard bench/*.c))
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
-HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard tools/moe/*.h)
+HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard src/kernels/*/*.h) $(wildcard tools/moe/*.h)
 
 .PHONY: cuda all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
         install uninstall test-torch2
@@ -94,7 +119,10 @@ deps-fuzz:
 
 $(BUILD)/obj/%.o: %.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(CFLAGS) $(ISAFLAGS) -c $< -o $@
+
+# each kernel folder with its ISA's flags (and only those files)
+$(foreach i,$(KERNEL_ISAS),$(eval $(BUILD)/obj/src/kernels/$(i)/%.o build-fuzz/obj/src/kernels/$(i)/%.o: ISAFLAGS = $(ISA_$(i))))
 
 $(BUILD)/libmoe.a: $(LIB_OBJ)
 	@rm -f $@

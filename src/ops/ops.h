@@ -1,14 +1,15 @@
 /*
- * CPU kernels used by the layers.
+ * The operations the layers use. The CPU kernels among them (conversions,
+ * elementwise math, the decode GEMVs, the GEMM entries, softmax, top-k) go
+ * through the kernel table (src/kernels/kernels.h), made once per process
+ * for the CPU's level; the rest is plain C here.
  * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
  * E experts, K top-k, A = T*K routed assignments.
- *
- * These are the plain versions (the oracles). Optimised twins, when added,
- * live beside them and are tested against them.
  */
 #ifndef MOE_OPS_H
 #define MOE_OPS_H
 
+#include "../kernels/kernels.h"
 #include "internal.h"
 
 /* moe_sgemm (C = alpha op(A) op(B) + beta C through oneDNN, with libmoe's
@@ -18,8 +19,9 @@
 extern _Thread_local int moe__in_task;
 
 /* The plain twin of moe_sgemm (same arguments, row-major, ta/tb transpose A/B):
- * each element a dot product summed in double, then rounded. Tests compare
- * moe_sgemm against it; moe_sgemm falls back to it if oneDNN fails. */
+ * each element a dot product summed in double, then rounded (generic/gemm_ref.c).
+ * Tests compare moe_sgemm against it; moe_sgemm falls back to it if oneDNN
+ * fails (and says so in moe_cpu_notes). */
 void moe_sgemm_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
@@ -31,15 +33,23 @@ void     moe_to_bf16(uint16_t *dst, const float *src, int64_t n);     /* this th
 void     moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n); /* all threads */
 /* C (M,N) = op(A) op(B) + beta C, beta 0 or 1, A and B bf16, C and the
  * accumulation fp32, every matrix dense row-major: op(A) (M,K) is A (M,K), or
- * A (K,M) when ta; op(B) (K,N) is B (K,N), or B (N,K) when tb. One
- * single-threaded oneDNN call (the expert tasks are the parallelism): the
- * bits depend only on the shape. Falls back to the twin if oneDNN fails. */
+ * A (K,M) when ta; op(B) (K,N) is B (K,N), or B (N,K) when tb. Native bf16
+ * (oneDNN, avx512_bf16 level) as one single-threaded call (the expert tasks
+ * are the parallelism), or widened to fp32 and run as moe_sgemm (every other
+ * level): either way the bits depend only on the shape and the level. If
+ * the native path fails it runs widened; if that fails too, the plain twin
+ * (each said once in moe_cpu_notes). */
 void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                    float beta, float *C);
+/* The widened path itself (src/kernels/onednn.c); 0 if its scratch could
+ * not be allocated (nothing written). */
+int moe__gemm_bf16_widen(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
+                         float beta, float *C);
 /* Decode: C (n,N) += A (n,K) W^T for few rows (n <= MOE_SMALL_ROWS), A and W
- * (N,K) bf16 dense: reads W once (AVX512-BF16 dot products; oneDNN without
- * them). The same product as moe_gemm_bf16(0, 1, n, N, K, A, W, 1, C) up to
- * float rounding. */
+ * (N,K) bf16 dense: reads W once (the table's GEMV: vdpbf16ps where the CPU
+ * has it, widened in registers otherwise; kernels.h gives its sums). The
+ * same product as moe_gemm_bf16(0, 1, n, N, K, A, W, 1, C) up to float
+ * rounding. */
 void moe_gemm_bf16_nt_small(float *C, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N, int64_t K);
 /* Its plain twin: exact products summed in double. Any beta. */
 void moe_gemm_bf16_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
@@ -79,8 +89,8 @@ void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t 
  * cases exact: NaN -> NaN (quiet), +inf -> +inf, -inf -> +0,
  * x > ln(FLT_MAX) ~ 88.7228 -> +inf, denormal results rounded once (gradual
  * underflow), x < -150 ln2 ~ -103.972 -> +0.
- * Each array function runs AVX-512 where the CPU has it (the tail through the
- * same vector code, masked) and the scalar twins otherwise; both give the
+ * Each array function runs the kernel table's version for the CPU's level
+ * (AVX-512, AVX2, NEON or the scalar twins, src/kernels); all give the
  * same bits for every input, any length and alignment. Outputs may alias
  * inputs exactly (y == x), not partially. Elementwise, so independent of the
  * thread count. Not for routing decisions: the routers keep libm's expf. */
@@ -107,8 +117,6 @@ void moe_vswiglu(float *o, const float *a, const float *g, int64_t n);
 /* Its backward for d = dL/do (n): da (n) = d * silu(g), dg (n) = (d * a) * silu'(g)
  * (written, not accumulated); bits of the twins in that order. */
 void moe_vswiglu_backward(float *da, float *dg, const float *d, const float *a, const float *g, int64_t n);
-/* 1 if the array functions take the AVX-512 path on this CPU (for tests). */
-int moe_vmath_avx512(void);
 
 /* ---- softmax and routing ---- */
 /* p (T,E) = softmax over each row of logits (T,E). p may alias logits. */

@@ -1,6 +1,7 @@
 /*
- * Softmax, top-k selection and index-based dispatch: counts, offsets, gather,
- * weighted combine and their backward. Hand-written because they are the
+ * Softmax and top-k selection (entries of the kernel table, generic/route.c)
+ * and index-based dispatch: counts, offsets, gather, weighted combine and
+ * their backward. Hand-written because they are the
  * MoE-specific part of the layer (no BLAS routine does them).
  * Dimension key: T tokens, D model dim, E experts, K top-k, A = T*K rows.
  */
@@ -9,22 +10,7 @@
 #include <math.h>
 #include <string.h>
 
-void moe_softmax_rows(float *p, const float *logits, int64_t T, int64_t E) {
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *l = logits + t * E;
-        float *q = p + t * E;
-        float m = l[0];
-        for (int64_t e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
-        float s = 0.0f;
-        for (int64_t e = 0; e < E; e++) {
-            q[e] = expf(l[e] - m);
-            s += q[e];
-        }
-        float inv = 1.0f / s;
-        for (int64_t e = 0; e < E; e++) q[e] *= inv;
-    }
-}
+void moe_softmax_rows(float *p, const float *logits, int64_t T, int64_t E) { moe_k()->softmax_rows(p, logits, T, E); }
 
 void moe_softmax_rows_backward(float *dlogit, const float *p, const float *dp, int64_t T, int64_t E) {
 #pragma omp parallel for schedule(static)
@@ -37,30 +23,7 @@ void moe_softmax_rows_backward(float *dlogit, const float *p, const float *dp, i
 }
 
 void moe_topk_softmax(int32_t *idx, float *w, const float *logits, int64_t T, int64_t E, int K) {
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *l = logits + t * E;
-        int32_t *ix = idx + t * K;
-        float *wt = w + t * K;
-        /* K passes of arg-max over the not yet chosen experts: K and E are
-         * small, and this gives torch.topk's largest-first order. */
-        for (int j = 0; j < K; j++) {
-            int32_t best = -1;
-            for (int32_t e = 0; e < (int32_t)E; e++) {
-                int taken = 0;
-                for (int i = 0; i < j; i++) taken |= ix[i] == e;
-                if (!taken && (best < 0 || l[e] > l[best])) best = e;
-            }
-            ix[j] = best;
-        }
-        float m = l[ix[0]], s = 0.0f;
-        for (int j = 0; j < K; j++) {
-            wt[j] = expf(l[ix[j]] - m);
-            s += wt[j];
-        }
-        float inv = 1.0f / s;
-        for (int j = 0; j < K; j++) wt[j] *= inv;
-    }
+    moe_k()->topk_softmax(idx, w, logits, T, E, K);
 }
 
 void moe_dispatch_plan(int64_t *counts, int64_t *offsets, int32_t *pos, int32_t *slot_tok,
