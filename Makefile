@@ -37,7 +37,7 @@ ISA_arm_neon       =
 # (gcc's default for -std=c11; said here for every compiler): the kernels'
 # bit-for-bit promises rest on it.
 CFLAGS  = $(OPT) $(ARCHFLAGS) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -ffp-contract=off \
-          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels $(SAN)
+          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels -Isrc/bank $(SAN)
 LDFLAGS = -fopenmp $(SAN)
 LDLIBS  = -ldnnl -lcjson -lm
 
@@ -254,7 +254,7 @@ test-valgrind:
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = safetensors config forward
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 \
-             -D_GNU_SOURCE -DMOE_GEMM_PROBE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers
+             -D_GNU_SOURCE -DMOE_GEMM_PROBE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels -Isrc/bank
 build-fuzz/fuzz_%: fuzz/fuzz_%.c $(LIB_SRC) $(HDRS) | deps-fuzz
 	@mkdir -p build-fuzz
 	clang $(FUZZ_FLAGS) $< $(LIB_SRC) $(if $(filter %forward,$*),tools/moe/forward.c tools/moe/forward_ep.c tools/moe/ep_none.c tools/moe/cli.c) \

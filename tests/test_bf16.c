@@ -6,7 +6,7 @@
  * weight copies refreshed after an optimizer step, bad requests refused.
  */
 #include "check.h"
-#include "ffn.h"
+#include "bank.h"
 #include "layer_internal.h"
 #include "moe.h"
 #include "ops.h"
@@ -185,10 +185,10 @@ static void test_bank(moe_expert_kind kind, moe_activation act) {
     for (int64_t i = 0; i < E * D; i++) b2[i] = 0.1f * check_nrand(&st);
     for (int64_t i = 0; i < R * D; i++) x[i] = check_nrand(&st), dy[i] = check_nrand(&st);
     moe_to_bf16(W1h, W1, (int64_t)nw1), moe_to_bf16(W2h, W2, (int64_t)nw2);
-    moe_ffn f = {W1, b1, W2, b2, dW1, db1, dW2, db2, D, H, E, kind, act, 0.0f, 0.0f, 0,
-                 W1h, W2h, x16, h16, dy16, dhp16};
-    moe_ffn_forward(&f, off, x, hpre, ha, y);
-    int bad = moe_ffn_backward(&f, off, x, hpre, ha, dy, dha, dhpre, dx);
+    moe_bank f = {W1, b1, W2, b2, dW1, db1, dW2, db2, D, H, E, 0, kind, act, 0.0f, 0.0f, 0,
+                  &moe_bank_bf16, W1h, W2h, {x16, h16, dy16, dhp16}};
+    moe_bank_forward(&f, off, x, hpre, ha, y);
+    int bad = moe_bank_backward(&f, off, x, hpre, ha, dy, dha, dhpre, dx);
     CHECK(!bad, "bank backward reports a non-finite gradient");
 
     double worst[6] = {0};
@@ -238,9 +238,9 @@ static void test_bank(moe_expert_kind kind, moe_activation act) {
         CHECK(worst[i] < 2e-5, "bf16 bank (%s) stage %s off by %g", moe_expert_kind_name(kind), names[i], worst[i]);
     /* the fp32 twin of the bank differs by about bf16's precision, not more */
     float *y32 = malloc((size_t)(R * D) * 4), *hp32 = malloc((size_t)(R * H2) * 4), *ha32 = malloc((size_t)(R * H) * 4);
-    moe_ffn f32 = f;
-    f32.W1h = f32.W2h = NULL;
-    moe_ffn_forward(&f32, off, x, hp32, ha32, y32);
+    moe_bank f32 = f;
+    f32.fmt = &moe_bank_f32, f32.W1q = f32.W2q = NULL, f32.lp = (moe_bank_lowp){NULL, NULL, NULL, NULL};
+    moe_bank_forward(&f32, off, x, hp32, ha32, y32);
     double dmax = 0, ymax = 0;
     for (int64_t i = 0; i < R * D; i++) dmax = fmax(dmax, fabs((double)y32[i] - y[i])), ymax = fmax(ymax, fabs(y32[i]));
     CHECK(dmax > 0 && dmax < 3e-2 * ymax, "bf16 vs fp32 bank: max diff %g of max |y| %g", dmax, ymax);

@@ -9,7 +9,7 @@
  * expert, H hidden dim.
  */
 #include "check.h"
-#include "ffn.h"
+#include "bank.h"
 #include "layer_internal.h"
 #include "moe.h"
 
@@ -254,9 +254,9 @@ static void test_dropout_bank(void) {
     float *ye = malloc(sizeof(float) * R * D);
     int64_t off[2] = {0, R};
     const float p = 0.3f;
-    moe_ffn f = {W1, b1, W2, b2, NULL, NULL, NULL, NULL, D, H, 1, MOE_EXPERT_MLP, MOE_ACT_GELU, 0.0f, p, 99,
-                 NULL, NULL, NULL, NULL, NULL, NULL};
-    moe_ffn_forward(&f, off, xe, hpre, ha, ye);
+    moe_bank f = {W1, b1, W2, b2, NULL, NULL, NULL, NULL, D, H, 1, 0, MOE_EXPERT_MLP, MOE_ACT_GELU, 0.0f, p, 99,
+                  &moe_bank_f32, NULL, NULL, {NULL, NULL, NULL, NULL}};
+    moe_bank_forward(&f, off, xe, hpre, ha, ye);
     int64_t zeros = 0, bad = 0, live = 0; /* live: gelu != 0 (it underflows for x < -5.5) */
     for (int64_t i = 0; i < R * H; i++) {
         float g = 0.5f * hpre[i] * (1.0f + erff(hpre[i] * 0.70710678f));
@@ -271,7 +271,7 @@ static void test_dropout_bank(void) {
     CHECK(bad == 0, "%lld kept activations not scaled by 1/(1-p)", (long long)bad);
     float *ha2 = malloc(sizeof(float) * R * H);
     moe_set_num_threads(1);
-    moe_ffn_forward(&f, off, xe, hpre, ha2, ye);
+    moe_bank_forward(&f, off, xe, hpre, ha2, ye);
     moe_set_num_threads(2);
     int same_mask = 1;
     for (int64_t i = 0; i < R * H; i++) same_mask = same_mask && ((ha[i] == 0.0f) == (ha2[i] == 0.0f));

@@ -34,7 +34,7 @@ const char *moe_isa_name(moe_isa isa) { return isa >= 0 && isa < MOE_ISA_COUNT ?
 
 /* Best level of this CPU, and its features in words. */
 static moe_isa g_best;
-static char g_features[256], g_model[64];
+static char g_features[256], g_model[96];
 
 static void probe(void) {
     g_best = MOE_ISA_BASELINE;
@@ -77,6 +77,15 @@ static void probe(void) {
         while (*p == ' ') p++;
         while (e > p && e[-1] == ' ') *--e = '\0';
         snprintf(g_model, sizeof g_model, "%s", p);
+    }
+    /* family and model (leaf 1): VMs often show a bare brand ("AMD EPYC"); 0x19 is
+     * AMD Zen 3 or 4, 0x1a Zen 5; 6 is Intel's Core and Xeon */
+    if (__get_cpuid(1u, &a, &b, &c, &d)) {
+        unsigned fam = (a >> 8) & 0xf, mod = (a >> 4) & 0xf;
+        if (fam == 0xf) fam += (a >> 20) & 0xff;
+        if (fam == 0xf || fam == 6 || fam > 0xf) mod |= ((a >> 16) & 0xf) << 4;
+        size_t u = strlen(g_model);
+        snprintf(g_model + u, sizeof g_model - u, "%sfamily 0x%x model 0x%x", u ? ", " : "", fam, mod);
     }
 #elif defined(__aarch64__)
     unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);

@@ -71,6 +71,21 @@ static inline int moe_add_size(size_t *out, size_t a, size_t b) {
     return 1;
 }
 
+/* Bump allocator over the workspace: a 64-byte aligned chunk of n1*n2*esize
+ * bytes. With base == NULL it only measures. On size overflow *off becomes
+ * SIZE_MAX and stays there (the layer reports it as too large). */
+static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, size_t esize) {
+    size_t a, b, o;
+    if (*off == SIZE_MAX || n1 < 0 || n2 < 0 || !moe_mul_size(&a, (size_t)n1, (size_t)n2) ||
+        !moe_mul_size(&b, a, esize) || !moe_add_size(&o, *off, 63) || !moe_add_size(&o, o & ~(size_t)63, b)) {
+        *off = SIZE_MAX;
+        return NULL;
+    }
+    void *p = base ? base + ((*off + 63) & ~(size_t)63) : NULL;
+    *off = o;
+    return p;
+}
+
 /* Counter-based RNG (splitmix64 of seed and counter): the same (seed, counter)
  * gives the same value on any thread count. */
 uint64_t moe_rng_u64(uint64_t seed, uint64_t counter);

@@ -327,7 +327,7 @@ static int dense_probes(const moe_layer *l, int backward, moe_probe *pr) {
 
 static const moe_layer_ops dense_ops = {dense_workspace_bytes, dense_forward, dense_backward, dense_probes};
 
-moe_status moe__dense_create(moe_layer *l) {
+static moe_status dense_create(moe_layer *l) {
     const moe_config *c = &l->cfg;
     int64_t D = c->input_dim, O = c->output_dim, E = c->num_experts;
     if (O < 1 || O > INT_MAX / 4 / E)
@@ -363,3 +363,5 @@ moe_status moe__dense_create(moe_layer *l) {
     if (st == MOE_OK) st = moe__layer_alloc(l, o_bg + E);
     return st;
 }
+
+const moe_layer_kind moe__kind_dense = {MOE_LAYER_DENSE, "dense", NULL, dense_create, 0, 0, NULL, NULL};

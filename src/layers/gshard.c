@@ -49,7 +49,6 @@
  *                 experts.w1 (Eo,Ei,D,H), experts.w2 (Eo,Ei,H,D)
  * Init as the seed: w_gating N(0,1); w1, w2 uniform(+-1/sqrt(last dim)).
  */
-#include "ffn.h"
 #include "gshard.h"
 #include "ops.h"
 
@@ -69,8 +68,7 @@ void moe__gs_carve_rows(const moe_config *c, char *base, size_t *off, int64_t R,
     r->ye = moe__carve(base, off, R, D, F);
     r->dye = moe__carve(base, off, R, D, F);
     r->dxe = moe__carve(base, off, R, D, F);
-    moe__carve_bf16(c, base, off, R, (const int64_t[4]){D, H, D, H},
-                    (uint16_t **const[4]){&r->x16, &r->h16, &r->dy16, &r->dh16});
+    moe_bank_carve_lowp(moe_bank_format_of(c->bf16), base, off, R, D, H, H, &r->lp);
 }
 
 static int is_hier(const moe_layer *l) { return l->cfg.type == MOE_LAYER_HIERARCHICAL; }
@@ -179,93 +177,28 @@ static size_t ep_rows_layout(const moe_layer *l, int64_t R, char *base, gs_rows 
     return off;
 }
 
-typedef struct {
-    const moe_config *c;
-    const gs_rows *w;
-    const gs_params *p, *g;
-    const uint16_t *w1h, *w2h; /* bf16 copies of p->w1, p->w2 (cfg.bf16), else NULL */
-    int grad_bad;  /* backward: set when an expert gradient holds a NaN or Inf */
-} gs_experts;
-
-/* C (M,N) = op(A) op(B) + beta C, dense row-major: fp32 (A, B), or with the
- * inputs in bf16 (A16, B16) when B16 is set (fp32 accumulation). */
-static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, const uint16_t *A16,
-                 const float *B, const uint16_t *B16, float beta, float *C) {
-    if (B16) moe_gemm_bf16(ta, tb, M, N, K, A16, B16, beta, C);
-    else moe_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, beta, C, N);
-}
-
-/* Expert k's FFN over its rows [r0, r0+n): ye = act(xe W1[k]) W2[k].
- * bf16 (autocast, a->w1h set): the GEMM inputs rounded to bf16, fp32
- * accumulation; x16 was made before the experts ran. */
-static void expert_forward(void *ctx, int k, int64_t r0, int64_t n) {
-    const gs_experts *a = ctx;
-    const gs_rows *w = a->w;
-    int64_t D = a->c->input_dim, H = gs_hidden(a->c);
-    int b = a->w1h != NULL;
-    const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
-    float *hp = w->hpre + r0 * H, *ha = w->ha + r0 * H;
-    gemm(0, 0, n, H, D, w->xe + r0 * D, b ? w->x16 + r0 * D : NULL, a->p->w1 + k * D * H, W1h, 0.0f, hp);
-    moe_act_forward(ha, hp, n * H, a->c->activation, a->c->leaky_slope);
-    if (b) moe_to_bf16(w->h16 + r0 * H, ha, n * H);
-    gemm(0, 0, n, D, H, ha, b ? w->h16 + r0 * H : NULL, a->p->w2 + k * H * D, W2h, 0.0f, w->ye + r0 * D);
-}
-
-/* Its backward from dye: dW1, dW2 accumulate; dxe written. bf16: dy16 was
- * made before the experts ran, h16 by the forward. */
-static void expert_backward(void *ctx, int k, int64_t r0, int64_t n) {
-    const gs_experts *a = ctx;
-    const gs_rows *w = a->w;
-    int64_t D = a->c->input_dim, H = gs_hidden(a->c);
-    int b = a->w1h != NULL;
-    const uint16_t *W1h = b ? a->w1h + k * D * H : NULL, *W2h = b ? a->w2h + k * H * D : NULL;
-    const uint16_t *dy16 = b ? w->dy16 + r0 * D : NULL, *h16 = b ? w->h16 + r0 * H : NULL;
-    uint16_t *dh16 = b ? w->dh16 + r0 * H : NULL;
-    float *dw1 = a->g->w1 + k * D * H, *dw2 = a->g->w2 + k * H * D, *dh = w->dha + r0 * H;
-    /* dW2 (H,D) += ha^T dye ; dha (n,H) = dye W2^T */
-    gemm(1, 0, H, D, n, w->ha + r0 * H, h16, w->dye + r0 * D, dy16, 1.0f, dw2);
-    double t0 = moe__clock();
-    int bad = moe_any_nonfinite(dw2, H * D); /* scanned while in cache */
-    double tc = moe__clock() - t0;
-    gemm(0, 1, n, H, D, w->dye + r0 * D, dy16, a->p->w2 + k * H * D, W2h, 0.0f, dh);
-    moe_act_backward(dh, dh, w->hpre + r0 * H, n * H, a->c->activation, a->c->leaky_slope);
-    /* dW1 (D,H) += xe^T dhpre ; dxe (n,D) = dhpre W1^T */
-    if (b) moe_to_bf16(dh16, dh, n * H);
-    gemm(1, 0, D, H, n, w->xe + r0 * D, b ? w->x16 + r0 * D : NULL, dh, dh16, 1.0f, dw1);
-    t0 = moe__clock();
-    bad |= moe_any_nonfinite(dw1, D * H);
-    moe__check_add(tc + moe__clock() - t0);
-    if (bad) {
-        gs_experts *wa = ctx;
-#pragma omp atomic write
-        wa->grad_bad = 1;
-    }
-    gemm(0, 1, n, D, H, dh, dh16, a->p->w1 + k * D * H, W1h, 0.0f, w->dxe + r0 * D);
-}
-
-/* The bf16 copies of p's expert weights (the layer's copy, made by the
- * forward), or NULL for fp32. */
-static void bf16_of(const moe_layer *l, const gs_params *p, gs_experts *a) {
-    if (!l->cfg.bf16) return;
-    a->w1h = l->w16 + (p->w1 - l->wmem);
-    a->w2h = l->w16 + (p->w2 - l->wmem);
+/* The bank of the nk experts of p (g: their gradients, or NULL) over rows w:
+ * the seed's experts act(x @ w1) @ w2, weights (in, out), no biases. */
+static moe_bank bank_of(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g, int nk) {
+    const moe_config *c = &l->cfg;
+    moe_bank b = {p->w1, NULL, p->w2, NULL, g ? g->w1 : NULL, NULL, g ? g->w2 : NULL, NULL, c->input_dim,
+                  gs_hidden(c), nk, 1, MOE_EXPERT_MLP, c->activation, c->leaky_slope, 0.0f, 0, NULL, NULL, NULL,
+                  w->lp};
+    moe__layer_bank(l, &b);
+    return b;
 }
 
 void moe__gs_experts_forward(const moe_layer *l, const gs_rows *w, const gs_params *p, const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, NULL, NULL, NULL, 0};
-    bf16_of(l, p, &a);
-    if (a.w1h) moe_to_bf16_par(w->x16, w->xe, off[nk] * l->cfg.input_dim);
-    moe_each_expert(off, nk, expert_forward, &a);
+    moe_bank b = bank_of(l, w, p, NULL, nk);
+    moe_bank_forward(&b, off, w->xe, w->hpre, w->ha, w->ye);
 }
 
-/* Returns 1 if an expert gradient holds a NaN or Inf. */
+/* Returns 1 if an expert gradient holds a NaN or Inf. dha serves as dhpre
+ * too (MLP experts: the activation's backward runs in place). */
 int moe__gs_experts_backward(const moe_layer *l, const gs_rows *w, const gs_params *p, const gs_params *g,
                             const int64_t *off, int nk) {
-    gs_experts a = {&l->cfg, w, p, g, NULL, NULL, 0};
-    bf16_of(l, p, &a);
-    if (a.w1h) moe_to_bf16_par(w->dy16, w->dye, off[nk] * l->cfg.input_dim);
-    moe_each_expert(off, nk, expert_backward, &a);
-    return a.grad_bad;
+    moe_bank b = bank_of(l, w, p, g, nk);
+    return moe_bank_backward(&b, off, w->xe, w->hpre, w->ha, w->dye, w->dha, w->dha, w->dxe);
 }
 
 /* Expert parallel (gshard): the kept rows xe (A, D), in expert order, go to
@@ -508,11 +441,17 @@ static moe_status check_gate_config(const moe_config *c) {
     return MOE_OK;
 }
 
-moe_status moe__gshard_create(moe_layer *l) {
+static moe_status gs_create(moe_layer *l) {
     const moe_config *c = &l->cfg;
+    int hier = is_hier(l);
+    if (hier) {
+        if (c->num_experts_inner < 1 || c->num_experts_inner > 65536)
+            return moe_err(MOE_ERR_ARG, "hierarchical: num_experts_inner must be in [1, 65536], got %d",
+                           c->num_experts_inner);
+        l->n_expert_counts = c->num_experts * c->num_experts_inner;
+    }
     moe_status st = check_gate_config(c);
     if (st != MOE_OK) return st;
-    int hier = is_hier(l);
     int64_t D = c->input_dim, H = gs_hidden(c), E1 = c->num_experts, Ei = hier ? c->num_experts_inner : 1;
     if (H < 1 || H > INT_MAX / 4)
         return moe_err(MOE_ERR_ARG, "hidden_dim must be in [1, %d], got %lld", INT_MAX / 4, (long long)H);
@@ -565,7 +504,7 @@ moe_status moe__gshard_create(moe_layer *l) {
 
 /* Routing for tests: level 1 choices and rows, then (hierarchical) the rows
  * kept at level 1 and level 2's choices and rows. */
-int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
+static int64_t gs_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     gs_ws w;
     layout(l, l->B, l->N, l->ws, &w);
     int64_t T = l->T, n = 0;
@@ -585,3 +524,23 @@ int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
             if (dst && n < cap) dst[n] = parts[i][j];
     return n;
 }
+
+static void gshard_defaults(moe_config *c) {
+    c->num_experts = 16;
+    c->hidden_dim = 0; /* 4 * input_dim */
+}
+
+static void hier_defaults(moe_config *c) {
+    c->num_experts = 4;
+    c->num_experts_inner = 4;
+    c->hidden_dim = 0;
+}
+
+/* rows per token in the widest routed buffer: two choices per level */
+static int gshard_rows(const moe_layer *l) { return 2; }
+static int hier_rows(const moe_layer *l) { return 4; }
+
+const moe_layer_kind moe__kind_gshard = {MOE_LAYER_GSHARD, "gshard", gshard_defaults, gs_create, 1, 0, gshard_rows,
+                                         gs_routing};
+const moe_layer_kind moe__kind_hierarchical = {MOE_LAYER_HIERARCHICAL, "hierarchical", hier_defaults, gs_create, 1,
+                                               0, hier_rows, gs_routing};

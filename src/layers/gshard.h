@@ -7,6 +7,7 @@
 #ifndef MOE_GSHARD_H
 #define MOE_GSHARD_H
 
+#include "bank.h"
 #include "layer_internal.h"
 #include "top2.h"
 
@@ -23,7 +24,7 @@ typedef struct {
 typedef struct {
     float *xe, *hpre, *ha, *dha, *ye, *dye, *dxe; /* (R, D|H)                  */
     float *raw;                                   /* (R, D) exchange scratch, or NULL */
-    uint16_t *x16, *h16, *dy16, *dh16;            /* (R, D|H) bf16 (cfg.bf16)  */
+    moe_bank_lowp lp;                             /* (R rows) the bank format's copies */
 } gs_rows;
 
 typedef struct {

@@ -5,6 +5,7 @@
  * Dimension key: T tokens, D model dim, H expert hidden dim, O output dim,
  * E experts, K top-k.
  */
+#include "bank.h"
 #include "layer_internal.h"
 #include "ops.h"
 
@@ -42,33 +43,13 @@ void moe_config_init(moe_config *c, moe_layer_type type) {
     c->router = MOE_ROUTER_TOKEN_CHOICE;
     c->score = MOE_SCORE_TOPK_SOFTMAX;
     c->route_scale = 1.0;
-    if (type == MOE_LAYER_TOPK) { /* seed 004 routes every token: dropless */
-        c->capacity_factor_train = 0.0;
-        c->capacity_factor_eval = 0.0;
-    } else if (type == MOE_LAYER_GSHARD) {
-        c->num_experts = 16;
-        c->hidden_dim = 0; /* 4 * input_dim */
-    } else if (type == MOE_LAYER_HIERARCHICAL) {
-        c->num_experts = 4;
-        c->num_experts_inner = 4;
-        c->hidden_dim = 0;
-    } else if (type == MOE_LAYER_SOFT_DYNAMIC || type == MOE_LAYER_SOFT) {
-        c->hidden_dim = 0; /* from expert_mult */
-        c->activation = MOE_ACT_GELU;
-        c->slots_per_expert = type == MOE_LAYER_SOFT ? 1 : 0;
-    }
+    const moe_layer_kind *k = moe__layer_kind(type);
+    if (k && k->defaults) k->defaults(c); /* the kind's own defaults */
 }
 
 const char *moe_layer_type_name(moe_layer_type t) {
-    switch (t) {
-    case MOE_LAYER_DENSE: return "dense";
-    case MOE_LAYER_TOPK: return "topk";
-    case MOE_LAYER_GSHARD: return "gshard";
-    case MOE_LAYER_HIERARCHICAL: return "hierarchical";
-    case MOE_LAYER_SOFT_DYNAMIC: return "soft_dynamic";
-    case MOE_LAYER_SOFT: return "soft";
-    }
-    return NULL;
+    const moe_layer_kind *k = moe__layer_kind(t);
+    return k ? k->name : NULL;
 }
 
 const char *moe_score_func_name(moe_score_func f) {
@@ -267,11 +248,22 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
                                         "file, in one process: use moe_layer_create_load");
         return moe_err(MOE_ERR_ARG, "bf16 must be 0, 1 or MOE_BF16_WEIGHTS (2), got %d", cfg->bf16);
     }
-    if (cfg->bf16 && cfg->type != MOE_LAYER_TOPK && cfg->type != MOE_LAYER_GSHARD &&
-        cfg->type != MOE_LAYER_HIERARCHICAL) {
+    const moe_layer_kind *kind = moe__layer_kind(cfg->type);
+    if (!kind) {
         if (ep) ep->free(ep);
-        return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for topk, gshard and hierarchical "
-                                            "layers, not %s: set bf16 to false (fp32)", moe_layer_type_name(cfg->type));
+        return moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
+    }
+    if (cfg->bf16 && !kind->bf16) {
+        char with[128] = ""; /* the kinds that have it */
+        for (int t = 0; t < 64; t++) {
+            const moe_layer_kind *o = moe__layer_kind((moe_layer_type)t);
+            if (!o || !o->bf16) continue;
+            size_t u = strlen(with);
+            snprintf(with + u, sizeof with - u, "%s%s", u ? ", " : "", o->name);
+        }
+        if (ep) ep->free(ep);
+        return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for %s layers, not %s: set bf16 "
+                                            "to false (fp32)", with, kind->name);
     }
     if (cfg->num_experts > 65536)
         return moe_err(MOE_ERR_ARG, "num_experts = %d is more than the supported 65536", cfg->num_experts);
@@ -289,7 +281,7 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
     l->cfg = *cfg;
     l->ep = ep;
     int E = cfg->num_experts;
-    int ns = cfg->type == MOE_LAYER_TOPK && cfg->num_shared > 0 && cfg->num_shared <= 1024 ? cfg->num_shared : 0;
+    int ns = cfg->num_shared > 0 && cfg->num_shared <= 1024 ? cfg->num_shared : 0; /* topk's shared experts */
     l->cap_params = 4 * E + 3 + 4 * ns + 1;
     l->params = moe_calloc((size_t)l->cap_params * sizeof *l->params);
     l->param_off = moe_calloc((size_t)l->cap_params * sizeof *l->param_off);
@@ -299,30 +291,15 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
     l->init_id = moe_calloc((size_t)l->cap_params * sizeof *l->init_id);
     l->init_skip = moe_calloc((size_t)l->cap_params * sizeof *l->init_skip);
     l->global_dim0 = moe_calloc((size_t)l->cap_params * sizeof *l->global_dim0);
-    l->n_expert_counts = E;
-    if (cfg->type == MOE_LAYER_HIERARCHICAL) {
-        if (cfg->num_experts_inner < 1 || cfg->num_experts_inner > 65536) {
-            moe_layer_free(l);
-            return moe_err(MOE_ERR_ARG, "hierarchical: num_experts_inner must be in [1, 65536], got %d",
-                           cfg->num_experts_inner);
-        }
-        l->n_expert_counts = E * cfg->num_experts_inner;
-    }
-    l->expert_counts = moe_calloc((size_t)l->n_expert_counts * sizeof *l->expert_counts);
+    l->n_expert_counts = E; /* the kind's create may count more (hierarchical: Eo * Ei) */
     moe_status st = MOE_OK;
     if (!l->params || !l->param_off || !l->fan_in || !l->names || !l->init_normal || !l->init_id ||
-        !l->init_skip || !l->global_dim0 || !l->expert_counts)
+        !l->init_skip || !l->global_dim0)
         st = moe_err(MOE_ERR_NOMEM, "cannot allocate the parameter table");
-    else if (cfg->type == MOE_LAYER_TOPK)
-        st = moe__topk_create(l);
-    else if (cfg->type == MOE_LAYER_DENSE)
-        st = moe__dense_create(l);
-    else if (cfg->type == MOE_LAYER_GSHARD || cfg->type == MOE_LAYER_HIERARCHICAL)
-        st = moe__gshard_create(l);
-    else if (cfg->type == MOE_LAYER_SOFT_DYNAMIC || cfg->type == MOE_LAYER_SOFT)
-        st = moe__soft_create(l);
     else
-        st = moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
+        st = kind->create(l);
+    if (st == MOE_OK && !(l->expert_counts = moe_calloc((size_t)l->n_expert_counts * sizeof *l->expert_counts)))
+        st = moe_err(MOE_ERR_NOMEM, "cannot allocate the routing statistics");
     if (st != MOE_OK) {
         moe_layer_free(l);
         return st;
@@ -391,6 +368,13 @@ void moe__layer_bf16_refresh(moe_layer *l) {
     if (!l->w16 || l->w16_gen == gen || l->cfg.bf16 == MOE_BF16_WEIGHTS) return;
     moe_to_bf16_par(l->w16, l->wmem, l->n_weights);
     l->w16_gen = gen;
+}
+
+void moe__layer_bank(const moe_layer *l, moe_bank *b) {
+    b->fmt = moe_bank_format_of(l->cfg.bf16);
+    /* the format's weights: the bf16 copies sit at the fp32 weights' offsets */
+    b->W1q = b->fmt->lowp && l->w16 ? l->w16 + (b->W1 - l->wmem) : NULL;
+    b->W2q = b->fmt->lowp && l->w16 ? l->w16 + (b->W2 - l->wmem) : NULL;
 }
 
 void moe_layer_zero_grad(moe_layer *l) {
@@ -502,11 +486,11 @@ static moe_status nonfinite_aux(moe_layer *l, float aux, const float *x) {
     const moe_config *c = &l->cfg;
     double zl = c->z_loss_coef * l->z_loss, bal = c->balance_coef * l->balance_loss;
     const char *what = isnan(aux) ? "NaN" : "Inf";
-    if (l->cfg.type == MOE_LAYER_TOPK && !isfinite((float)zl))
+    if (!isfinite((float)zl)) /* the router terms (topk); 0 for the other kinds */
         return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: the "
                        "z-loss overflowed float32 (z_loss_coef * mean logsumexp(z)^2 = %.3g): gate logits reach "
                        "%.3g; scale the gate input or weights down", what, zl, sqrt(fabs(l->z_loss)));
-    if (l->cfg.type == MOE_LAYER_TOPK && !isfinite((float)bal))
+    if (!isfinite((float)bal))
         return moe_err(MOE_ERR_NONFINITE, "aux_loss is %s although the input x and the parameters are finite: the "
                        "balance loss is %.3g", what, bal);
     char msg[900];
@@ -527,13 +511,12 @@ static moe_status check_forward(moe_layer *l, const float *y, const float *x, co
     if (B <= 0 || N <= 0)
         return moe_err(MOE_ERR_ARG, "empty batch: x has %lld x %lld tokens; forward needs at least one row",
                        (long long)B, (long long)N);
-    int soft = l->cfg.type == MOE_LAYER_SOFT_DYNAMIC || l->cfg.type == MOE_LAYER_SOFT;
-    if (mask && !soft)
+    const moe_layer_kind *kind = moe__layer_kind(l->cfg.type);
+    if (mask && !kind->masks)
         return moe_err(MOE_ERR_UNSUPPORTED, "a token mask is only taken by the soft layers (soft_dynamic, soft), "
                                             "not by a %s layer", moe_layer_type_name(l->cfg.type));
     /* rows per token in the widest routed buffer: K (topk), 2 (gshard), 4 (hierarchical) */
-    int K = l->cfg.type == MOE_LAYER_TOPK ? moe__topk_slots(l)
-          : l->cfg.type == MOE_LAYER_GSHARD ? 2 : l->cfg.type == MOE_LAYER_HIERARCHICAL ? 4 : 1;
+    int K = kind->rows_per_token ? kind->rows_per_token(l) : 1;
     if (B > INT32_MAX / K / N || B * N > INT64_MAX / l->in_dim / l->out_dim)
         return moe_err(MOE_ERR_ARG, "batch of %lld x %lld tokens is too large (max %d)", (long long)B,
                        (long long)N, INT32_MAX / K);
@@ -718,10 +701,8 @@ moe_status moe_layer_backward(moe_layer *l, float *dx, const float *dy, float da
 
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     if (!l || !l->ws || l->T == 0) return 0;
-    if (l->cfg.type == MOE_LAYER_TOPK) return moe__topk_routing(l, dst, cap);
-    if (l->cfg.type == MOE_LAYER_GSHARD || l->cfg.type == MOE_LAYER_HIERARCHICAL)
-        return moe__gshard_routing(l, dst, cap);
-    return 0;
+    const moe_layer_kind *kind = moe__layer_kind(l->cfg.type);
+    return kind->routing ? kind->routing(l, dst, cap) : 0;
 }
 
 moe_status moe_layer_stats(const moe_layer *l, moe_stats *out) {

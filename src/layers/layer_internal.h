@@ -122,21 +122,6 @@ moe_status moe__layer_add_param(moe_layer *l, const char *name, int ndim, const 
 /* Allocate parameter and gradient memory (n_weights floats each). */
 moe_status moe__layer_alloc(moe_layer *l, int64_t n_weights);
 
-/* Bump allocator over the workspace: a 64-byte aligned chunk of n1*n2*esize
- * bytes. With base == NULL it only measures. On size overflow *off becomes
- * SIZE_MAX and stays there (the layer reports it as too large). */
-static inline void *moe__carve(char *base, size_t *off, int64_t n1, int64_t n2, size_t esize) {
-    size_t a, b, o;
-    if (*off == SIZE_MAX || n1 < 0 || n2 < 0 || !moe_mul_size(&a, (size_t)n1, (size_t)n2) ||
-        !moe_mul_size(&b, a, esize) || !moe_add_size(&o, *off, 63) || !moe_add_size(&o, o & ~(size_t)63, b)) {
-        *off = SIZE_MAX;
-        return NULL;
-    }
-    void *p = base ? base + ((*off + 63) & ~(size_t)63) : NULL;
-    *off = o;
-    return p;
-}
-
 /* Create a layer sharded over ep's ranks (ep is owned by the layer from here
  * on, freed with it, also on failure). */
 moe_status moe__layer_create_ep(moe_layer **out, const moe_config *cfg, moe_ep *ep);
@@ -148,20 +133,33 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
  * caller frees it). */
 moe_status moe__layer_load_fresh(moe_layer *l, const char *path);
 
-/* Per-kind constructors: validate cfg, set in/out dims and ops, register params. */
-moe_status moe__topk_create(moe_layer *l);
-moe_status moe__dense_create(moe_layer *l);
-moe_status moe__gshard_create(moe_layer *l); /* gshard and hierarchical */
-moe_status moe__soft_create(moe_layer *l);   /* soft_dynamic and soft     */
+/* A layer kind: what layer.c knows of it. Each kind's file defines its
+ * moe_layer_kind; registry.c lists them; layer.c looks a kind up by type and
+ * never names one. */
+typedef struct moe_layer_kind {
+    moe_layer_type type;
+    const char *name;                       /* the config's "type"                    */
+    void (*defaults)(moe_config *c);        /* moe_config_init's values for the kind  */
+    /* validate cfg, set in/out dims and ops, register params */
+    moe_status (*create)(moe_layer *l);
+    int bf16;                               /* bf16 mixed precision implemented       */
+    int masks;                              /* takes a token mask and images          */
+    int (*rows_per_token)(const moe_layer *l); /* widest routed buffer, rows per token */
+    /* Routing of the last forward, for tests (gradient checks hold it fixed):
+     * copies up to cap int32s describing every discrete choice into dst and
+     * returns how many there are; NULL for kinds without routing. */
+    int64_t (*routing)(const moe_layer *l, int32_t *dst, int64_t cap);
+} moe_layer_kind;
 
-/* Routing of the last forward, for tests (gradient checks hold it fixed):
- * copies up to cap int32s describing every discrete choice into dst and
- * returns how many there are (0 for layers without routing). */
+/* The kind of a type, or NULL (registry.c). */
+const moe_layer_kind *moe__layer_kind(moe_layer_type type);
+extern const moe_layer_kind moe__kind_dense, moe__kind_topk, moe__kind_gshard, moe__kind_hierarchical,
+    moe__kind_soft_dynamic, moe__kind_soft;
+
+/* Routing of the last forward (the kind's, 0 without one). */
 int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap);
-int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 /* Slots per token of the topk layer's assignment arrays (K or E, plus shared). */
 int     moe__topk_slots(const moe_layer *l);
-int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
 
 /* bf16 layers (cfg.bf16): make l->w16, the bf16 copy of the parameters
  * (allocated with them), again if the parameters' generation moved since it
@@ -169,12 +167,11 @@ int64_t moe__gshard_routing(const moe_layer *l, int32_t *dst, int64_t cap);
  * backward uses the copies its forward used. Nothing for fp32 layers. */
 void moe__layer_bf16_refresh(moe_layer *l);
 
-/* Carve the bf16 GEMM inputs of R expert rows: four arrays of widths w[0..3]
- * into *p[0..3] (0 rows for an fp32 layer). */
-static inline void moe__carve_bf16(const moe_config *c, char *base, size_t *off, int64_t R, const int64_t w[4],
-                                   uint16_t **const p[4]) {
-    for (int i = 0; i < 4; i++) *p[i] = moe__carve(base, off, c->bf16 ? R : 0, w[i], sizeof(uint16_t));
-}
+/* The bank of a layer: b's format from cfg.bf16 and the format's copies of
+ * b->W1 and b->W2 (the layer's bf16 weight copies, l->w16, at the same
+ * offsets as the fp32 weights in l->wmem). Call after setting b's parameters. */
+struct moe_bank;
+void moe__layer_bank(const moe_layer *l, struct moe_bank *b);
 
 /* The last (or running) forward kept nothing for a backward and its experts
  * are MLPs: the expert bank then computed the activation in place, over the

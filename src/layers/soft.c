@@ -33,7 +33,7 @@
  * stored as one block: g (D), then Wp (E*D,D) or [g2 (D), P (E,S,D)], then
  * g2 (dynamic), then the expert bank W1 (E,H2,D) b1 (E,H2) W2 (E,D,H) b2 (E,D).
  */
-#include "ffn.h"
+#include "bank.h"
 #include "layer_internal.h"
 #include "ops.h"
 
@@ -180,12 +180,13 @@ static soft_params params_of(const moe_layer *l, float *mem) {
     return p;
 }
 
-static moe_ffn ffn_of(const moe_layer *l, soft_params p, const soft_params *g, float dropout,
-                      uint64_t stream) {
+/* The expert bank over the slots (the layer's format: fp32, the soft layers have no bf16). */
+static moe_bank ffn_of(const moe_layer *l, soft_params p, const soft_params *g, float dropout, uint64_t stream) {
     const moe_config *c = &l->cfg;
-    moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g ? g->W1 : NULL, g ? g->b1 : NULL, g ? g->W2 : NULL,
-                 g ? g->b2 : NULL, c->input_dim, c->hidden_dim, c->num_experts, c->expert,
-                 c->activation, c->leaky_slope, dropout, stream, NULL, NULL, NULL, NULL, NULL, NULL};
+    moe_bank f = {p.W1, p.b1, p.W2, p.b2, g ? g->W1 : NULL, g ? g->b1 : NULL, g ? g->W2 : NULL,
+                  g ? g->b2 : NULL, c->input_dim, c->hidden_dim, c->num_experts, 0, c->expert,
+                  c->activation, c->leaky_slope, dropout, stream, NULL, NULL, NULL, {NULL, NULL, NULL, NULL}};
+    moe__layer_bank(l, &f);
     return f;
 }
 
@@ -384,9 +385,9 @@ static moe_status soft_forward(moe_layer *l, float *y, float *aux, const float *
     for (int64_t e = 0; e <= E; e++) w.offsets[e] = e * B * S;
     float drop = train ? l->cfg.dropout : 0.0f;
     *w.stream = moe_rng_u64(l->cfg.seed ^ 0x50f7d20d5e1a7ull, l->forward_calls);
-    moe_ffn f = ffn_of(l, p, NULL, drop, *w.stream);
+    moe_bank f = ffn_of(l, p, NULL, drop, *w.stream);
     /* no backward to follow: the activation in place (topk.c says why) */
-    moe_ffn_forward(&f, w.offsets, w.xs, w.hpre, moe__act_in_place(l) ? w.hpre : w.ha, w.ye);
+    moe_bank_forward(&f, w.offsets, w.xs, w.hpre, moe__act_in_place(l) ? w.hpre : w.ha, w.ye);
 
     /* combine, cropped to the N real positions: y_b = sum_e Cw[:N, e*S..] Y(e, b) */
     for (int64_t b = 0; b < B; b++) {
@@ -417,8 +418,8 @@ static moe_status soft_backward(moe_layer *l, float *dx, const float *dy, float 
         slots_scatter(w.dye, w.tJ, b, &d);
     }
     /* the forward's dropout mask (none after an eval-mode forward) */
-    moe_ffn f = ffn_of(l, p, &g, l->cached_train ? l->cfg.dropout : 0.0f, *w.stream);
-    l->grad_bad = moe_ffn_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
+    moe_bank f = ffn_of(l, p, &g, l->cached_train ? l->cfg.dropout : 0.0f, *w.stream);
+    l->grad_bad = moe_bank_backward(&f, w.offsets, w.xs, w.hpre, w.ha, w.dye, w.dha, w.dhpre, w.dxs);
 
     if (!d.dyn) memset(w.dK, 0, (size_t)(J * D) * sizeof(float));
     for (int64_t b = 0; b < B; b++) {
@@ -537,7 +538,7 @@ static const moe_layer_ops soft_ops = {soft_workspace_bytes, soft_forward, soft_
 
 /* ---------------------------------------------------------------- create */
 
-moe_status moe__soft_create(moe_layer *l) {
+static moe_status soft_create(moe_layer *l) {
     moe_config *c = &l->cfg;
     const char *kind = moe_layer_type_name(c->type);
     int dyn = is_dyn(l);
@@ -606,6 +607,16 @@ moe_status moe__soft_create(moe_layer *l) {
         if (st == MOE_OK) st = moe__layer_add_param(l, name, 1, s_d, o.b2 + e * D, H);
     }
     if (st == MOE_OK) st = moe__layer_alloc(l, o.end);
-    l->grad_lo = o.W1, l->grad_hi = o.end; /* the bank's gradients: checked by moe_ffn_backward */
+    l->grad_lo = o.W1, l->grad_hi = o.end; /* the bank's gradients: checked by moe_bank_backward */
     return st;
 }
+
+static void soft_defaults(moe_config *c) {
+    c->hidden_dim = 0; /* from expert_mult */
+    c->activation = MOE_ACT_GELU;
+    c->slots_per_expert = c->type == MOE_LAYER_SOFT ? 1 : 0;
+}
+
+const moe_layer_kind moe__kind_soft_dynamic = {MOE_LAYER_SOFT_DYNAMIC, "soft_dynamic", soft_defaults, soft_create, 0,
+                                               1, NULL, NULL};
+const moe_layer_kind moe__kind_soft = {MOE_LAYER_SOFT, "soft", soft_defaults, soft_create, 0, 1, NULL, NULL};

@@ -23,7 +23,7 @@
  *   shared_experts.{i}.net.0.weight ... (as experts), shared_gate.weight (Ns,D);
  * buffer gate.e_score_correction_bias (E) with expert_bias.
  */
-#include "ffn.h"
+#include "bank.h"
 #include "layer_internal.h"
 #include "ops.h"
 #include "router.h"
@@ -51,7 +51,7 @@ typedef struct {
     int32_t *slot;  /* (A)     token of each row                         */
     int64_t *offsets; /* (Et+1)                                          */
     float *xe, *hpre, *ha, *ye, *dye, *dha, *dhpre, *dxe; /* (A, D|H|H2) */
-    uint16_t *x16, *h16, *dy16, *dhp16; /* (A, D|H|D|H2) bf16 (cfg.bf16; else 0 rows) */
+    moe_bank_lowp lp; /* the bank format's copies of the rows (A rows; none for fp32) */
 } topk_ws;
 
 static int is_glu(const moe_config *c) { return c->expert != MOE_EXPERT_MLP; }
@@ -114,8 +114,7 @@ static size_t layout(const moe_layer *l, int64_t B, int64_t N, char *base, topk_
     w->dha = moe__carve(base, &off, A, H, F);
     w->dhpre = moe__carve(base, &off, A, H2, F);
     w->dxe = moe__carve(base, &off, A, D, F);
-    moe__carve_bf16(c, base, &off, A, (const int64_t[4]){D, H, D, H2},
-                    (uint16_t **const[4]){&w->x16, &w->h16, &w->dy16, &w->dhp16});
+    moe_bank_carve_lowp(moe_bank_format_of(c->bf16), base, &off, A, D, H, H2, &w->lp);
     return off;
 }
 
@@ -157,11 +156,13 @@ static topk_params params_of(const moe_layer *l, float *mem) {
 }
 
 /* The expert bank (routed and shared) over parameters p and gradients g. */
-static moe_ffn ffn_of(const moe_layer *l, topk_params p, topk_params g) {
+/* The expert bank of this rank (its parameters, the layer's format) over rows b. */
+static moe_bank bank_params(const moe_layer *l, topk_params p, topk_params g, const moe_bank_lowp *lp) {
     const moe_config *c = &l->cfg;
-    moe_ffn f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
-                 (int)routed_local(l) + c->num_shared, c->expert, c->activation, c->leaky_slope, 0.0f, 0,
-                 NULL, NULL, NULL, NULL, NULL, NULL};
+    moe_bank f = {p.W1, p.b1, p.W2, p.b2, g.W1, g.b1, g.W2, g.b2, c->input_dim, c->hidden_dim,
+                  (int)routed_local(l) + c->num_shared, 0, c->expert, c->activation, c->leaky_slope, 0.0f, 0,
+                  NULL, NULL, NULL, *lp};
+    moe__layer_bank(l, &f);
     return f;
 }
 
@@ -173,19 +174,8 @@ typedef struct {
     float *x, *hpre, *ha, *y, *dy, *dha, *dhpre, *dx; /* (Rb, D|H2|H)              */
     float *raw;                                      /* (Rr, D) exchange scratch  */
     int64_t *off;                                    /* (El + Ns + 1)             */
-    uint16_t *x16, *h16, *dy16, *dhp16;              /* (Rb, D|H|D|H2) bf16       */
+    moe_bank_lowp lp;                                /* (Rb rows) the format's copies */
 } topk_bank;
-
-/* bf16 mixed precision: the bank's GEMMs on the layer's bf16 weight copies
- * (made by the forward's refresh; the backward uses those the forward used)
- * and the bank's bf16 buffers. */
-static void ffn_bf16(const moe_layer *l, moe_ffn *f, const topk_bank *b) {
-    if (!l->cfg.bf16) return;
-    int64_t o[P_END + 1];
-    param_offsets(l, o);
-    f->W1h = l->w16 + o[P_W1], f->W2h = l->w16 + o[P_W2];
-    f->x16 = b->x16, f->h16 = b->h16, f->dy16 = b->dy16, f->dhp16 = b->dhp16;
-}
 
 static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base, topk_bank *b) {
     const moe_config *c = &l->cfg;
@@ -201,8 +191,7 @@ static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base
     b->dha = moe__carve(base, &off, Rb, H, F);
     b->dhpre = moe__carve(base, &off, Rb, H2, F);
     b->dx = moe__carve(base, &off, Rb, D, F);
-    moe__carve_bf16(c, base, &off, Rb, (const int64_t[4]){D, H, D, H2},
-                    (uint16_t **const[4]){&b->x16, &b->h16, &b->dy16, &b->dhp16});
+    moe_bank_carve_lowp(moe_bank_format_of(c->bf16), base, &off, Rb, D, H, H2, &b->lp);
     return off;
 }
 
@@ -210,7 +199,7 @@ static size_t bank_layout(const moe_layer *l, int64_t Rr, int64_t Rb, char *base
 static void bank_of(const moe_layer *l, const topk_ws *w, topk_bank *b) {
     if (!l->ep) {
         *b = (topk_bank){w->xe,  w->hpre,    w->ha,  w->ye,  w->dye, w->dha, w->dhpre, w->dxe,
-                         NULL,   w->offsets, w->x16, w->h16, w->dy16, w->dhp16};
+                         NULL,   w->offsets, w->lp};
         return;
     }
     int64_t E = l->cfg.num_experts, Ts = w->offsets[E + l->cfg.num_shared] - w->offsets[E];
@@ -310,16 +299,15 @@ static moe_status topk_forward(moe_layer *l, float *y, float *aux, const float *
     moe_gather_rows(w.xe, x, w.slot, w.offsets[E + Ns], D);
 
     topk_params none = {0};
-    moe_ffn f = ffn_of(l, p, none);
     topk_bank bk;
     bank_of(l, &w, &bk);
     moe_status st = l->ep ? ep_out(l, &w, &bk) : MOE_OK; /* exchange out */
     if (st != MOE_OK) return st;
-    ffn_bf16(l, &f, &bk);
+    moe_bank f = bank_params(l, p, none, &bk.lp);
     /* nothing kept for a backward (MOE_NO_GRAD, inference): an MLP expert's
      * activation overwrites its pre-activation, so a forward-only run touches
      * one (rows, H) buffer instead of two (fresh pages cost 0.4 ms per MB here) */
-    moe_ffn_forward(&f, bk.off, bk.x, bk.hpre, moe__act_in_place(l) ? bk.hpre : bk.ha, bk.y);
+    moe_bank_forward(&f, bk.off, bk.x, bk.hpre, moe__act_in_place(l) ? bk.hpre : bk.ha, bk.y);
     if (l->ep && (st = ep_back(l, &w, &bk, w.ye, bk.y)) != MOE_OK) return st; /* exchange back */
     moe_combine(y, w.ye, w.w, w.pos, T, Ks, D);
 
@@ -345,7 +333,6 @@ static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float 
 
     /* combine: dye = w * dy per routed row, dw = <dy, ye> */
     moe_combine_backward(w.dye, w.dw, dy, w.ye, w.w, w.pos, T, Ks, D);
-    moe_ffn f = ffn_of(l, p, g);
     topk_bank bk;
     bank_of(l, &w, &bk);
     moe_status st = MOE_OK;
@@ -354,9 +341,9 @@ static moe_status topk_backward(moe_layer *l, float *dx, const float *dy, float 
         memcpy(bk.dy + l->plan.Rr * D, w.dye + Rs * D, (size_t)(Ts * D) * sizeof(float));
         if ((st = moe_ep_rows_out(l->ep, &l->plan, bk.dy, bk.raw, w.dye, D)) != MOE_OK) return st;
     }
-    ffn_bf16(l, &f, &bk);
+    moe_bank f = bank_params(l, p, g, &bk.lp);
     /* expert parallel: the input gradients always go back (every rank takes part) */
-    l->grad_bad = moe_ffn_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
+    l->grad_bad = moe_bank_backward(&f, bk.off, bk.x, bk.hpre, bk.ha, bk.dy, bk.dha, bk.dhpre,
                                    dx || l->ep ? bk.dx : NULL);
     if (l->ep && (st = ep_back(l, &w, &bk, w.dxe, bk.dx)) != MOE_OK) return st;
 
@@ -483,7 +470,7 @@ static moe_status add_expert(moe_layer *l, const char *kind, int i, int64_t e, c
     return st;
 }
 
-moe_status moe__topk_create(moe_layer *l) {
+static moe_status topk_create(moe_layer *l) {
     const moe_config *c = &l->cfg;
     int E = c->num_experts, Ns = c->num_shared;
     moe_status st = check_router(c);
@@ -529,7 +516,7 @@ moe_status moe__topk_create(moe_layer *l) {
     int64_t s_gs[2] = {Ns, D};
     if (st == MOE_OK && c->shared_gate) st = moe__layer_add_param(l, "shared_gate.weight", 2, s_gs, o[P_GS], D);
     if (st == MOE_OK) st = moe__layer_alloc(l, o[P_END]);
-    l->grad_lo = o[P_W1], l->grad_hi = o[P_WG]; /* the bank's gradients: checked by moe_ffn_backward */
+    l->grad_lo = o[P_W1], l->grad_hi = o[P_WG]; /* the bank's gradients: checked by moe_bank_backward */
     /* expert parallel: the exchange plan, allocated here where every rank's failure is agreed */
     if (st == MOE_OK && l->ep) st = moe_ep_plan_alloc(&l->plan, l->ep->size, (int)El);
     if (st == MOE_OK && c->expert_bias) { /* state buffer, zeros as DeepSeek-V3 starts it */
@@ -544,7 +531,7 @@ moe_status moe__topk_create(moe_layer *l) {
     return st;
 }
 
-int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
+static int64_t topk_routing(const moe_layer *l, int32_t *dst, int64_t cap) {
     topk_ws w;
     int64_t n = l->T * moe__topk_slots(l);
     layout(l, l->B, l->N, l->ws, &w);
@@ -614,3 +601,9 @@ moe_status moe_layer_update_bias(moe_layer *l) {
     memset(l->bias_load, 0, (size_t)E * sizeof *l->bias_load);
     return MOE_OK;
 }
+
+/* seed 004 routes every token: dropless */
+static void topk_defaults(moe_config *c) { c->capacity_factor_train = c->capacity_factor_eval = 0.0; }
+
+const moe_layer_kind moe__kind_topk = {MOE_LAYER_TOPK, "topk", topk_defaults, topk_create, 1, 0, moe__topk_slots,
+                                       topk_routing};

@@ -50,6 +50,7 @@ int cmd_train(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
+int cmd_cpu(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 
 #endif

@@ -2,6 +2,7 @@
 #include "cli.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static void usage(FILE *f) {
@@ -18,6 +19,7 @@ static void usage(FILE *f) {
             "  inspect   a checkpoint's config and parameter table\n"
             "  forward   run one layer on tensors saved from PyTorch (safetensors), with gradients\n"
             "  bench     time forward+backward against a dense sgemm of the same FLOPs\n"
+            "  cpu       this CPU's kernel levels and the one in use (MOE_MAX_CPU_ISA caps it)\n"
             "  version   print the version\n",
             MOE_VERSION);
 }
@@ -28,6 +30,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *c = argv[1];
+    /* a cap that names no level runs at baseline: say so before any command's output */
+    const char *cap = getenv("MOE_MAX_CPU_ISA");
+    if (cap && *cap) {
+        (void)moe_cpu_isa();
+        if (strstr(moe_cpu_notes(), "MOE_MAX_CPU_ISA=")) fprintf(stderr, "moe: %s", moe_cpu_notes());
+    }
     if (!strcmp(c, "-h") || !strcmp(c, "--help") || !strcmp(c, "help")) {
         usage(stdout);
         return 0;
@@ -41,6 +49,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(c, "sample")) return cmd_sample(argc - 1, argv + 1);
     if (!strcmp(c, "eval")) return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(c, "cpu")) return cmd_cpu(argc - 1, argv + 1);
     if (!strcmp(c, "inspect")) return cmd_inspect(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n\n", c);
     usage(stderr);
