@@ -92,6 +92,7 @@ if [ "${ONLY_ASAN:-0}" != 1 ]; then
     run "mpi train --ep" sh tests/mpi/train_ep.sh
     run "install" sh tests/install.sh
     run "cli" sh tests/cli.sh
+    run "portable (qemu: an older x86-64 CPU)" sh tests/portable.sh
     run "train" sh tests/train.sh
     run "parity (PyTorch)" /usr/bin/python3 tests/parity/run_parity.py
     run "parity soft (PyTorch)" /usr/bin/python3 tests/parity/run_parity_soft.py

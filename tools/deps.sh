@@ -2,8 +2,9 @@
 # Check (and, as root with apt-get, install) the system packages libmoe needs.
 #   tools/deps.sh build   oneDNN (GEMMs), cJSON headers/libraries and OpenMPI
 #                         (libopenmpi-dev, openmpi-bin: expert parallelism, `--ep`)
-#   tools/deps.sh test    the above plus Debian's python3-torch for parity tests, and
-#                         pkg-config and cmake for the install test
+#   tools/deps.sh test    the above plus Debian's python3-torch for parity tests,
+#                         pkg-config and cmake for the install test, and qemu-user-static
+#                         (tests/portable.sh runs the tool on emulated older CPUs)
 #   tools/deps.sh fuzz    clang and libFuzzer (make fuzz)
 #   tools/deps.sh valgrind  valgrind (make test-valgrind)
 #   tools/deps.sh corpus  only Debian's fortune-cookie files, the multilingual corpus of
@@ -43,6 +44,10 @@ if [ "$what" = test ]; then
     # ... and `pip install ./python`
     /usr/bin/python3 -m pip --version >/dev/null 2>&1 || missing="$missing python3-pip"
     /usr/bin/python3 -c "import setuptools" >/dev/null 2>&1 || missing="$missing python3-setuptools"
+    # tests/portable.sh: the tool under qemu-user emulating older x86-64 CPUs
+    if [ "$(uname -m)" = x86_64 ]; then
+        command -v qemu-x86_64-static >/dev/null 2>&1 || missing="$missing qemu-user-static"
+    fi
 fi
 if [ "$what" = valgrind ]; then
     command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"

@@ -63,11 +63,14 @@ static void probe(void) {
     if (__builtin_cpu_supports("avx512dq")) ADD("avx512dq");
     if (__builtin_cpu_supports("avx512vl")) ADD("avx512vl");
     if (bf16) ADD("avx512_bf16");
-    /* for the quantized bank (int8 dot products), not a level of their own yet */
-    if (__builtin_cpu_supports("avx512vnni")) ADD("avx512_vnni");
-    if (__builtin_cpu_supports("avxvnni")) ADD("avx_vnni");
-    /* the brand string: cpuid leaves 0x80000002..4 */
+    /* for the quantized bank (int8 dot products), not a level of their own yet;
+     * read from cpuid directly (not every compiler's __builtin_cpu_supports
+     * knows them): leaf 7 subleaf 0 ECX bit 11, subleaf 1 EAX bit 4 */
     unsigned r[12], a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (c >> 11 & 1) && __builtin_cpu_supports("avx512f"))
+        ADD("avx512_vnni");
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1) && avx2) ADD("avx_vnni");
+    /* the brand string: cpuid leaves 0x80000002..4 */
     if (__get_cpuid(0x80000000u, &a, &b, &c, &d) && a >= 0x80000004u) {
         for (unsigned i = 0; i < 3; i++) __get_cpuid(0x80000002u + i, &r[4 * i], &r[4 * i + 1], &r[4 * i + 2], &r[4 * i + 3]);
         char s[49];
