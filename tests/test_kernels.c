@@ -137,6 +137,32 @@ static void elementwise(const moe_kernels *g, const moe_kernels *k) {
           what);
 }
 
+/* ---------------------------------------------------------------- transpose */
+
+static void transposes(const moe_kernels *g, const moe_kernels *k) {
+    static const int64_t dims[] = {1, 3, 7, 8, 9, 31, 32, 33, 70};
+    int bad = 0;
+    for (int ri = 0; ri < 9; ri++)
+        for (int ci = 0; ci < 9; ci++) {
+            int64_t r = dims[ri], c = dims[ci], ld = c + (ri & 3); /* a row stride past the columns too */
+            float *src = malloc(sizeof(float) * (size_t)(r * ld)), *d1 = malloc(sizeof(float) * (size_t)(r * c));
+            float *d2 = malloc(sizeof(float) * (size_t)(r * c));
+            fill_special(src, r * ld);
+            memset(d1, 0x5a, sizeof(float) * (size_t)(r * c)), memset(d2, 0x5a, sizeof(float) * (size_t)(r * c));
+            g->transpose(d1, src, r, c, ld);
+            k->transpose(d2, src, r, c, ld);
+            int wrong = bits_differ(d1, d2, r * c, 4) >= 0;
+            for (int64_t i = 0; i < r && !wrong; i++) /* and generic is a transpose */
+                for (int64_t j = 0; j < c; j++) wrong |= memcmp(&d1[j * r + i], &src[i * ld + j], 4) != 0;
+            if (wrong && bad++ < 3)
+                fprintf(stderr, "  %s transpose wrong: %lld x %lld, ld %lld\n", moe_isa_name(k->isa), (long long)r,
+                        (long long)c, (long long)ld);
+            free(src), free(d1), free(d2);
+        }
+    CHECK(bad == 0, "%s: transpose differs from the generic one (or is not a transpose) in %d shapes",
+          moe_isa_name(k->isa), bad);
+}
+
 /* ---------------------------------------------------------------- decode GEMVs */
 
 /* Relative bound of a dot product of K terms summed in fp32 against the
@@ -302,6 +328,7 @@ int main(void) {
         CHECK(k->isa == (moe_isa)i, "table %d says level %d", i, (int)k->isa);
         conversions(g, k);
         elementwise(g, k);
+        transposes(g, k);
         gemv(g, k);
         gemms(k);
         CHECK(k->softmax_rows == g->softmax_rows && k->topk_softmax == g->topk_softmax,

@@ -49,6 +49,10 @@ typedef struct moe_kernels {
     void (*vswiglu)(float *o, const float *a, const float *g, int64_t n);
     void (*vswiglu_backward)(float *da, float *dg, const float *d, const float *a, const float *g, int64_t n);
 
+    /* dst (cols, rows) dense = src (rows, cols; row stride ld)^T: a copy
+     * (bits: exact on every level). */
+    void (*transpose)(float *dst, const float *src, int64_t rows, int64_t cols, int64_t ld);
+
     /* ---- decode GEMVs: C (n,N) += A (n,K) W^T for W (N,K) row-major
      * (nn.Linear's layout) and few rows n <= MOE_SMALL_ROWS: each row of W
      * read once. Summation (generic.h, moe__dot_tree): 16 fp32 lanes, lane
@@ -69,9 +73,15 @@ typedef struct moe_kernels {
 
     /* ---- GEMM entries (onednn.c) ----
      * sgemm1: one single-threaded call C = alpha op(A) op(B) + beta C
-     * (moe_sgemm's tile); 0 if the library failed (nothing written). */
+     * (moe_sgemm's tile); 0 if the library failed (nothing written).
+     * sgemm_prefers_nt: moe_sgemm turns a big GEMM that is not A B^T into
+     * one by transposing its operands into the thread's scratch first (set
+     * at the avx2 level: oneDNN 2.6's AVX2 sgemm runs A B^T 1.5-1.8x faster
+     * than A B or A^T B at expert shapes, measured on AMD Zen 4; at
+     * avx512 all four run alike). */
     int (*sgemm1)(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                   const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+    int sgemm_prefers_nt;
     /* C (M,N) = op(A) op(B) + beta C, A and B bf16 dense row-major, C fp32,
      * beta 0 or 1 (see moe_gemm_bf16 in ops.h); 0 if it failed (nothing
      * written). Native bf16 (oneDNN) or widened to fp32. */
@@ -96,6 +106,14 @@ static inline const moe_kernels *moe_k(void) {
  * this CPU or this build lacks it. The tables share the process's oneDNN
  * cap (made for moe_cpu_isa()). */
 const moe_kernels *moe__kernels_at(moe_isa isa);
+
+/* The calling thread's scratch for the GEMM entries (onednn.c): slot's
+ * buffer of at least n floats, 64-byte aligned, kept for the thread's next
+ * call (no allocation per step once the shapes have been seen) and freed at
+ * the thread's exit; NULL if it cannot be allocated. Slots: the widened
+ * bf16 operands, and the transposed fp32 operands (moe_sgemm). */
+enum { MOE_SCRATCH_WIDE_A, MOE_SCRATCH_WIDE_B, MOE_SCRATCH_T_A, MOE_SCRATCH_T_B, MOE_SCRATCH_SLOTS };
+float *moe__kernel_scratch(int slot, size_t n);
 
 /* Each folder lays its kernels over a table (kernels.c calls them in order). */
 void moe__kernels_fill_generic(moe_kernels *k);

@@ -188,50 +188,61 @@ static int gemm_bf16_native(int ta, int tb, int64_t M, int64_t N, int64_t K, con
 
 /* ---------------------------------------------------------------- bf16, widened */
 
-/* Each thread's scratch for the widened operands: grown as needed, kept for
- * the next call (no allocation per step once the shapes have been seen),
- * freed when the thread exits. Hand-managed, not moe_alloc: it is allocated
- * inside the expert tasks, where the library's allocation counting for
- * fault injection does not run. */
-static _Thread_local float *t_buf;
-static _Thread_local size_t t_cap;
+/* Each thread's scratch (kernels.h, moe__kernel_scratch): grown as needed,
+ * kept for the next call, freed when the thread exits. Hand-managed, not
+ * moe_alloc: it is allocated inside the expert tasks, where the library's
+ * allocation counting for fault injection does not run. */
+typedef struct {
+    float *p[MOE_SCRATCH_SLOTS];
+    size_t cap[MOE_SCRATCH_SLOTS];
+} thread_scratch;
+static _Thread_local thread_scratch *t_scratch;
 static pthread_key_t g_key;
 static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
 
-static void buf_free(void *p) { free(p); }
-static void key_make(void) { (void)pthread_key_create(&g_key, buf_free); }
+static void scratch_free(void *v) {
+    thread_scratch *s = v;
+    for (int i = 0; i < MOE_SCRATCH_SLOTS; i++) free(s->p[i]);
+    free(s);
+}
+static void key_make(void) { (void)pthread_key_create(&g_key, scratch_free); }
 
-static float *scratch(size_t n) {
-    if (n <= t_cap) return t_buf;
-    pthread_once(&g_key_once, key_make);
+float *moe__kernel_scratch(int slot, size_t n) {
+    if (!t_scratch) {
+        pthread_once(&g_key_once, key_make);
+        if (!(t_scratch = calloc(1, sizeof *t_scratch))) return NULL;
+        (void)pthread_setspecific(g_key, t_scratch); /* freed at the thread's exit */
+    }
+    thread_scratch *s = t_scratch;
+    if (n <= s->cap[slot]) return s->p[slot];
     size_t want = n + n / 4, bytes;
     void *p = NULL;
     if (!moe_mul_size(&bytes, want, sizeof(float)) || posix_memalign(&p, 64, bytes) != 0) return NULL;
-    free(t_buf);
-    t_buf = p, t_cap = want;
-    (void)pthread_setspecific(g_key, p); /* freed at the thread's exit */
-    return t_buf;
+    free(s->p[slot]);
+    s->p[slot] = p, s->cap[slot] = want;
+    return p;
 }
 
 int moe__gemm_bf16_widen(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                          float beta, float *C) {
-    size_t na = (size_t)M * (size_t)K, nb = (size_t)K * (size_t)N, n;
-    float *w = moe_add_size(&n, na, nb) ? scratch(n) : NULL;
-    if (!w) {
+    size_t na = (size_t)M * (size_t)K, nb = (size_t)K * (size_t)N;
+    float *wa = moe__kernel_scratch(MOE_SCRATCH_WIDE_A, na), *wb = moe__kernel_scratch(MOE_SCRATCH_WIDE_B, nb);
+    if (!wa || !wb) {
         moe__cpu_note("cannot allocate the scratch to widen a bf16 GEMM of %lld x %lld x %lld to fp32: it ran the "
                       "plain reference loop (slow)", (long long)M, (long long)N, (long long)K);
         return 0;
     }
     const moe_kernels *k = moe_k();
-    k->bf16_to_f32(w, A, (int64_t)na);
-    k->bf16_to_f32(w + na, B, (int64_t)nb);
+    k->bf16_to_f32(wa, A, (int64_t)na);
+    k->bf16_to_f32(wb, B, (int64_t)nb);
     /* moe_sgemm: tiles by shape over the threads outside a task, one call inside */
-    moe_sgemm(ta, tb, M, N, K, 1.0f, w, ta ? M : K, w + na, tb ? K : N, beta, C, N);
+    moe_sgemm(ta, tb, M, N, K, 1.0f, wa, ta ? M : K, wb, tb ? K : N, beta, C, N);
     return 1;
 }
 
 void moe__kernels_fill_onednn(moe_kernels *k) {
     k->sgemm1 = sgemm1;
+    k->sgemm_prefers_nt = k->isa == MOE_ISA_AVX2;
     k->gemm_bf16 = k->isa == MOE_ISA_AVX512_BF16 ? gemm_bf16_native : moe__gemm_bf16_widen;
 }
 

@@ -25,6 +25,21 @@ void moe_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
             for (int64_t j = 0; j < N; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
         return;
     }
+    /* At a level whose GEMM runs A B^T fastest (kernels.h: avx2), a big
+     * GEMM of another form becomes one: op(A) copied to (M,K), op(B) to
+     * (N,K), in this thread's scratch (the tiles below only read them).
+     * Exact copies; the sums are then A B^T's, decided by the shape alone.
+     * Without scratch it runs as it is (slower, the same product). */
+    const moe_kernels *kt = moe_k();
+    if (kt->sgemm_prefers_nt && !(ta == 0 && tb == 1) && M >= 64 && N >= 64 && K >= 64) {
+        float *a = ta ? moe__kernel_scratch(MOE_SCRATCH_T_A, (size_t)(M * K)) : (float *)A;
+        float *b = tb ? (float *)B : moe__kernel_scratch(MOE_SCRATCH_T_B, (size_t)(N * K));
+        if (a && b) {
+            if (ta) kt->transpose(a, A, K, M, lda); /* A (K,M) -> (M,K) */
+            if (!tb) kt->transpose(b, B, K, N, ldb); /* B (K,N) -> (N,K) */
+            A = a, lda = ta ? K : lda, B = b, ldb = tb ? ldb : K, ta = 0, tb = 1;
+        }
+    }
     /* Our threads, not the library's: C is cut into at most 4 tiles along its
      * longer side, the cut depending only on the shape, and each tile is one
      * single-threaded oneDNN call (sgemm_1). Every element is then summed

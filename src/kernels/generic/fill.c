@@ -9,6 +9,7 @@ void moe__kernels_fill_generic(moe_kernels *k) {
     k->vsilu_backward = moe__g_vsilu_backward;
     k->vswiglu = moe__g_vswiglu;
     k->vswiglu_backward = moe__g_vswiglu_backward;
+    k->transpose = moe__g_transpose;
     k->sgemm_nt_small = moe__g_sgemm_nt_small;
     k->gemm_bf16_nt_small = moe__g_gemm_bf16_nt_small;
     k->softmax_rows = moe__g_softmax_rows;

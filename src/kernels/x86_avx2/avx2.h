@@ -11,6 +11,7 @@ void moe__avx2_vsilu(float *y, const float *x, int64_t n);
 void moe__avx2_vsilu_backward(float *dx, const float *dy, const float *x, int64_t n);
 void moe__avx2_vswiglu(float *o, const float *a, const float *g, int64_t n);
 void moe__avx2_vswiglu_backward(float *da, float *dg, const float *d, const float *a, const float *g, int64_t n);
+void moe__avx2_transpose(float *dst, const float *src, int64_t rows, int64_t cols, int64_t ld);
 void moe__avx2_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                               int64_t N, int64_t K);
 void moe__avx2_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,

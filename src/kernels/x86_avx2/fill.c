@@ -9,6 +9,7 @@ void moe__kernels_fill_avx2(moe_kernels *k) {
     k->vsilu_backward = moe__avx2_vsilu_backward;
     k->vswiglu = moe__avx2_vswiglu;
     k->vswiglu_backward = moe__avx2_vswiglu_backward;
+    k->transpose = moe__avx2_transpose;
     k->sgemm_nt_small = moe__avx2_sgemm_nt_small;
     k->gemm_bf16_nt_small = moe__avx2_gemm_bf16_nt_small;
 }
