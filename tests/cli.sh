@@ -5,6 +5,8 @@
 set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh
+# PATTERN also in the output of the last expect (one run, several checks)
+also() { if grep -q -e "$1" "$tmp/out"; then ok; else bad "output lacks '$1': $(head -c 400 "$tmp/out")"; fi; }
 
 expect 0 "usage: moe <command>" "$moe" --help
 expect 2 "usage: moe <command>" "$moe"
@@ -53,7 +55,41 @@ fi
 expect 0 "step" "$moe" train --corpus tasks --steps 20 --batch 2 --context 32 --dim 32 --layer dense --out "$tmp/d"
 # a short benchmark prints the ratio line
 expect 0 "dense sgemm, same FLOP" "$moe" bench --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
+also "^cpu: .*, level "
+also "^peak of level .* each thread timed alone"
 expect 0 '"ratio"' "$moe" bench --tokens 64 --dim 16 --hidden 32 --experts 4 --iters 1 --json
+# the CPU, the level and both peaks (per-thread sum and team) in the JSON; the old names stay
+for f in cpu isa isa_max cpu_notes peak peak_thread_sum_gflops peak_team_gflops peak_share fp32_peak_gflops \
+    bf16_peak_gflops fp32_peak_team_gflops dense_baseline; do
+    also "\"$f\": "
+done
+if command -v python3 >/dev/null 2>&1; then
+    if python3 -m json.tool "$tmp/out" >/dev/null 2>&1; then ok; else bad "bench --json is not JSON: $(head -c 400 "$tmp/out")"; fi
+fi
+# --bf16 below avx512_bf16 (no native bf16): the baseline runs widened to fp32
+# and the share is of the fp32 peak (it used to exit 1). A cap above the CPU's
+# best, or not a level of this architecture, runs lower: expect that level.
+lv_avx2=baseline
+if [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then lv_avx2=avx2; fi
+for cap in avx2 baseline; do
+    lv=$cap
+    [ "$cap" = avx2 ] && lv=$lv_avx2
+    expect 0 "^cpu: .*, level $lv " env MOE_MAX_CPU_ISA=$cap "$moe" bench --bf16 --tokens 64 --dim 16 --hidden 32 \
+        --experts 4 --iters 1
+    also "dense widened, same FLOP"
+    also "no native bf16 peak at this level"
+    also "of the fp32 peak"
+    expect 0 "\"isa\": \"$lv\"" env MOE_MAX_CPU_ISA=$cap "$moe" bench --bf16 --tokens 64 --dim 16 --hidden 32 \
+        --experts 4 --iters 1 --json
+    also '"dense_baseline": "bf16_widened_sgemm"'
+    also '"peak": "fp32"'
+    also '"bf16_peak_gflops": 0.0'
+done
+# a cap that is no level: the library's note is printed, never silent
+expect 0 "^note: MOE_MAX_CPU_ISA=bogus is not a level" env MOE_MAX_CPU_ISA=bogus "$moe" bench --tokens 64 --dim 16 \
+    --hidden 32 --experts 4 --iters 1
+expect 0 '"cpu_notes": \["MOE_MAX_CPU_ISA=bogus is not a level' env MOE_MAX_CPU_ISA=bogus "$moe" bench --tokens 64 \
+    --dim 16 --hidden 32 --experts 4 --iters 1 --json
 # bf16 mixed precision: bench, train and forward take --bf16; the soft layers refuse it clearly
 expect 0 "bf16 mixed precision (autocast)" "$moe" bench --bf16 --tokens 128 --dim 32 --hidden 64 --experts 4 --iters 2
 expect 0 '"bf16": true' "$moe" bench --bf16 --layer gshard --tokens 128 --dim 16 --hidden 32 --experts 4 --iters 1 --json
@@ -102,6 +138,7 @@ expect 0 "deepseek_v3+shared" "$moe" bench --router deepseek_v3 --shared 1 --tok
     --experts 4 --iters 1
 expect 2 "for --layer topk" "$moe" bench --layer gshard --router switch
 expect 0 '"mode": "decode", "T": 16' "$moe" bench --decode --dim 16 --hidden 16 --experts 4 --iters 1 --json
+also '"isa": "'
 expect 2 "decode is for --layer topk" "$moe" bench --decode --layer gshard
 
 echo "cli: $pass passed, $fail failed"

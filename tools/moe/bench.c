@@ -31,9 +31,21 @@ static const char *usage_text =
     "                 [--expert mlp|swiglu|geglu] [--iters N] [--threads N] [--bf16] [--json] [--ep]\n"
     "\n"
     "Times a layer's forward+backward (train mode) and, in the same run, a dense sgemm of\n"
-    "the same useful FLOPs and the machine's fp32 FMA and bf16 dot-product peaks (register-only\n"
-    "loops on every thread; the layer's GFLOP/s as a share of the fp32 peak). The useful FLOPs\n"
-    "are those of the rows the experts actually ran; prints tokens/s, GFLOP/s and the ratios.\n"
+    "the same useful FLOPs and the arithmetic peaks of the CPU level the process runs at\n"
+    "(register-only loops on every thread; the layer's GFLOP/s as a share of the peak). The useful\n"
+    "FLOPs are those of the rows the experts actually ran; prints tokens/s, GFLOP/s and the ratios.\n"
+    "Every output names the CPU, the level in use and the best level (MOE_MAX_CPU_ISA=baseline|\n"
+    "avx2|avx512|avx512_bf16 caps it, libmoe's kernels and oneDNN's alike) and the library's\n"
+    "fallbacks (moe_cpu_notes), if any. Peaks by level: baseline 128-bit SSE mul+add pairs\n"
+    "(x86-64-v2 has no FMA; a pair counts 2 FLOP per lane), avx2 256-bit FMA, avx512 and\n"
+    "avx512_bf16 512-bit FMA, arm64 128-bit NEON FMA; the bf16 peak (vdpbf16ps) at avx512_bf16\n"
+    "only. Each thread times its own loop (best of 7): the peak is the sum of the threads' rates,\n"
+    "which a preempted thread does not lower; the team's rate (all FLOPs over the wall time) is\n"
+    "shown beside it. --json: fp32_peak_gflops and bf16_peak_gflops (0 where not native) are\n"
+    "the per-thread sums, fp32_peak_team_gflops and bf16_peak_team_gflops the team's; peak\n"
+    "(fp32|bf16) is the one the shares use, with peak_thread_sum_gflops, peak_team_gflops,\n"
+    "peak_share and dense_peak_share; cpu, isa, isa_max, cpu_notes, bf16_native (the level has\n"
+    "bf16 dot products) and dense_baseline (sgemm|bf16_matmul|bf16_widened_sgemm) say what ran.\n"
     "Defaults: topk, T=4096 D=512 H=2048 E=16 K=2 mlp (relu) experts, 5 timed\n"
     "iterations (medians), all cores. gshard and hierarchical run B=4 sequences of T/B\n"
     "tokens with the seed's defaults (policy random, capacity factor 1.25); hierarchical\n"
@@ -42,8 +54,10 @@ static const char *usage_text =
     "--expert geglu); soft has S = N/E learned slots per expert unless --slots is given.\n"
     "topk takes a router recipe (--router topk|switch|mixtral|st_moe|deepseek_v3|\n"
     "expert_choice) and shared experts (--shared N), whose rows count as useful work.\n"
-    "--bf16 (topk): bf16 mixed precision (autocast); the dense baseline then runs the same\n"
-    "GEMMs as oneDNN bf16 x bf16 -> fp32 matmuls on all threads, and the ratio is to the bf16 peak.\n"
+    "--bf16 (topk): bf16 mixed precision (autocast). At avx512_bf16 the dense baseline runs the same\n"
+    "GEMMs as oneDNN bf16 x bf16 -> fp32 matmuls on all threads, and the share is of the bf16 peak.\n"
+    "At other levels the library widens bf16 GEMMs to fp32 and runs them as fp32, so the baseline\n"
+    "runs the fp32 sgemms on the operands rounded to bf16, and the share is of the fp32 peak.\n"
     "--decode (topk): eval forwards of T = 1, 4 and 16 tokens, each on fresh random tokens;\n"
     "the bytes of the experts they select (plus the gate) over the time, against a memcpy\n"
     "(bytes copied per second), a read-only stream on every thread, and a read-only burst of as\n"
@@ -108,6 +122,31 @@ static void mm_free(dense_bf16 *d) {
     if (d->eng) dnnl_engine_destroy(d->eng);
 }
 
+/* Which dense baseline runs (see cmd_bench). */
+typedef enum { DENSE_SGEMM, DENSE_BF16_NATIVE, DENSE_BF16_WIDENED } dense_mode;
+
+/* The fp32 dense baseline's operands: the six GEMMs of an FFN over A rows. */
+typedef struct {
+    int64_t A, D, H, H2;
+    float *X, *W1, *Hp, *Ha, *W2, *Y, *dY, *dW2, *dHa, *dW1, *dX;
+} dense_f32;
+
+/* forward X W1^T, act, H W2^T; backward dW2, dH, dW1, dX, on all threads */
+static void sgemm_run(const dense_f32 *g) {
+    int64_t A = g->A, D = g->D, H = g->H, H2 = g->H2;
+    dnnl_sgemm('N', 'T', A, H2, D, 1, g->X, D, g->W1, D, 0, g->Hp, H2);
+    dnnl_sgemm('N', 'T', A, D, H, 1, g->Ha, H, g->W2, H, 0, g->Y, D);
+    dnnl_sgemm('T', 'N', D, H, A, 1, g->dY, D, g->Ha, H, 1, g->dW2, H);
+    dnnl_sgemm('N', 'N', A, H, D, 1, g->dY, D, g->W2, H, 0, g->dHa, H);
+    dnnl_sgemm('T', 'N', H2, D, A, 1, g->Hp, H2, g->X, D, 1, g->dW1, D);
+    dnnl_sgemm('N', 'N', A, D, H2, 1, g->Hp, H2, g->W1, D, 0, g->dX, D);
+}
+
+/* dst (n) = src widened from bf16 (exact) */
+static void widen(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = moe_bf16_to_f32(src[i]);
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -119,6 +158,61 @@ static void fill(float *v, size_t n, uint64_t seed, float scale) {
         s = s * 6364136223846793005ull + 1442695040888963407ull;
         v[i] = scale * ((float)(s >> 40) / 16777216.0f - 0.5f);
     }
+}
+
+/* ---- the CPU and the level, in every output: a figure means little without
+ * the instructions it ran on, and the library's fallbacks are never silent. */
+
+/* "cpu: MODEL, level L (best B; MOE_MAX_CPU_ISA=X)" */
+static void cpu_text(void) {
+    moe_isa isa = moe_cpu_isa(), best = moe_cpu_isa_max();
+    const char *cap = getenv("MOE_MAX_CPU_ISA");
+    printf("cpu: %s, level %s", moe_cpu_model(), moe_isa_name(isa));
+    if (isa != best || (cap && *cap))
+        printf(" (best %s%s%.32s)", moe_isa_name(best), cap && *cap ? "; MOE_MAX_CPU_ISA=" : "", cap ? cap : "");
+    printf("\n");
+}
+
+/* moe_cpu_notes(), one "note: " line each (nothing when empty); called after
+ * the work, when the fallbacks it hit have been noted. */
+static void notes_text(void) {
+    const char *n = moe_cpu_notes();
+    while (*n) {
+        const char *e = strchr(n, '\n');
+        int len = e ? (int)(e - n) : (int)strlen(n);
+        printf("note: %.*s\n", len, n);
+        n += len + (e != NULL);
+    }
+}
+
+/* s as a JSON string (quotes, backslashes and control characters escaped);
+ * len < 0: up to the NUL */
+static void json_str(const char *s, int len) {
+    putchar('"');
+    for (int i = 0; len < 0 ? s[i] != '\0' : i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '"' || ch == '\\') printf("\\%c", ch);
+        else if (ch < 0x20) printf("\\u%04x", ch);
+        else putchar(ch);
+    }
+    putchar('"');
+}
+
+/* `"cpu": ..., "isa": ..., "isa_max": ..., "cpu_notes": [...]` (no braces) */
+static void cpu_json(void) {
+    printf("\"cpu\": ");
+    json_str(moe_cpu_model(), -1);
+    printf(", \"isa\": \"%s\", \"isa_max\": \"%s\", \"cpu_notes\": [", moe_isa_name(moe_cpu_isa()),
+           moe_isa_name(moe_cpu_isa_max()));
+    const char *n = moe_cpu_notes();
+    for (int k = 0; *n; k++) {
+        const char *e = strchr(n, '\n');
+        int len = e ? (int)(e - n) : (int)strlen(n);
+        printf("%s", k ? ", " : "");
+        json_str(n, len);
+        n += len + (e != NULL);
+    }
+    printf("]");
 }
 
 /* Decode: eval forwards of a few tokens are bound by reading the selected
@@ -206,6 +300,7 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
                "blocks as the call used (random ones of E, a block per task): GB/s of the experts' weights\n"
                "read, of bytes copied (read + written: twice that), of the read-only stream and of the burst\n",
                c->bf16 ? "bf16 weights" : "fp32", (long long)reps, nb >> 20);
+        cpu_text();
         printf("%-6s %9s %8s %8s %8s %9s %8s %8s %8s %8s %8s\n", "tokens", "us/call", "experts", "MB", "GB/s",
                "memcpy", "read", "burst", "/memcpy", "/read", "/burst");
     }
@@ -246,17 +341,20 @@ static int bench_decode(moe_layer *l, int64_t D, int64_t H2, int64_t H, int64_t 
         qsort(tb, (size_t)reps, sizeof *tb, cmp_double);
         double tm = t[reps / 2], bw = bytes / tm, bw_copy = (double)nb / tc[reps / 2], bw_read = (double)nb / tr[reps / 2];
         double bw_burst = bburst / tb[reps / 2];
-        if (json)
+        if (json) {
             printf("{\"mode\": \"decode\", \"T\": %lld, \"D\": %lld, \"H\": %lld, \"E\": %d, \"K\": %d, "
                    "\"seconds\": %.7f, \"bytes\": %.0f, \"gbps\": %.2f, \"memcpy_gbps\": %.2f, \"read_gbps\": %.2f, "
-                   "\"burst_gbps\": %.2f, \"ratio\": %.3f, \"ratio_read\": %.3f, \"ratio_burst\": %.3f}\n",
+                   "\"burst_gbps\": %.2f, \"ratio\": %.3f, \"ratio_read\": %.3f, \"ratio_burst\": %.3f, ",
                    (long long)T, (long long)D, (long long)H, E, c->top_k, tm, bytes, bw * 1e-9, bw_copy * 1e-9,
                    bw_read * 1e-9, bw_burst * 1e-9, bw / bw_copy, bw / bw_read, bw / bw_burst);
-        else
+            cpu_json();
+            printf("}\n");
+        } else
             printf("%-6lld %9.1f %8.2f %8.2f %8.1f %9.1f %8.1f %8.1f %8.2f %8.2f %8.2f\n", (long long)T, tm * 1e6,
                    bytes / per_expert, bytes * 1e-6, bw * 1e-9, bw_copy * 1e-9, bw_read * 1e-9, bw_burst * 1e-9,
                    bw / bw_copy, bw / bw_read, bw / bw_burst);
     }
+    if (!json) notes_text();
     rc = 0;
 done:
     free(x), free(y), free(src), free(dst), free(t), free(tc), free(tr), free(tb), free(wb), free(pick);
@@ -318,23 +416,27 @@ static int bench_ep(const moe_config *c, const cli_ep *ep, int64_t T, int64_t B,
     double per_row = 3.0 * 2.0 * (double)(D * (glu ? 2 : 1) * c->hidden_dim + c->hidden_dim * D);
     double gf = sums[0] * per_row / t_step * 1e-9, xs_mean = sums[1] / ep->size;
     if (ep->rank == 0) {
-        if (json)
+        if (json) {
             printf("{\"mode\": \"ep\", \"layer\": \"%s\", \"ranks\": %d, \"threads_per_rank\": %lld, \"T\": %lld, "
                    "\"D\": %lld, \"H\": %lld, \"E\": %d, \"K\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
-                   "\"gflops\": %.2f, \"exchange_seconds\": %.6f, \"bytes_per_step\": %.0f}\n",
+                   "\"gflops\": %.2f, \"exchange_seconds\": %.6f, \"bytes_per_step\": %.0f, ",
                    moe_layer_type_name(c->type), ep->size, (long long)threads, (long long)T, (long long)D,
                    (long long)c->hidden_dim, c->num_experts, c->top_k, t_step, (double)T / t_step, gf, xs_mean,
                    sums[2]);
-        else {
+            cpu_json();
+            printf("}\n");
+        } else {
             printf("forward+backward, fp32, expert parallel: %d ranks x %lld threads, %lld groups of %lld tokens "
                    "split over the ranks, median of %lld\n", ep->size, (long long)threads, (long long)B,
                    (long long)N, (long long)iters);
+            cpu_text(); /* rank 0's CPU: the ranks of one mpirun may differ, each notes its own */
             printf("%-10s T=%lld D=%lld H=%lld E=%d (%d per rank) K=%d: %.0f tokens/s, %.1f GFLOP/s, %.1f ms per "
                    "step\n", moe_layer_type_name(c->type), (long long)T, (long long)D, (long long)c->hidden_dim,
                    c->num_experts, c->num_experts / ep->size, c->top_k, (double)T / t_step, gf, t_step * 1e3);
             printf("exchanges (counts and rows, forward and backward): %.2f ms per step per rank (%.1f%% of the "
                    "step), %.1f MB sent between ranks per step\n", xs_mean * 1e3, 100.0 * xs_mean / t_step,
                    sums[2] / 1e6);
+            notes_text();
         }
     }
 done:
@@ -452,6 +554,9 @@ int cmd_bench(int argc, char **argv) {
         if (!threads) threads = omp_get_num_procs() / ep.size > 0 ? omp_get_num_procs() / ep.size : 1;
 #endif
     }
+    /* the level first: it caps oneDNN's ISA too (MOE_MAX_CPU_ISA), which
+     * holds only if it is set before oneDNN runs anything */
+    moe_isa isa = moe_cpu_isa();
     threads = moe_set_num_threads((int)threads);
     int glu = kind != MOE_EXPERT_MLP;
     int64_t H2 = glu ? 2 * H : H, N = T / B;
@@ -534,7 +639,14 @@ int cmd_bench(int argc, char **argv) {
     fill(X, na, 3, 2.0f), fill(W1, (size_t)(H2 * D), 4, 0.1f);
     fill(W2, (size_t)(D * H), 5, 0.1f), fill(dY, na, 6, 0.01f), fill(Hp, nh2, 7, 1.0f), fill(Ha, nh, 8, 1.0f);
     memset(dW1, 0, (size_t)(H2 * D) * 4), memset(dW2, 0, (size_t)(D * H) * 4);
-    if (bf16) { /* the baseline's operands in bf16, and its six matmuls */
+    /* The dense baseline. bf16 at avx512_bf16: oneDNN's bf16 matmuls (native
+     * vdpbf16ps). bf16 elsewhere: the library widens bf16 GEMMs to fp32 and runs
+     * them as fp32 (src/kernels/onednn.c), so the best it could do is the fp32
+     * baseline itself: the same sgemms, on the operands rounded to bf16
+     * (exact in fp32), widened once before the timing. */
+    dense_mode mode = bf16 ? (isa == MOE_ISA_AVX512_BF16 ? DENSE_BF16_NATIVE : DENSE_BF16_WIDENED) : DENSE_SGEMM;
+    int native_failed = 0;
+    if (bf16) { /* the baseline's operands in bf16 */
         X16 = malloc(na * 2), W116 = malloc((size_t)(H2 * D) * 2), W216 = malloc((size_t)(D * H) * 2);
         Hp16 = malloc(nh2 * 2), Ha16 = malloc(nh * 2), dY16 = malloc(na * 2);
         if (!X16 || !W116 || !W216 || !Hp16 || !Ha16 || !dY16) {
@@ -543,16 +655,25 @@ int cmd_bench(int argc, char **argv) {
         }
         moe_to_bf16(X16, X, (int64_t)na), moe_to_bf16(W116, W1, H2 * D), moe_to_bf16(W216, W2, D * H);
         moe_to_bf16(Hp16, Hp, (int64_t)nh2), moe_to_bf16(Ha16, Ha, (int64_t)nh), moe_to_bf16(dY16, dY, (int64_t)na);
-        if (dnnl_engine_create(&dd.eng, dnnl_cpu, 0) != dnnl_success ||
-            dnnl_stream_create(&dd.strm, dd.eng, dnnl_stream_default_flags) != dnnl_success ||
-            !mm_make(&dd, 0, 0, 1, A, H2, D, X16, W116, Hp, 0) || !mm_make(&dd, 1, 0, 1, A, D, H, Ha16, W216, Y, 0) ||
-            !mm_make(&dd, 2, 1, 0, D, H, A, dY16, Ha16, dW2, 1) || !mm_make(&dd, 3, 0, 0, A, H, D, dY16, W216, dHa, 0) ||
-            !mm_make(&dd, 4, 1, 0, H2, D, A, Hp16, X16, dW1, 1) || !mm_make(&dd, 5, 0, 0, A, D, H2, Hp16, W116, dX, 0) ||
-            !mm_run(&dd)) {
-            fprintf(stderr, "moe bench: oneDNN cannot run the bf16 dense baseline on this CPU\n");
-            goto done;
-        }
     }
+    if (mode == DENSE_BF16_NATIVE && /* its six matmuls; their first run JIT-compiles them, untimed */
+        (dnnl_engine_create(&dd.eng, dnnl_cpu, 0) != dnnl_success ||
+         dnnl_stream_create(&dd.strm, dd.eng, dnnl_stream_default_flags) != dnnl_success ||
+         !mm_make(&dd, 0, 0, 1, A, H2, D, X16, W116, Hp, 0) || !mm_make(&dd, 1, 0, 1, A, D, H, Ha16, W216, Y, 0) ||
+         !mm_make(&dd, 2, 1, 0, D, H, A, dY16, Ha16, dW2, 1) || !mm_make(&dd, 3, 0, 0, A, H, D, dY16, W216, dHa, 0) ||
+         !mm_make(&dd, 4, 1, 0, H2, D, A, Hp16, X16, dW1, 1) || !mm_make(&dd, 5, 0, 0, A, D, H2, Hp16, W116, dX, 0) ||
+         !mm_run(&dd))) {
+        /* as the library does when oneDNN cannot: widened, and said (below) */
+        mm_free(&dd);
+        memset(&dd, 0, sizeof dd);
+        mode = DENSE_BF16_WIDENED, native_failed = 1;
+    }
+    if (mode == DENSE_BF16_WIDENED) {
+        widen(X, X16, na), widen(W1, W116, (size_t)(H2 * D)), widen(W2, W216, (size_t)(D * H));
+        widen(Hp, Hp16, nh2), widen(Ha, Ha16, nh), widen(dY, dY16, na);
+    }
+    dense_f32 g = {A, D, H, H2, X, W1, Hp, Ha, W2, Y, dY, dW2, dHa, dW1, dX};
+    if (mode != DENSE_BF16_NATIVE) sgemm_run(&g); /* untimed, as the layer's warm-up: oneDNN's first call JITs */
 
     double check0 = moe__check_seconds();
     for (int64_t it = 0; it < iters; it++) {
@@ -565,15 +686,8 @@ int cmd_bench(int argc, char **argv) {
         double t1 = cli_now();
         moe_layer_stats(l, &stats);
         rows += (soft ? (double)A : (double)(stats.assignments + T * shared)) / (double)iters;
-        if (bf16) mm_run(&dd);
-        else {
-            dnnl_sgemm('N', 'T', A, H2, D, 1, X, D, W1, D, 0, Hp, H2);
-            dnnl_sgemm('N', 'T', A, D, H, 1, Ha, H, W2, H, 0, Y, D);
-            dnnl_sgemm('T', 'N', D, H, A, 1, dY, D, Ha, H, 1, dW2, H);
-            dnnl_sgemm('N', 'N', A, H, D, 1, dY, D, W2, H, 0, dHa, H);
-            dnnl_sgemm('T', 'N', H2, D, A, 1, Hp, H2, X, D, 1, dW1, D);
-            dnnl_sgemm('N', 'N', A, D, H2, 1, Hp, H2, W1, D, 0, dX, D);
-        }
+        if (mode == DENSE_BF16_NATIVE) mm_run(&dd);
+        else sgemm_run(&g);
         double t2 = cli_now();
         tm[it] = t1 - t0, td[it] = t2 - t1;
     }
@@ -588,21 +702,39 @@ int cmd_bench(int argc, char **argv) {
      * the layer; the warm-up's count for the dense baseline) */
     double gf_moe = rows * per_row / t_moe * 1e-9, gf_dense = (double)A * per_row / t_dense * 1e-9;
     const char *kn = moe_expert_kind_name(kind);
+    /* the peaks of the level: fp32 always (the ceiling of the widened bf16
+     * GEMMs too); bf16 only where it is native. Shares of the peak use the
+     * per-thread sum (peak.c: a preempted thread does not lower it). */
+    cli_peak p32, p16;
+    cli_peak_measure(&p32, 0, (int)threads);
+    int have16 = cli_peak_measure(&p16, 1, (int)threads);
+    const cli_peak *pk = mode == DENSE_BF16_NATIVE ? &p16 : &p32; /* the ceiling of the baseline's GEMMs */
+    const char *pk_name = pk == &p16 ? "bf16" : "fp32";
+    double share = pk->thread_sum > 0 ? gf_moe / pk->thread_sum : 0.0;
+    double dshare = pk->thread_sum > 0 ? gf_dense / pk->thread_sum : 0.0;
+    static const char *const mode_json[] = {"sgemm", "bf16_matmul", "bf16_widened_sgemm"};
     if (json) {
         printf("{\"layer\": \"%s\", \"expert\": \"%s\", \"T\": %lld, \"B\": %lld, \"D\": %lld, \"H\": %lld, "
                "\"E\": %lld, \"K\": %lld, \"rows\": %.1f, \"threads\": %lld, \"iters\": %lld, \"seconds\": %.6f, "
                "\"tokens_per_s\": %.1f, \"gflops\": %.2f, \"dense_seconds\": %.6f, \"dense_gflops\": %.2f, "
                "\"ratio\": %.3f, \"check_seconds\": %.6f, \"fp32_peak_gflops\": %.1f, \"bf16_peak_gflops\": %.1f, "
-               "\"bf16\": %s}\n",
+               "\"fp32_peak_team_gflops\": %.1f, \"bf16_peak_team_gflops\": %.1f, \"bf16\": %s, "
+               "\"bf16_native\": %s, \"dense_baseline\": \"%s\", \"peak\": \"%s\", \"peak_loop\": \"%s\", "
+               "\"peak_thread_sum_gflops\": %.1f, \"peak_team_gflops\": %.1f, \"peak_share\": %.3f, "
+               "\"dense_peak_share\": %.3f, ",
                moe_layer_type_name(type), kn, (long long)T, (long long)B, (long long)D, (long long)H,
                (long long)(type == MOE_LAYER_HIERARCHICAL ? E * Ei : E), (long long)(topk ? K : 2), rows,
                (long long)threads, (long long)iters, t_moe, (double)T / t_moe, gf_moe, t_dense, gf_dense,
-               gf_moe / gf_dense, t_check, cli_peak_gflops(0, (int)threads), cli_peak_gflops(1, (int)threads),
-               bf16 ? "true" : "false");
+               gf_moe / gf_dense, t_check, p32.thread_sum, p16.thread_sum, p32.team, p16.team,
+               bf16 ? "true" : "false", isa == MOE_ISA_AVX512_BF16 ? "true" : "false", mode_json[mode], pk_name,
+               pk->loop, pk->thread_sum, pk->team, share, dshare);
+        cpu_json();
+        printf("}\n");
     } else {
         printf("forward+backward, %s, %lld threads, median of %lld\n", bf16 ? "bf16 mixed precision (autocast)" : "fp32",
                (long long)threads, (long long)iters);
-        printf("%-22s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
+        cpu_text();
+        printf("%-24s %-34s %10s %9s %9s %7s\n", "layer", "shape", "tokens/s", "GFLOP/s", "ms", "ratio");
         char shape[96];
         if (topk)
             snprintf(shape, sizeof shape, "T=%lld D=%lld H=%lld E=%lld K=%lld", (long long)T, (long long)D,
@@ -623,18 +755,27 @@ int cmd_bench(int argc, char **argv) {
                      glu ? " glu" : "");
         else
             snprintf(name, sizeof name, "%s (%s)", moe_layer_type_name(type), kn);
-        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
+        static const char *const mode_text[] = {"dense sgemm, same FLOP", "dense bf16, same FLOP",
+                                                "dense widened, same FLOP"};
+        printf("%-24s %-34s %10.0f %9.1f %9.1f %7.3f\n", name, shape, (double)T / t_moe, gf_moe, t_moe * 1e3,
                gf_moe / gf_dense);
-        printf("%-22s %-34s %10.0f %9.1f %9.1f %7.3f\n", bf16 ? "dense bf16, same FLOP" : "dense sgemm, same FLOP",
-               shape, (double)T / t_dense,
-               gf_dense, t_dense * 1e3, 1.0);
+        printf("%-24s %-34s %10.0f %9.1f %9.1f %7.3f\n", mode_text[mode], shape, (double)T / t_dense, gf_dense,
+               t_dense * 1e3, 1.0);
         printf("result checks (NaN/Inf scans of y, dx and every gradient): %.2f ms per step, %.2f%% of "
                "forward+backward\n", t_check * 1e3, 100.0 * t_check / t_moe);
-        double p32 = cli_peak_gflops(0, (int)threads), p16 = cli_peak_gflops(1, (int)threads);
-        double pk = bf16 ? p16 : p32;
-        printf("machine peak, measured now on %lld threads: fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s; this "
-               "layer (%s) runs at %.2f of the %s peak, the dense baseline at %.2f\n", (long long)threads, p32, p16,
-               bf16 ? "bf16" : "fp32", pk > 0 ? gf_moe / pk : 0.0, bf16 ? "bf16" : "fp32", pk > 0 ? gf_dense / pk : 0.0);
+        if (mode == DENSE_BF16_WIDENED)
+            printf("bf16 at level %s: %s, so the library widens its bf16 GEMMs to fp32 (exact) and runs them as fp32; "
+                   "the dense baseline runs the fp32 sgemms on the operands rounded to bf16 (widened once, untimed), "
+                   "and the shares are of the fp32 peak\n", moe_isa_name(isa),
+                   native_failed ? "oneDNN could not make the bf16 matmuls of the dense baseline"
+                                 : "no native bf16 dot products");
+        printf("peak of level %s, measured now on %d threads, each thread timed alone (in parentheses: the team "
+               "timed together): fp32 %.0f (%.0f) GFLOP/s [%s]", moe_isa_name(isa), p32.threads, p32.thread_sum, p32.team,
+               p32.loop);
+        if (have16) printf(", bf16 %.0f (%.0f) GFLOP/s [%s]", p16.thread_sum, p16.team, p16.loop);
+        else printf(", no native bf16 peak at this level");
+        printf("\nthis layer (%s) runs at %.2f of the %s peak, the dense baseline at %.2f\n", bf16 ? "bf16" : "fp32",
+               share, pk_name, dshare);
         if (soft)
             printf("useful work per call: %.1f GFLOP (experts %.0f%%, slot logits/dispatch/combine%s %.0f%%)\n",
                    soft_flops * 1e-9, 100.0 * (1.0 - 3.0 * soft_route / soft_flops),
@@ -642,6 +783,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!topk)
             printf("expert rows per call: %.0f of %lld tokens x 2 choices (the rest dropped by policy or "
                    "capacity)\n", rows, (long long)T);
+        notes_text();
     }
     rc = 0;
 done:

@@ -27,9 +27,20 @@ int cli_isatty_err(void);
 
 int cmd_forward(int argc, char **argv);
 
-/* The machine's peak GFLOP/s on `threads` threads, measured now (peak.c):
- * fp32 FMA (bf16 = 0) or the AVX512-BF16 dot product (bf16 = 1); 0 when the
- * CPU lacks the instructions. About a second per call. */
+/* The arithmetic peak of the level this process runs at (moe_cpu_isa()),
+ * measured now on `threads` threads by register-only loops (peak.c): fp32
+ * (bf16 = 0; FMA, or SSE mul+add pairs at x86-64's baseline) or native bf16
+ * dot products (bf16 = 1; vdpbf16ps, only at avx512_bf16). */
+typedef struct {
+    double thread_sum; /* GFLOP/s: sum over threads of each thread's FLOPs / its own time, best of 7 each */
+    double team;       /* GFLOP/s: all threads' FLOPs / the parallel region's wall time, best of 7 */
+    int threads;       /* the threads that ran */
+    const char *loop;  /* the instructions timed, in words ("none" if no such peak) */
+} cli_peak;
+/* 1 and *p filled; 0 (zeros) when the level has no such instructions (bf16
+ * below avx512_bf16) or out of memory. Half a second or so per call. */
+int cli_peak_measure(cli_peak *p, int bf16, int threads);
+/* cli_peak_measure's thread_sum (the figure shares of the peak use); 0 when none. */
 double cli_peak_gflops(int bf16, int threads);
 
 /* `moe forward`'s parsed flags, for the expert-parallel path (forward_ep.c). */
