@@ -254,12 +254,15 @@ moe_status moe__layer_create_opts(moe_layer **out, const moe_config *cfg, moe_ep
         return moe_err(MOE_ERR_ARG, "unknown layer type %d", (int)cfg->type);
     }
     if (cfg->bf16 && !kind->bf16) {
-        char with[128] = ""; /* the kinds that have it */
+        char with[128] = ""; /* the kinds that have it: "a, b and c" */
+        int n = 0, have = 0;
+        for (int t = 0; t < 64; t++) have += moe__layer_kind((moe_layer_type)t) && moe__layer_kind((moe_layer_type)t)->bf16;
         for (int t = 0; t < 64; t++) {
             const moe_layer_kind *o = moe__layer_kind((moe_layer_type)t);
             if (!o || !o->bf16) continue;
             size_t u = strlen(with);
-            snprintf(with + u, sizeof with - u, "%s%s", u ? ", " : "", o->name);
+            snprintf(with + u, sizeof with - u, "%s%s", n == 0 ? "" : n == have - 1 ? " and " : ", ", o->name);
+            n++;
         }
         if (ep) ep->free(ep);
         return moe_err(MOE_ERR_UNSUPPORTED, "bf16 mixed precision is implemented for %s layers, not %s: set bf16 "

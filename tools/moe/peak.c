@@ -38,7 +38,8 @@
 
 #define CHAINS 12         /* independent chains: more than latency x throughput of the units */
 #define REPS 7            /* best of seven, per thread and for the team */
-#define FLOP_PER_REP 4e9  /* per thread and rep: some 20-70 ms at these rates, far above the clock's grain */
+#define FLOP_PER_REP 4e9   /* per thread and rep at most: some 20-70 ms at these rates */
+#define REP_SECONDS  0.04  /* a rep's length aimed at: far above the clock's grain */
 
 /* One thread's loop: iters steps of CHAINS vector instructions (or pairs). */
 typedef double (*peak_loop)(int64_t iters);
@@ -142,7 +143,22 @@ int cli_peak_measure(cli_peak *p, int bf16, int threads) {
     double per;
     if (threads < 1) threads = 1;
     if (!pick(moe_cpu_isa(), bf16, &fn, &per, &p->loop)) return 0;
-    int64_t iters = (int64_t)(FLOP_PER_REP / per);
+    /* iterations for about REP_SECONDS a rep, from a timed calibration run:
+     * a fixed FLOP count would take minutes where the loop is slow (under
+     * an emulator such as qemu, or at the baseline level) */
+    int64_t iters = 1024;
+    for (;;) {
+        double c0 = cli_now();
+        volatile double s = fn(iters);
+        double dt = cli_now() - c0;
+        (void)s;
+        if (dt >= REP_SECONDS / 8 || iters >= (int64_t)(FLOP_PER_REP / per)) {
+            double want = (double)iters * REP_SECONDS / (dt > 1e-9 ? dt : 1e-9);
+            iters = want < (double)iters ? iters : want > FLOP_PER_REP / per ? (int64_t)(FLOP_PER_REP / per) : (int64_t)want;
+            break;
+        }
+        iters *= 4;
+    }
     double *best = malloc((size_t)threads * sizeof *best); /* each thread's best seconds */
     if (!best) return 0;
     for (int i = 0; i < threads; i++) best[i] = INFINITY;

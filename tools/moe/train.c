@@ -708,10 +708,13 @@ static int train_main(train_args *ap, cli_ep *ep) {
     if (end > step0) {
         /* model FLOP utilisation: 3 passes (forward, and backward's two) of 2 FLOPs per multiply-add,
          * against the FMA peak of the precision measured now (validation and checkpoints included) */
+        /* bf16 below avx512_bf16 runs widened to fp32: the fp32 peak is the ceiling there */
         double flops = tps * 6.0 * lm_macs_per_token(m, S), peak = cli_peak_gflops(c.moe.bf16, (int)a.threads);
-        printf("throughput %.0f tokens/s, %.1f GFLOP/s of model FLOPs = %.2f of the %s FMA peak (%.0f GFLOP/s, "
-               "%lld threads)\n", tps, flops * 1e-9, peak > 0 ? flops * 1e-9 / peak : 0.0,
-               c.moe.bf16 ? "bf16" : "fp32", peak, (long long)a.threads);
+        int native16 = c.moe.bf16 && peak > 0;
+        if (!native16) peak = cli_peak_gflops(0, (int)a.threads);
+        printf("throughput %.0f tokens/s, %.1f GFLOP/s of model FLOPs = %.2f of the %s peak of level %s (%.0f "
+               "GFLOP/s, %lld threads)\n", tps, flops * 1e-9, peak > 0 ? flops * 1e-9 / peak : 0.0,
+               native16 ? "bf16 dot" : "fp32 FMA", moe_isa_name(moe_cpu_isa()), peak, (long long)a.threads);
     }
     if (skipped)
         printf("skipped %lld steps with a non-finite loss or gradients (parameters unchanged by them)\n",
