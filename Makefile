@@ -6,7 +6,7 @@
 CC       ?= cc
 # GEMMs: oneDNN (Debian's libdnnl-dev, the OpenMP build: its threads are the
 # same OpenMP runtime as ours; libmoe runs each call single-threaded inside
-# its own regions, see src/ops/gemm.c).
+# its own regions, see src/ops/gemm.c and src/kernels/onednn.c).
 OPT      ?= -O2
 SAN      ?=
 BUILD    ?= build

@@ -1,7 +1,7 @@
 /*
  * libmoe CUDA backend (optional part): the `topk` layer's forward and
  * backward on one NVIDIA GPU, fp32, with the same definitions as the CPU
- * layer (src/layers/topk.c, router.c, ffn.c). Built into build/libmoe_cuda.a
+ * layer (src/layers/topk.c, router.c, src/bank/bank.c). Built into build/libmoe_cuda.a
  * when nvcc is found (`make cuda`); link a program with
  *   libmoe_cuda.a libmoe.a -lcublas -lcudart (and libmoe.a's own libraries)
  * libmoe_cuda.a uses libmoe.a's internal error reporting, so link it with the

@@ -1,7 +1,7 @@
 /*
  * The `topk` layer on one CUDA GPU, fp32, forward and backward (moe_cuda.h).
  * src/cuda is the only place in libmoe with CUDA code. The same definitions as the CPU
- * layer (src/layers/topk.c, router.c, ffn.c, src/ops/route.c, act.c); the
+ * layer (src/layers/topk.c, router.c, src/bank/bank.c, src/ops/route.c, act.c); the
  * kernels are in topk_kernels.cu, each naming the CPU function it mirrors;
  * this file is the host side: the layer, its parameters, workspace and stages.
  *

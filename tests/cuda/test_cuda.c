@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* libmoe.a internal (src/layers/topk.c): the CPU layer's picks, -1 dropped */
-int64_t moe__topk_routing(const moe_layer *l, int32_t *dst, int64_t cap);
+int64_t moe__layer_routing(const moe_layer *l, int32_t *dst, int64_t cap); /* the kind's routing (topk here) */
 
 static int skipped;
 
@@ -213,7 +213,7 @@ static void device_case(const gcase *g) {
     int32_t *i0 = malloc((size_t)(T * K) * sizeof *i0), *i1 = malloc((size_t)(T * K) * sizeof *i1);
     int64_t counts[64];
     double bal = 0, zl = 0;
-    moe__topk_routing(cpu, i0, T * K);
+    moe__layer_routing(cpu, i0, T * K);
     CHECK_STATUS(moe_cuda_layer_routing(gl, counts, i1, &bal, &zl), MOE_OK);
     CHECK(memcmp(i0, i1, (size_t)(T * K) * sizeof *i0) == 0, "%s: expert choices differ", g->name);
     moe_stats s;
