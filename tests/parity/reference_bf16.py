@@ -1,8 +1,8 @@
 """The reference for libmoe's bf16 mixed precision: an emulation of autocast written here,
 not PyTorch's own autocast (whose bf16 GEMMs differ between CPUs, see below).
 
-libmoe's bf16 (README "bf16 mixed precision"; src/bank/bank.c and bf16.c, the expert bank of topk, gshard and hierarchical
-and hierarchical) rounds every expert GEMM input to bf16 and accumulates and writes fp32:
+libmoe's bf16 (README "bf16 mixed precision"; src/bank/bank.c and bf16.c, the expert bank of
+topk, gshard and hierarchical) rounds every expert GEMM input to bf16 and accumulates and writes fp32:
 
   forward   h = act(bf(x) bf(W1)^T + b1)          (topk: nn.Linear; gshard: x @ w1, no biases)
             y = bf(h) bf(W2)^T + b2
