@@ -52,6 +52,14 @@ void moe__g_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, c
     }
 }
 
+/* The bits of a float as a float: a bf16 pair's two halves become floats by
+ * masking (the high one) and shifting (the low one); exact. */
+static inline float f_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 void moe__g_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
                                int64_t K) {
     int64_t K32 = K / 32 * 32;
@@ -60,11 +68,15 @@ void moe__g_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const u
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
             float c[L] = {0};
-            for (int64_t k = 0; k < K32; k += 32)
+            for (int64_t k = 0; k < K32; k += 32) {
+                /* lane i: the pair (2i, 2i+1) as one 32-bit word (little-endian: 2i low) */
+                uint32_t au[L], wu[L];
+                memcpy(au, a + k, sizeof au), memcpy(wu, w + k, sizeof wu);
                 for (int i = 0; i < L; i++) {
-                    c[i] += moe_bf16_to_f32(a[k + 2 * i + 1]) * moe_bf16_to_f32(w[k + 2 * i + 1]);
-                    c[i] += moe_bf16_to_f32(a[k + 2 * i]) * moe_bf16_to_f32(w[k + 2 * i]);
+                    c[i] += f_bits(au[i] & 0xffff0000u) * f_bits(wu[i] & 0xffff0000u); /* element 2i+1 */
+                    c[i] += f_bits(au[i] << 16) * f_bits(wu[i] << 16);                 /* element 2i   */
                 }
+            }
             C[r * ldc + j] += moe__bf16_dot_tail(moe__tree16(c), a, w, K32, K);
         }
     }
