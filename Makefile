@@ -32,13 +32,19 @@ ISA_x86_avx512     = $(ISA_x86_avx2) -mavx512f -mavx512bw -mavx512dq -mavx512vl
 ISA_x86_avx512bf16 = $(ISA_x86_avx512) -mavx512bf16
 ISA_arm_neon       =
 
+# SYS_CFLAGS / SYS_LDFLAGS: where to find the dependencies when not in the
+# system paths (make test-arm64: -I/-L of the arm64 oneDNN in build-arm64/sysroot).
+SYS_CFLAGS  ?=
+SYS_LDFLAGS ?=
+
 # -fvisibility=hidden: libmoe.so exports the public API only (MOE_API in moe.h).
 # -ffp-contract=off: no a*b+c contracted into an fma behind the code's back
 # (gcc's default for -std=c11; said here for every compiler): the kernels'
 # bit-for-bit promises rest on it.
 CFLAGS  = $(OPT) $(ARCHFLAGS) -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -ffp-contract=off \
-          -fPIC -fopenmp -fvisibility=hidden -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels -Isrc/bank $(SAN)
-LDFLAGS = -fopenmp $(SAN)
+          -fPIC -fopenmp -fvisibility=hidden $(SYS_CFLAGS) -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels \
+          -Isrc/bank $(SAN)
+LDFLAGS = -fopenmp $(SYS_LDFLAGS) $(SAN)
 LDLIBS  = -ldnnl -lcjson -lm
 
 # The version (moe.h's MOE_VERSION) and the soname libmoe.so.MAJOR.
@@ -99,7 +105,7 @@ BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HDRS     = include/moe.h include/moe_mpi.h $(wildcard src/*/*.h) $(wildcard src/kernels/*/*.h) $(wildcard tools/moe/*.h)
 
 .PHONY: cuda all build-all deps deps-test deps-fuzz demo test test-c test-mpi-bins test-asan test-valgrind bench fuzz clean \
-        install uninstall test-torch2
+        install uninstall test-torch2 test-arm64
 
 # deps first, then a fresh make that sees what deps installed (mpicc)
 all: deps
@@ -107,8 +113,11 @@ all: deps
 
 build-all: $(BUILD)/libmoe.a $(BUILD)/libmoe.so $(BUILD)/moe $(MPI_LIB) $(CUDA_LIB)
 
+# DEPS: the tools/deps.sh mode the object rules check first (arm64 for the
+# cross build of make test-arm64)
+DEPS ?= build
 deps:
-	@sh tools/deps.sh build
+	@sh tools/deps.sh $(DEPS)
 
 deps-test:
 	@sh tools/deps.sh test
@@ -234,6 +243,23 @@ bench: all $(BENCH_BIN)
 	        --router deepseek_v3 --expert swiglu --iters 2 $$p; done; done
 	/usr/bin/python3 bench/torch_bench.py --table
 
+# The C tests on arm64, cross-built (aarch64-linux-gnu-gcc) into build-arm64
+# and run under qemu-aarch64-static, at the baseline level and at neon, so
+# the arm_neon kernels and every #if __aarch64__ are tested on any x86 host
+# (tests/run_arm64.sh; slow tests shortened under emulation, said in its
+# output). tools/deps.sh arm64 installs the cross tools and puts Debian's
+# arm64 oneDNN into build-arm64/sysroot (not installed: libdnnl-dev:arm64
+# conflicts with the amd64 one). Builds libmoe.a and the tests only, without
+# MPI or CUDA.
+ARM64_CC      ?= aarch64-linux-gnu-gcc
+ARM64_SYSROOT  = build-arm64/sysroot
+test-arm64:
+	@sh tools/deps.sh arm64 $(ARM64_SYSROOT)
+	@$(MAKE) --no-print-directory BUILD=build-arm64 CC=$(ARM64_CC) MPI=0 CUDA=0 NATIVE=0 DEPS='arm64 $(ARM64_SYSROOT)' \
+	    SYS_CFLAGS=-I$(ARM64_SYSROOT)/usr/include SYS_LDFLAGS=-L$(ARM64_SYSROOT)/usr/lib/aarch64-linux-gnu \
+	    build-arm64/libmoe.a $(TEST_SRC:tests/%.c=build-arm64/tests/%)
+	@SYSROOT=$(ARM64_SYSROOT) sh tests/run_arm64.sh
+
 # The C tests under valgrind memcheck (errors and definite leaks fail). Valgrind
 # hides AVX-512 from cpuid, so they run at kernel level avx2. test_gradcheck and
 # test_faults take many minutes there; they run under ASan in `make test`.
@@ -327,4 +353,4 @@ uninstall:
 	echo "removed libmoe $(VERSION) from $$d"
 
 clean:
-	rm -rf build build-asan build-fuzz build-vg
+	rm -rf build build-asan build-fuzz build-vg build-arm64

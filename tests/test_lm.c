@@ -169,8 +169,10 @@ static void decode_and_threads(const char *label, lm_config *c, int64_t S, int e
                 err = INFINITY;
                 break;
             }
-            for (int v = 0; v < LM_VOCAB; v++)
-                err = fmax(err, fabs((double)lm_logits(m)[v] - full[(b * S + s) * LM_VOCAB + v]));
+            for (int v = 0; v < LM_VOCAB; v++) { /* not fmax(err, ...): gcc 12.2's aarch64 vectoriser crashes on it */
+                double e = fabs((double)lm_logits(m)[v] - full[(b * S + s) * LM_VOCAB + v]);
+                if (e > err) err = e;
+            }
         }
     }
     if (exact_decode) CHECK(err < 1e-4, "%s: decode with the cache equals the forward: %.2g", label, err);

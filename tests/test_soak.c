@@ -66,27 +66,33 @@ static void soak(const char *label, const moe_config *c, int steps) {
 
 int main(void) {
     moe_set_num_threads(2);
+    /* MOE_TEST_QUICK=1 (tests/run_arm64.sh: under qemu each step is about
+     * 10x slower): a tenth of the steps; every check still runs, the memory
+     * one over fewer steps (still every batch size many times over). */
+    const char *q = getenv("MOE_TEST_QUICK");
+    int div = q && strcmp(q, "1") == 0 ? 10 : 1;
+    if (div > 1) printf("test_soak: MOE_TEST_QUICK=1: shortened to a tenth of the steps\n");
     moe_config c;
     moe_config_init(&c, MOE_LAYER_TOPK);
     c.input_dim = 32, c.hidden_dim = 32, c.num_experts = 8, c.top_k = 2;
     moe_config_set_router(&c, "deepseek_v3");
     c.num_groups = 4, c.topk_groups = 2, c.num_shared = 1, c.capacity_factor_train = 1.0;
-    soak("topk deepseek_v3+shared", &c, 1500);
+    soak("topk deepseek_v3+shared", &c, 1500 / div);
     moe_config_init(&c, MOE_LAYER_TOPK);
     c.input_dim = 32, c.hidden_dim = 32, c.num_experts = 8;
     moe_config_set_router(&c, "expert_choice");
-    soak("topk expert_choice", &c, 1000);
+    soak("topk expert_choice", &c, 1000 / div);
     moe_config_init(&c, MOE_LAYER_GSHARD);
     c.input_dim = 32, c.hidden_dim = 32, c.num_experts = 4;
-    soak("gshard", &c, 1000);
+    soak("gshard", &c, 1000 / div);
     moe_config_init(&c, MOE_LAYER_HIERARCHICAL);
     c.input_dim = 32, c.hidden_dim = 32, c.num_experts = 2, c.num_experts_inner = 2;
-    soak("hierarchical", &c, 500);
+    soak("hierarchical", &c, 500 / div);
     moe_config_init(&c, MOE_LAYER_SOFT_DYNAMIC);
     c.input_dim = 32, c.num_experts = 4, c.expert_mult = 1, c.dropout = 0.1f;
-    soak("soft_dynamic", &c, 1000);
+    soak("soft_dynamic", &c, 1000 / div);
     moe_config_init(&c, MOE_LAYER_DENSE);
     c.input_dim = 32, c.output_dim = 16, c.num_experts = 4;
-    soak("dense", &c, 1000);
+    soak("dense", &c, 1000 / div);
     return check_summary("test_soak");
 }

@@ -10,12 +10,19 @@
 #   tools/deps.sh corpus  only Debian's fortune-cookie files, the multilingual corpus of
 #                         `moe train --corpus fortunes` (English, German, Spanish, Italian,
 #                         Russian, Chinese, Polish, Czech); `test` installs them too
+#   tools/deps.sh arm64 [SYSROOT]  make test-arm64: the cross compiler
+#                         (crossbuild-essential-arm64), qemu-aarch64-static
+#                         (qemu-user-static) and the arm64 cJSON (libcjson-dev:arm64,
+#                         after dpkg --add-architecture arm64); then Debian's arm64
+#                         oneDNN unpacked into SYSROOT (default build-arm64/sysroot),
+#                         not installed: libdnnl-dev:arm64 conflicts with the amd64 one
 # Without root or apt-get, or when apt-get fails, it stops with the exact command to run.
 set -eu
 what=${1:-build}
 missing=""
+add_arch="" # arm64: dpkg must know the architecture before apt can see :arm64 packages
 
-if [ "$what" != corpus ]; then
+if [ "$what" != corpus ] && [ "$what" != arm64 ]; then
     [ -f /usr/include/oneapi/dnnl/dnnl.h ] && \
     [ -f /usr/lib/x86_64-linux-gnu/libdnnl.so ] || missing="$missing libdnnl-dev"
     [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
@@ -57,17 +64,62 @@ if [ "$what" = fuzz ]; then # clang with libFuzzer and its sanitizer runtimes
     ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 ||
         missing="$missing libclang-rt-dev"
 fi
-[ -z "$missing" ] && exit 0
-
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "deps: installing$missing" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    # shellcheck disable=SC2086
-    if apt-get update -qq >&2 && apt-get install -y -qq $missing >&2; then
-        exit 0
+if [ "$what" = arm64 ]; then
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing crossbuild-essential-arm64"
+    command -v qemu-aarch64-static >/dev/null 2>&1 || missing="$missing qemu-user-static"
+    [ -f /usr/include/cjson/cJSON.h ] && [ -f /usr/lib/aarch64-linux-gnu/libcjson.so ] ||
+        missing="$missing libcjson-dev:arm64"
+    if [ "$(dpkg --print-architecture 2>/dev/null)" != arm64 ] &&
+        ! dpkg --print-foreign-architectures 2>/dev/null | grep -qx arm64; then
+        add_arch=1
     fi
-    echo "deps: apt-get failed" >&2
 fi
-echo "deps: missing system packages:$missing" >&2
-echo "deps: run:  sudo apt-get update && sudo apt-get install -y$missing" >&2
+
+if [ -n "$missing$add_arch" ]; then
+    ok=""
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "deps: installing$missing${add_arch:+ (adding the arm64 architecture)}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        # shellcheck disable=SC2086
+        if { [ -z "$add_arch" ] || dpkg --add-architecture arm64; } && apt-get update -qq >&2 &&
+            { [ -z "$missing" ] || apt-get install -y -qq $missing >&2; }; then
+            ok=1
+        else
+            echo "deps: apt-get failed" >&2
+        fi
+    fi
+    if [ -z "$ok" ]; then
+        echo "deps: missing system packages:$missing${add_arch:+ (and the arm64 architecture)}" >&2
+        echo "deps: run:  ${add_arch:+sudo dpkg --add-architecture arm64 && }sudo apt-get update${missing:+ && sudo apt-get install -y$missing}" >&2
+        exit 1
+    fi
+fi
+[ "$what" = arm64 ] || exit 0
+
+# The arm64 oneDNN, unpacked (not installed) into the sysroot the cross build
+# compiles and links against (-I/-L) and qemu loads it from
+# (LD_LIBRARY_PATH): once, then cached. The library package's name is
+# libdnnl-dev's dependency (libdnnl2 in bookworm).
+sysroot=${2:-build-arm64/sysroot}
+case $sysroot in /*) ;; *) sysroot=$(pwd)/$sysroot ;; esac
+if [ -f "$sysroot/usr/include/oneapi/dnnl/dnnl.h" ] && [ -f "$sysroot/usr/lib/aarch64-linux-gnu/libdnnl.so" ]; then
+    exit 0
+fi
+lib=$(apt-cache depends libdnnl-dev:arm64 2>/dev/null | sed -n 's/^ *Depends: \(libdnnl[0-9]*\):arm64$/\1/p' | head -n 1)
+lib=${lib:-libdnnl2}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp" "$sysroot.part"' EXIT
+fetch() { # download both packages and unpack them into $sysroot.part
+    # (as root apt hands a download to its _apt user, who cannot write to mktemp's directory)
+    (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "libdnnl-dev:arm64" "$lib:arm64" >&2) || return 1
+    rm -rf "$sysroot.part" && mkdir -p "$sysroot.part" || return 1
+    for d in "$tmp"/*.deb; do dpkg -x "$d" "$sysroot.part" || return 1; done
+}
+echo "deps: unpacking libdnnl-dev:arm64 and $lib:arm64 into $sysroot" >&2
+if fetch; then # complete or not there at all: the check above never sees half a sysroot
+    rm -rf "$sysroot" && mv "$sysroot.part" "$sysroot" && exit 0
+fi
+echo "deps: could not fetch the arm64 oneDNN" >&2
+echo "deps: run:  mkdir -p $sysroot && cd \$(mktemp -d) && apt-get download libdnnl-dev:arm64 $lib:arm64 &&" \
+     "for d in *.deb; do dpkg -x \$d $sysroot; done" >&2
 exit 1

@@ -98,7 +98,10 @@ static void probe(void) {
 #ifndef HWCAP2_BF16
 #define HWCAP2_BF16 (1 << 14)
 #endif
-    if (hw & HWCAP_ASIMD) g_best = MOE_ISA_NEON, ADD("asimd");
+    if (hw & HWCAP_ASIMD) { /* ADD is a statement: braces, not the comma operator */
+        g_best = MOE_ISA_NEON;
+        ADD("asimd");
+    }
     if (hw2 & HWCAP2_BF16) ADD("bf16");
     snprintf(g_model, sizeof g_model, "arm64");
 #endif
