@@ -62,10 +62,11 @@ typedef struct moe_kernels {
      * fp32: products then sums (no fused multiply-add): bits of generic on
      * every level.
      * bf16: blocks of 32, lane i taking element 2i+1 then 2i of each block
-     * (the order of vdpbf16ps), the K % 32 tail in order; products of two
-     * bf16 are exact in fp32, so fused or not gives the same bits: every
-     * level gives generic's bits, AVX512-BF16 too unless a value or a
-     * partial sum is subnormal (vdpbf16ps flushes those to zero). */
+     * (the order of vdpbf16ps), the K % 32 tail in order, products then
+     * sums (a product of two bf16 is exact in fp32 only while it is
+     * normal): every level gives generic's bits, AVX512-BF16 too unless a
+     * value, a product or a partial sum is subnormal (vdpbf16ps flushes
+     * those to zero). */
     void (*sgemm_nt_small)(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                            int64_t N, int64_t K);
     void (*gemm_bf16_nt_small)(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,

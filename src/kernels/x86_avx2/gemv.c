@@ -77,8 +77,10 @@ void moe__avx2_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda
 static inline __m256 odd(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
 static inline __m256 even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 #define LD(p) _mm256_loadu_si256((const __m256i *)(p))
-/* lanes c (8 of the 16) += odd products, then even products (vdpbf16ps's order; exact products) */
-#define DP(c, a, w) c = _mm256_fmadd_ps(even(a), even(w), _mm256_fmadd_ps(odd(a), odd(w), c))
+/* lanes c (8 of the 16) += odd products, then even products (vdpbf16ps's order). Product, then
+ * sum, as generic: a product of two bf16 is exact in fp32 only while it stays normal, and a
+ * fused add would round a subnormal product once where generic rounds twice. */
+#define DP(c, a, w) c = _mm256_add_ps(_mm256_add_ps(c, _mm256_mul_ps(odd(a), odd(w))), _mm256_mul_ps(even(a), even(w)))
 
 void moe__avx2_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
                                   int64_t K) {

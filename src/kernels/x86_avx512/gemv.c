@@ -66,7 +66,8 @@ void moe__avx512_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t l
 static inline __m512 odd(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u))); }
 static inline __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 #define LD(p) _mm512_loadu_si512((const void *)(p))
-#define DP(c, a, w) c = _mm512_fmadd_ps(even(a), even(w), _mm512_fmadd_ps(odd(a), odd(w), c))
+/* product, then sum, as generic (see x86_avx2/gemv.c: a subnormal product is not exact) */
+#define DP(c, a, w) c = _mm512_add_ps(_mm512_add_ps(c, _mm512_mul_ps(odd(a), odd(w))), _mm512_mul_ps(even(a), even(w)))
 
 void moe__avx512_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n,
                                     int64_t N, int64_t K) {
