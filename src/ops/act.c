@@ -46,8 +46,14 @@ void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n
                       moe_activation act, float slope) {
     switch (act) {
     case MOE_ACT_RELU:
+        /* dout[i] read unconditionally: a load under the condition vectorises only with
+         * masked loads (AVX2 and up), and the baseline build has none: it became a
+         * branch per element there */
 #pragma omp parallel for simd schedule(static)
-        for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float d = dout[i];
+            din[i] = pre[i] > 0.0f ? d : 0.0f;
+        }
         break;
     case MOE_ACT_GELU:
 #pragma omp parallel for schedule(static)
@@ -60,7 +66,10 @@ void moe_act_backward(float *din, const float *dout, const float *pre, int64_t n
         break;
     case MOE_ACT_LEAKY_RELU:
 #pragma omp parallel for simd schedule(static)
-        for (int64_t i = 0; i < n; i++) din[i] = pre[i] > 0.0f ? dout[i] : dout[i] * slope;
+        for (int64_t i = 0; i < n; i++) {
+            float d = dout[i]; /* read unconditionally, as for relu */
+            din[i] = pre[i] > 0.0f ? d : d * slope;
+        }
         break;
     }
 }
