@@ -565,7 +565,10 @@ static int train_main(train_args *ap, cli_ep *ep) {
                moe_layer_type_name(c.moe.type), (long long)E, c.moe.top_k, (long long)c.D, (long long)L,
                (long long)c.heads, (long long)S, (long long)lm_num_weights(m), d.desc, (long long)t.steps,
                (long long)B, (long long)S, (long long)a.threads, a.threads == 1 ? "" : "s", c.dense ? ")" : "",
-               c.moe.bf16 ? ", bf16" : "");
+               c.moe.bf16 ? (moe_cpu_isa() == MOE_ISA_AVX512_BF16 ? ", bf16 (native bf16 dot products)"
+                                                               : ", bf16 (widened to fp32: no bf16 dot products at this "
+                                                                 "kernel level)")
+                          : "");
     if (r0 && !c.dense &&
         (c.moe.type == MOE_LAYER_GSHARD || c.moe.type == MOE_LAYER_HIERARCHICAL || c.moe.type == MOE_LAYER_SOFT ||
          c.moe.type == MOE_LAYER_SOFT_DYNAMIC || (c.moe.type == MOE_LAYER_TOPK && c.moe.router == MOE_ROUTER_EXPERT_CHOICE)))
