@@ -298,6 +298,64 @@ static void gemms(const moe_kernels *k) {
           moe_isa_name(k->isa), bad, worst);
 }
 
+/* ---------------------------------------------------------------- blocked GEMMs */
+
+/* The process's GEMM entries (moe_sgemm: the avx2 level's transposes;
+ * moe_gemm_bf16 below avx512_bf16: the widening) in blocks of C, with the
+ * block cap lowered so that small matrices take several blocks along M and
+ * N: against the double-sum twins, every transpose pair, beta 0 and 1,
+ * leading dimensions past the matrix (fp32). */
+static void blocked(void) {
+    int64_t save = moe__scratch_block;
+    moe__scratch_block = 64 * 40; /* blocks of 32 rows at K = 70 */
+    int bad = 0, cases = 0;
+    double worst = 0;
+    for (int t = 0; t < 8; t++) {
+        int ta = t & 1, tb = (t >> 1) & 1;
+        float beta = (t >> 2) ? 1.0f : 0.0f;
+        int64_t M = 100, N = 131, K = 70, lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+        float *A = malloc(4 * (size_t)((ta ? K : M) * lda)), *B = malloc(4 * (size_t)((tb ? N : K) * ldb));
+        float *C = malloc(4 * (size_t)(M * ldc)), *R = malloc(4 * (size_t)(M * ldc)), *C0 = malloc(4 * (size_t)(M * ldc));
+        uint16_t *Ah = malloc(2 * (size_t)(M * K)), *Bh = malloc(2 * (size_t)(K * N));
+        float *Af = malloc(4 * (size_t)(M * K)), *Bf = malloc(4 * (size_t)(K * N));
+        for (int64_t i = 0; i < (ta ? K : M) * lda; i++) A[i] = nrand();
+        for (int64_t i = 0; i < (tb ? N : K) * ldb; i++) B[i] = nrand();
+        for (int64_t i = 0; i < M * ldc; i++) C[i] = R[i] = C0[i] = nrand();
+        moe_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        moe_sgemm_ref(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, R, ldc);
+        for (int64_t i = 0; i < M * K; i++) Ah[i] = moe_f32_to_bf16(nrand()), Af[i] = moe_bf16_to_f32(Ah[i]);
+        for (int64_t i = 0; i < K * N; i++) Bh[i] = moe_f32_to_bf16(nrand()), Bf[i] = moe_bf16_to_f32(Bh[i]);
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < ldc; j++) { /* fp32 against its twin; the padding untouched */
+                double as = fabs((double)beta * C0[i * ldc + j]);
+                for (int64_t q = 0; q < K; q++)
+                    as += fabs((double)(ta ? A[q * lda + i] : A[i * lda + q]) * (tb ? B[j * ldb + q] : B[q * ldb + j]));
+                double e = j < N ? fabs((double)C[i * ldc + j] - R[i * ldc + j]) / dot_bound(K, as) : 0.0;
+                if (e > worst) worst = e;
+                if (e > 1.0 || (j >= N && memcmp(&C[i * ldc + j], &C0[i * ldc + j], 4) != 0)) bad++;
+            }
+        float *D = malloc(4 * (size_t)(M * N)), *S = malloc(4 * (size_t)(M * N)), *D0 = malloc(4 * (size_t)(M * N));
+        for (int64_t i = 0; i < M * N; i++) D[i] = S[i] = D0[i] = nrand();
+        moe_gemm_bf16(ta, tb, M, N, K, Ah, Bh, beta, D);
+        moe_gemm_bf16_ref(ta, tb, M, N, K, Ah, Bh, beta, S);
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++) {
+                double as = fabs((double)beta * D0[i * N + j]);
+                for (int64_t q = 0; q < K; q++)
+                    as += fabs((double)(ta ? Af[q * M + i] : Af[i * K + q]) * (tb ? Bf[j * K + q] : Bf[q * N + j]));
+                double e = fabs((double)D[i * N + j] - S[i * N + j]) / dot_bound(K, as);
+                if (e > worst) worst = e;
+                if (e > 1.0) bad++;
+            }
+        cases++;
+        free(A), free(B), free(C), free(R), free(C0), free(Ah), free(Bh), free(Af), free(Bf), free(D), free(S), free(D0);
+    }
+    moe__scratch_block = save;
+    printf("blocked GEMM entries at level %s (blocks of 32 rows): worst %.4f of the bound\n", moe_isa_name(moe_cpu_isa()),
+           worst);
+    CHECK(bad == 0 && cases == 8, "blocked GEMMs off their twins in %d elements (worst %.3f of the bound)", bad, worst);
+}
+
 /* ---------------------------------------------------------------- the level */
 
 static void level_choice(void) {
@@ -352,6 +410,7 @@ int main(void) {
         CHECK(k->softmax_rows == g->softmax_rows && k->topk_softmax == g->topk_softmax,
               "%s: the routing kernels must stay generic (libm's expf)", moe_isa_name(k->isa));
     }
+    blocked();
     printf("%d levels tested against generic\nnotes: %s\n", levels, *moe_cpu_notes() ? moe_cpu_notes() : "none");
     CHECK(levels >= 1, "no level tested");
     return check_summary("test_kernels");

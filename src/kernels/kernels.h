@@ -115,6 +115,16 @@ const moe_kernels *moe__kernels_at(moe_isa isa);
  * bf16 operands, and the transposed fp32 operands (moe_sgemm). */
 enum { MOE_SCRATCH_WIDE_A, MOE_SCRATCH_WIDE_B, MOE_SCRATCH_T_A, MOE_SCRATCH_T_B, MOE_SCRATCH_SLOTS };
 float *moe__kernel_scratch(int slot, size_t n);
+/* The GEMM entries work in blocks of C whose copied operands hold at most
+ * this many floats each (16 MB), so the scratch stays bounded per thread
+ * however big an expert's weights are (a Mixtral-size expert matrix is 58M
+ * floats): moe__gemm_block(L, K) is the rows (of L) of a block with inner
+ * dimension K, a multiple of 16 (at least 16). */
+#define MOE_SCRATCH_BLOCK ((int64_t)1 << 22)
+int64_t moe__gemm_block(int64_t L, int64_t K);
+/* The block size in floats in use: MOE_SCRATCH_BLOCK; tests lower it to
+ * run the blocked paths on small matrices. */
+extern int64_t moe__scratch_block;
 
 /* Each folder lays its kernels over a table (kernels.c calls them in order). */
 void moe__kernels_fill_generic(moe_kernels *k);

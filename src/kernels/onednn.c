@@ -225,18 +225,32 @@ float *moe__kernel_scratch(int slot, size_t n) {
 
 int moe__gemm_bf16_widen(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                          float beta, float *C) {
-    size_t na = (size_t)M * (size_t)K, nb = (size_t)K * (size_t)N;
-    float *wa = moe__kernel_scratch(MOE_SCRATCH_WIDE_A, na), *wb = moe__kernel_scratch(MOE_SCRATCH_WIDE_B, nb);
+    /* in blocks of C (kernels.h: MOE_SCRATCH_BLOCK floats per widened operand) */
+    int64_t Mb = moe__gemm_block(M, K), Nb = moe__gemm_block(N, K);
+    float *wa = moe__kernel_scratch(MOE_SCRATCH_WIDE_A, (size_t)(Mb * K));
+    float *wb = moe__kernel_scratch(MOE_SCRATCH_WIDE_B, (size_t)(Nb * K));
     if (!wa || !wb) {
         moe__cpu_note("cannot allocate the scratch to widen a bf16 GEMM of %lld x %lld x %lld to fp32: it ran the "
                       "plain reference loop (slow)", (long long)M, (long long)N, (long long)K);
         return 0;
     }
     const moe_kernels *k = moe_k();
-    k->bf16_to_f32(wa, A, (int64_t)na);
-    k->bf16_to_f32(wb, B, (int64_t)nb);
-    /* moe_sgemm: tiles by shape over the threads outside a task, one call inside */
-    moe_sgemm(ta, tb, M, N, K, 1.0f, wa, ta ? M : K, wb, tb ? K : N, beta, C, N);
+    for (int64_t j0 = 0; j0 < N; j0 += Nb) {
+        int64_t nb = N - j0 < Nb ? N - j0 : Nb;
+        /* op(B)'s columns j0..j0+nb: rows of B (N,K) when tb, else columns of B (K,N) */
+        if (tb) k->bf16_to_f32(wb, B + j0 * K, nb * K);
+        else
+            for (int64_t q = 0; q < K; q++) k->bf16_to_f32(wb + q * nb, B + q * N + j0, nb);
+        for (int64_t i0 = 0; i0 < M; i0 += Mb) {
+            int64_t mb = M - i0 < Mb ? M - i0 : Mb;
+            /* op(A)'s rows i0..i0+mb: columns of A (K,M) when ta, else rows of A (M,K) */
+            if (ta)
+                for (int64_t q = 0; q < K; q++) k->bf16_to_f32(wa + q * mb, A + q * M + i0, mb);
+            else k->bf16_to_f32(wa, A + i0 * K, mb * K);
+            /* moe_sgemm: tiles by shape over the threads outside a task, one call inside */
+            moe_sgemm(ta, tb, mb, nb, K, 1.0f, wa, ta ? mb : K, wb, tb ? K : nb, beta, C + i0 * N + j0, N);
+        }
+    }
     return 1;
 }
 
