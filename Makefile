@@ -17,16 +17,16 @@ BUILD    ?= build
 # ISA's flags and chosen at run time (MOE_MAX_CPU_ISA caps the choice).
 # NATIVE=1 builds everything else for this machine (-march=native): faster
 # elsewhere by a few percent at most, and the result may not run on an older CPU.
-TARGET_ARCH := $(firstword $(subst -, ,$(shell $(CC) -dumpmachine)))
+MOE_ARCH := $(firstword $(subst -, ,$(shell $(CC) -dumpmachine)))
 NATIVE   ?= 0
 ifeq ($(NATIVE),1)
 ARCHFLAGS ?= -march=native
-else ifeq ($(TARGET_ARCH),x86_64)
+else ifeq ($(MOE_ARCH),x86_64)
 ARCHFLAGS ?= -march=x86-64-v2
 else
 ARCHFLAGS ?=
 endif
-KERNEL_ISAS = $(if $(filter x86_64,$(TARGET_ARCH)),x86_avx2 x86_avx512 x86_avx512bf16,$(if $(filter aarch64,$(TARGET_ARCH)),arm_neon))
+KERNEL_ISAS = $(if $(filter x86_64,$(MOE_ARCH)),x86_avx2 x86_avx512 x86_avx512bf16,$(if $(filter aarch64,$(MOE_ARCH)),arm_neon))
 ISA_x86_avx2       = -mavx2 -mfma
 ISA_x86_avx512     = $(ISA_x86_avx2) -mavx512f -mavx512bw -mavx512dq -mavx512vl
 ISA_x86_avx512bf16 = $(ISA_x86_avx512) -mavx512bf16
@@ -283,6 +283,7 @@ FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=un
              -D_GNU_SOURCE -DMOE_GEMM_PROBE -Wno-unknown-pragmas -Iinclude -Isrc/core -Isrc/ops -Isrc/layers -Isrc/kernels -Isrc/bank
 # the library's objects, each kernel folder with its ISA's flags (ISAFLAGS above)
 FUZZ_OBJ = $(LIB_SRC:%.c=build-fuzz/obj/%.o)
+.SECONDARY: $(FUZZ_OBJ)
 build-fuzz/obj/%.o: %.c $(HDRS) | deps-fuzz
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_FLAGS) $(ARCHFLAGS) -ffp-contract=off $(ISAFLAGS) -c $< -o $@

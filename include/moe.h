@@ -76,7 +76,9 @@ MOE_API int moe_set_num_threads(int n);
  * elementwise math, the decode GEMVs, the bf16 GEMMs) are chosen once per
  * process, at the first call that needs one, from the CPU's features, capped
  * by the environment variable MOE_MAX_CPU_ISA (a level's name below), which
- * caps oneDNN's GEMMs too. An unknown name runs at baseline and says so in
+ * caps oneDNN's GEMMs too (unless ONEDNN_MAX_CPU_ISA is set: that cap is
+ * kept). The name ignores case and surrounding blanks; an unknown one runs at
+ * baseline, one above the CPU at the CPU's best, and both say so in
  * moe_cpu_notes(). Levels, lowest first:
  *   x86-64: baseline (x86-64-v2, SSE4.2), avx2 (AVX2 + FMA),
  *           avx512 (AVX-512 F/BW/DQ/VL), avx512_bf16 (+ native bf16 dot products)
@@ -95,9 +97,10 @@ MOE_API moe_isa     moe_cpu_isa_max(void);     /* the best level this CPU has   
 MOE_API const char *moe_isa_name(moe_isa isa); /* "avx2"; NULL if out of range   */
 MOE_API const char *moe_cpu_model(void);       /* "AMD EPYC 9R14 ..." (cpuid's brand string) */
 MOE_API const char *moe_cpu_features(void);    /* "sse4.2 avx avx2 fma avx512f ..." */
-/* What the library fell back from, one line each, each said once per process
- * ("" if nothing): e.g. a bf16 GEMM that oneDNN cannot run natively and that
- * runs widened to fp32 instead. Never a silent slow path. Never NULL. */
+/* What the library fell back from, one line per kind, said once and then
+ * counted ("... (12 times)"; "" if nothing): e.g. a bf16 GEMM that oneDNN
+ * cannot run natively and that runs widened to fp32 instead. Never a silent
+ * slow path. Never NULL; the text is the calling thread's copy. */
 MOE_API const char *moe_cpu_notes(void);
 
 /* ---------------------------------------------------------------- config */

@@ -24,7 +24,7 @@ add_arch="" # arm64: dpkg must know the architecture before apt can see :arm64 p
 
 if [ "$what" != corpus ] && [ "$what" != arm64 ]; then
     [ -f /usr/include/oneapi/dnnl/dnnl.h ] && \
-    [ -f /usr/lib/x86_64-linux-gnu/libdnnl.so ] || missing="$missing libdnnl-dev"
+    ls /usr/lib/*/libdnnl.so >/dev/null 2>&1 || missing="$missing libdnnl-dev" # the host's multiarch dir
     [ -f /usr/include/cjson/cJSON.h ] || missing="$missing libcjson-dev"
     if [ "${MPI:-}" != 0 ]; then # make MPI=0 builds without it
         command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
@@ -61,7 +61,7 @@ if [ "$what" = valgrind ]; then
 fi
 if [ "$what" = fuzz ]; then # clang with libFuzzer and its sanitizer runtimes
     command -v clang >/dev/null 2>&1 || missing="$missing clang"
-    ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 ||
+    ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-"$(uname -m)".a >/dev/null 2>&1 ||
         missing="$missing libclang-rt-dev"
 fi
 if [ "$what" = arm64 ]; then

@@ -21,7 +21,7 @@ import numpy as np
 from . import _lib
 from ._lib import MOE_EVAL, MOE_NO_GRAD, MOE_TRAIN, lib
 
-__all__ = ["Layer", "MoEError", "MOE_EVAL", "MOE_TRAIN", "MOE_NO_GRAD", "set_num_threads", "library_path"]
+__all__ = ["Layer", "MoEError", "MOE_EVAL", "MOE_TRAIN", "MOE_NO_GRAD", "set_num_threads", "library_path", "cpu"]
 __version__ = "0.1.0"
 
 library_path = _lib.lib_path  # the path of the libmoe.so this package loaded
@@ -39,6 +39,16 @@ def _check(st, what=""):
     if st != _lib.MOE_OK:
         msg = _lib.last_error()
         raise MoEError(_lib.status_name(st), f"{what}: {msg}" if what else msg)
+
+
+def cpu():
+    """The CPU kernel level of this process (README "Every CPU"): a dict with
+    "isa" (the level in use, e.g. "avx2"; MOE_MAX_CPU_ISA caps it), "isa_max"
+    (the CPU's best), "model" and "notes" (the library's fallbacks, one line each)."""
+    return {"isa": lib.moe_isa_name(lib.moe_cpu_isa()).decode(),
+            "isa_max": lib.moe_isa_name(lib.moe_cpu_isa_max()).decode(),
+            "model": lib.moe_cpu_model().decode(errors="replace"),
+            "notes": [n for n in lib.moe_cpu_notes().decode(errors="replace").split("\n") if n]}
 
 
 def set_num_threads(n):

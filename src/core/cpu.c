@@ -128,8 +128,16 @@ static int arch_level(moe_isa l) {
 static void choose(void) {
     probe();
     g_isa = g_best;
-    const char *cap = getenv("MOE_MAX_CPU_ISA");
-    if (!cap || !*cap) return;
+    const char *env = getenv("MOE_MAX_CPU_ISA");
+    if (!env) return;
+    /* the name without surrounding blanks, in lower case ("AVX2 " is avx2) */
+    char cap[40];
+    size_t n = 0;
+    while (*env == ' ' || *env == '\t') env++;
+    for (; env[n] && n + 1 < sizeof cap; n++) cap[n] = (char)(env[n] >= 'A' && env[n] <= 'Z' ? env[n] - 'A' + 'a' : env[n]);
+    while (n > 0 && (cap[n - 1] == ' ' || cap[n - 1] == '\t' || cap[n - 1] == '\n')) n--;
+    cap[n] = '\0';
+    if (!cap[0]) return; /* set but empty: no cap */
     int found = -1;
     for (int i = 0; i < MOE_ISA_COUNT; i++)
         if (arch_level((moe_isa)i) && strcmp(cap, k_names[i]) == 0) found = i;
@@ -141,7 +149,7 @@ static void choose(void) {
                 size_t u = strlen(known);
                 snprintf(known + u, sizeof known - u, "%s%s", u ? ", " : "", k_names[i]);
             }
-        moe__cpu_note("MOE_MAX_CPU_ISA=%.32s is not a level of this architecture (%s): running at baseline", cap,
+        moe__cpu_note("MOE_MAX_CPU_ISA=%.32s is not a level of this architecture (%s): running at baseline", env,
                       known);
         g_isa = MOE_ISA_BASELINE;
         g_capped = 1;
@@ -149,6 +157,9 @@ static void choose(void) {
     }
     /* levels of one architecture are ordered by their enum values */
     if ((moe_isa)found < g_best) g_isa = (moe_isa)found, g_capped = 1;
+    else if ((moe_isa)found > g_best)
+        moe__cpu_note("MOE_MAX_CPU_ISA=%s is above this CPU's best level, %s: running at %s", k_names[found],
+                      k_names[g_best], k_names[g_best]);
 }
 
 moe_isa moe__cpu_level(void) {
@@ -182,27 +193,50 @@ const char *moe_cpu_model(void) {
 
 /* ---------------------------------------------------------------- notes */
 
+/* One line per kind of fallback (its key): the first occurrence's text, then
+ * how many times it happened. A fixed table: no allocation on the paths that
+ * report failed allocations; a kind beyond it is counted as dropped. */
+enum { MAX_NOTES = 16, NOTE_LEN = 320 };
 static pthread_mutex_t g_note_lock = PTHREAD_MUTEX_INITIALIZER;
-static char g_notes[2048];
+static char g_note_key[MAX_NOTES][48], g_note_text[MAX_NOTES][NOTE_LEN];
+static int64_t g_note_count[MAX_NOTES];
+static int g_notes, g_notes_dropped;
 
-void moe__cpu_note(const char *fmt, ...) {
-    char line[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
+void moe__cpu_note_kind(const char *key, const char *fmt, ...) {
     pthread_mutex_lock(&g_note_lock);
-    if (!strstr(g_notes, line)) { /* once each */
-        size_t u = strlen(g_notes);
-        snprintf(g_notes + u, sizeof g_notes - u, "%s\n", line);
+    for (int i = 0; i < g_notes; i++)
+        if (strncmp(g_note_key[i], key, sizeof g_note_key[i] - 1) == 0) { /* said already: count it */
+            g_note_count[i]++;
+            pthread_mutex_unlock(&g_note_lock);
+            return;
+        }
+    if (g_notes == MAX_NOTES) {
+        g_notes_dropped++;
+    } else {
+        int i = g_notes++;
+        snprintf(g_note_key[i], sizeof g_note_key[i], "%s", key);
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(g_note_text[i], sizeof g_note_text[i], fmt, ap);
+        va_end(ap);
+        g_note_count[i] = 1;
     }
     pthread_mutex_unlock(&g_note_lock);
 }
 
 const char *moe_cpu_notes(void) {
-    static _Thread_local char out[sizeof g_notes]; /* a copy: another thread may be adding a note */
+    static _Thread_local char out[MAX_NOTES * (NOTE_LEN + 40) + 64]; /* a copy: another thread may add one */
+    size_t u = 0;
+    out[0] = '\0';
     pthread_mutex_lock(&g_note_lock);
-    memcpy(out, g_notes, sizeof out);
+    for (int i = 0; i < g_notes; i++) {
+        int w = g_note_count[i] > 1 ? snprintf(out + u, sizeof out - u, "%s (%lld times)\n", g_note_text[i],
+                                               (long long)g_note_count[i])
+                                    : snprintf(out + u, sizeof out - u, "%s\n", g_note_text[i]);
+        if (w > 0) u += (size_t)w < sizeof out - u ? (size_t)w : sizeof out - u - 1;
+    }
+    if (g_notes_dropped)
+        snprintf(out + u, sizeof out - u, "(%d more kinds of fallback not listed)\n", g_notes_dropped);
     pthread_mutex_unlock(&g_note_lock);
     return out;
 }

@@ -66,7 +66,9 @@ typedef struct moe_kernels {
      * sums (a product of two bf16 is exact in fp32 only while it is
      * normal): every level gives generic's bits, AVX512-BF16 too unless a
      * value, a product or a partial sum is subnormal (vdpbf16ps flushes
-     * those to zero). */
+     * those to zero). NaN: a NaN result is a NaN everywhere, but which one
+     * (payload, sign) when both operands of a product are NaN is the
+     * hardware's and the compiler's choice. */
     void (*sgemm_nt_small)(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                            int64_t N, int64_t K);
     void (*gemm_bf16_nt_small)(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
@@ -77,7 +79,7 @@ typedef struct moe_kernels {
      * (moe_sgemm's tile); 0 if the library failed (nothing written).
      * sgemm_prefers_nt: moe_sgemm turns a big GEMM that is not A B^T into
      * one by transposing its operands into the thread's scratch first (set
-     * at the avx2 level: oneDNN 2.6's AVX2 sgemm runs A B^T 1.5-1.8x faster
+     * at the avx2 level: oneDNN 2.6's AVX2 sgemm runs A B^T 2.0-2.5x faster
      * than A B or A^T B at expert shapes, measured on AMD Zen 4; at
      * avx512 all four run alike). */
     int (*sgemm1)(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
@@ -116,11 +118,11 @@ const moe_kernels *moe__kernels_at(moe_isa isa);
 enum { MOE_SCRATCH_WIDE_A, MOE_SCRATCH_WIDE_B, MOE_SCRATCH_T_A, MOE_SCRATCH_T_B, MOE_SCRATCH_SLOTS };
 float *moe__kernel_scratch(int slot, size_t n);
 /* The GEMM entries work in blocks of C whose copied operands hold at most
- * this many floats each (16 MB), so the scratch stays bounded per thread
+ * this many floats each (4 MB), so the scratch stays bounded per thread
  * however big an expert's weights are (a Mixtral-size expert matrix is 58M
  * floats): moe__gemm_block(L, K) is the rows (of L) of a block with inner
  * dimension K, a multiple of 16 (at least 16). */
-#define MOE_SCRATCH_BLOCK ((int64_t)1 << 22)
+#define MOE_SCRATCH_BLOCK ((int64_t)1 << 20)
 int64_t moe__gemm_block(int64_t L, int64_t K);
 /* The block size in floats in use: MOE_SCRATCH_BLOCK; tests lower it to
  * run the blocked paths on small matrices. */

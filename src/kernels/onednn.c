@@ -204,6 +204,7 @@ static void scratch_free(void *v) {
     thread_scratch *s = v;
     for (int i = 0; i < MOE_SCRATCH_SLOTS; i++) free(s->p[i]);
     free(s);
+    t_scratch = NULL; /* this thread's (key destructors run on the exiting thread) */
 }
 static void key_make(void) { (void)pthread_key_create(&g_key, scratch_free); }
 
@@ -254,25 +255,53 @@ int moe__gemm_bf16_widen(int ta, int tb, int64_t M, int64_t N, int64_t K, const 
     return 1;
 }
 
+/* Whether oneDNN itself may run bf16 dot products: its effective ISA (which
+ * ONEDNN_MAX_CPU_ISA or the cap below may have lowered) holds AVX512-BF16.
+ * Asked once, after the cap. */
+static int onednn_bf16(void) {
+#if defined(__x86_64__)
+    dnnl_cpu_isa_t eff = dnnl_get_effective_cpu_isa();
+    return ((unsigned)eff & (unsigned)dnnl_cpu_isa_avx512_core_bf16) == (unsigned)dnnl_cpu_isa_avx512_core_bf16;
+#else
+    return 0;
+#endif
+}
+
 void moe__kernels_fill_onednn(moe_kernels *k) {
     k->sgemm1 = sgemm1;
     k->sgemm_prefers_nt = k->isa == MOE_ISA_AVX2;
-    k->gemm_bf16 = k->isa == MOE_ISA_AVX512_BF16 ? gemm_bf16_native : moe__gemm_bf16_widen;
+    int native = k->isa == MOE_ISA_AVX512_BF16;
+    if (native && !onednn_bf16()) {
+        native = 0;
+        moe__cpu_note("oneDNN's ISA is capped below avx512_core_bf16 (ONEDNN_MAX_CPU_ISA=%s): bf16 GEMMs are "
+                      "widened to fp32 (oneDNN's emulated bf16 matmul is slower)",
+                      getenv("ONEDNN_MAX_CPU_ISA") ? getenv("ONEDNN_MAX_CPU_ISA") : "?");
+    }
+    k->gemm_bf16 = native ? gemm_bf16_native : moe__gemm_bf16_widen;
 }
 
 /* ---------------------------------------------------------------- the cap */
 
 void moe__onednn_cap(moe_isa isa) {
 #if defined(__x86_64__)
+    /* oneDNN's own cap, if the user set one, is kept: dnnl_set_max_cpu_isa
+     * before oneDNN's first use would override ONEDNN_MAX_CPU_ISA, and could
+     * raise it */
+    const char *own = getenv("ONEDNN_MAX_CPU_ISA");
+    if (own && *own) {
+        moe__cpu_note("ONEDNN_MAX_CPU_ISA=%.32s is set: oneDNN keeps that cap; MOE_MAX_CPU_ISA=%s caps libmoe's "
+                      "kernels", own, moe_isa_name(isa));
+        return;
+    }
     dnnl_cpu_isa_t d = isa == MOE_ISA_BASELINE ? dnnl_cpu_isa_sse41
                      : isa == MOE_ISA_AVX2     ? dnnl_cpu_isa_avx2
                      : isa == MOE_ISA_AVX512   ? dnnl_cpu_isa_avx512_core
                                                : dnnl_cpu_isa_avx512_core_bf16;
     dnnl_status_t st = dnnl_set_max_cpu_isa(d);
     if (st != dnnl_success)
-        moe__cpu_note("MOE_MAX_CPU_ISA=%s: oneDNN's ISA could not be capped (status %d: ONEDNN_MAX_CPU_ISA set, or "
-                      "oneDNN already ran): its GEMMs may use more than %s", moe_isa_name(isa), (int)st,
-                      moe_isa_name(isa));
+        moe__cpu_note("MOE_MAX_CPU_ISA=%s: oneDNN's ISA could not be capped (status %d: oneDNN ran before libmoe's "
+                      "first kernel; call moe_cpu_isa() first): its GEMMs may use more than %s", moe_isa_name(isa),
+                      (int)st, moe_isa_name(isa));
 #else
     moe__cpu_note("MOE_MAX_CPU_ISA=%s caps libmoe's kernels; oneDNN's own ISA is not capped on this architecture",
                   moe_isa_name(isa));

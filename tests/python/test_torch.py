@@ -628,10 +628,22 @@ def test_bf16():
     T.check(0 < rel < 1e-2, "bf16 module within bf16 precision of fp32", f"relative L2 {rel:.3g}")
 
 
+def test_cpu():
+    """libmoe.cpu(): the kernel level this process runs at, as MOE_MAX_CPU_ISA set it."""
+    c = libmoe.cpu()
+    levels = ["baseline", "avx2", "avx512", "avx512_bf16", "neon"]
+    T.check(c["isa"] in levels and c["isa_max"] in levels and isinstance(c["notes"], list) and c["model"],
+            "libmoe.cpu() names the level, the best level, the model and the notes", str(c))
+    cap = os.environ.get("MOE_MAX_CPU_ISA", "").strip().lower()
+    if cap in levels and levels.index(cap) <= levels.index(c["isa_max"]):
+        T.check(c["isa"] == cap, "libmoe.cpu(): the level follows MOE_MAX_CPU_ISA", f"{c['isa']} vs {cap}")
+    print(f"kernel level {c['isa']} (best {c['isa_max']}), notes {c['notes']}")
+
+
 def main():
     print(f"libmoe: {libmoe.library_path}")
     for t in (test_topk, test_router, test_dense, test_gshard, test_soft, test_state_dict, test_semantics,
-              test_errors, test_numpy_layer, test_training, test_bf16):
+              test_errors, test_numpy_layer, test_training, test_bf16, test_cpu):
         try:
             t()
         except Exception as e:  # noqa: BLE001
