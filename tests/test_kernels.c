@@ -328,7 +328,7 @@ static void blocked(void) {
         for (int64_t i = 0; i < M; i++)
             for (int64_t j = 0; j < ldc; j++) { /* fp32 against its twin; the padding untouched */
                 double as = fabs((double)beta * C0[i * ldc + j]);
-                for (int64_t q = 0; q < K; q++)
+                for (int64_t q = 0; q < K && j < N; q++) /* the padding columns have no operands */
                     as += fabs((double)(ta ? A[q * lda + i] : A[i * lda + q]) * (tb ? B[j * ldb + q] : B[q * ldb + j]));
                 double e = j < N ? fabs((double)C[i * ldc + j] - R[i * ldc + j]) / dot_bound(K, as) : 0.0;
                 if (e > worst) worst = e;
