@@ -41,9 +41,11 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
 
 void moe__neon_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                               int64_t N, int64_t K) {
-    int64_t K16 = K / 16 * 16, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const float *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K16 = K / 16 * 16;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const float *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) prefetch_rows(W + (j + PF) * K, 4 * K * (int64_t)sizeof(float));
         for (int64_t r = 0; r < n; r++) {
             const float *a = A + r * lda;
@@ -62,24 +64,11 @@ void moe__neon_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda
                 MULADD(c32, a2, vld1q_f32(w3 + k + 8)), MULADD(c33, a3, vld1q_f32(w3 + k + 12));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__f32_dot_tail(tree(c00, c01, c02, c03), a, w0, K16, K);
-            c[1] += moe__f32_dot_tail(tree(c10, c11, c12, c13), a, w1, K16, K);
-            c[2] += moe__f32_dot_tail(tree(c20, c21, c22, c23), a, w2, K16, K);
-            c[3] += moe__f32_dot_tail(tree(c30, c31, c32, c33), a, w3, K16, K);
-        }
-    }
-    for (; j < N; j++) { /* the last N % 4 rows: the same sum, one row at a time */
-        const float *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const float *a = A + r * lda;
-            float32x4_t c0 = Z, c1 = Z, c2 = Z, c3 = Z;
-            for (int64_t k = 0; k < K16; k += 16) {
-                MULADD(c0, vld1q_f32(a + k), vld1q_f32(w0 + k));
-                MULADD(c1, vld1q_f32(a + k + 4), vld1q_f32(w0 + k + 4));
-                MULADD(c2, vld1q_f32(a + k + 8), vld1q_f32(w0 + k + 8));
-                MULADD(c3, vld1q_f32(a + k + 12), vld1q_f32(w0 + k + 12));
-            }
-            C[r * ldc + j] += moe__f32_dot_tail(tree(c0, c1, c2, c3), a, w0, K16, K);
+            const float s[4] = {moe__f32_dot_tail(tree(c00, c01, c02, c03), a, w0, K16, K),
+                                moe__f32_dot_tail(tree(c10, c11, c12, c13), a, w1, K16, K),
+                                moe__f32_dot_tail(tree(c20, c21, c22, c23), a, w2, K16, K),
+                                moe__f32_dot_tail(tree(c30, c31, c32, c33), a, w3, K16, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }
@@ -106,9 +95,11 @@ static inline pair4 widen(const uint16_t *p) {
 
 void moe__neon_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
                                   int64_t K) {
-    int64_t K32 = K / 32 * 32, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const uint16_t *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K32 = K / 32 * 32;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const uint16_t *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) prefetch_rows(W + (j + PF) * K, 4 * K * (int64_t)sizeof(uint16_t));
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
@@ -126,22 +117,11 @@ void moe__neon_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, cons
                 DP(c32, a2, widen(w3 + k + 16)), DP(c33, a3, widen(w3 + k + 24));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__bf16_dot_tail(tree(c00, c01, c02, c03), a, w0, K32, K);
-            c[1] += moe__bf16_dot_tail(tree(c10, c11, c12, c13), a, w1, K32, K);
-            c[2] += moe__bf16_dot_tail(tree(c20, c21, c22, c23), a, w2, K32, K);
-            c[3] += moe__bf16_dot_tail(tree(c30, c31, c32, c33), a, w3, K32, K);
-        }
-    }
-    for (; j < N; j++) {
-        const uint16_t *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const uint16_t *a = A + r * K;
-            float32x4_t c0 = Z, c1 = Z, c2 = Z, c3 = Z;
-            for (int64_t k = 0; k < K32; k += 32) {
-                DP(c0, widen(a + k), widen(w0 + k)), DP(c1, widen(a + k + 8), widen(w0 + k + 8));
-                DP(c2, widen(a + k + 16), widen(w0 + k + 16)), DP(c3, widen(a + k + 24), widen(w0 + k + 24));
-            }
-            C[r * ldc + j] += moe__bf16_dot_tail(tree(c0, c1, c2, c3), a, w0, K32, K);
+            const float s[4] = {moe__bf16_dot_tail(tree(c00, c01, c02, c03), a, w0, K32, K),
+                                moe__bf16_dot_tail(tree(c10, c11, c12, c13), a, w1, K32, K),
+                                moe__bf16_dot_tail(tree(c20, c21, c22, c23), a, w2, K32, K),
+                                moe__bf16_dot_tail(tree(c30, c31, c32, c33), a, w3, K32, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }

@@ -33,9 +33,11 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
 
 void moe__avx2_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                               int64_t N, int64_t K) {
-    int64_t K16 = K / 16 * 16, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const float *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K16 = K / 16 * 16;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const float *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) prefetch_rows(W + (j + PF) * K, 4 * K * (int64_t)sizeof(float));
         for (int64_t r = 0; r < n; r++) {
             const float *a = A + r * lda;
@@ -48,22 +50,11 @@ void moe__avx2_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda
                 MULADD(l3, al, _mm256_loadu_ps(w3 + k)), MULADD(h3, ah, _mm256_loadu_ps(w3 + k + 8));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__f32_dot_tail(tree(l0, h0), a, w0, K16, K);
-            c[1] += moe__f32_dot_tail(tree(l1, h1), a, w1, K16, K);
-            c[2] += moe__f32_dot_tail(tree(l2, h2), a, w2, K16, K);
-            c[3] += moe__f32_dot_tail(tree(l3, h3), a, w3, K16, K);
-        }
-    }
-    for (; j < N; j++) { /* the last N % 4 rows: the same sum, one row at a time */
-        const float *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const float *a = A + r * lda;
-            __m256 l0 = _mm256_setzero_ps(), h0 = l0;
-            for (int64_t k = 0; k < K16; k += 16) {
-                MULADD(l0, _mm256_loadu_ps(a + k), _mm256_loadu_ps(w0 + k));
-                MULADD(h0, _mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(w0 + k + 8));
-            }
-            C[r * ldc + j] += moe__f32_dot_tail(tree(l0, h0), a, w0, K16, K);
+            const float s[4] = {moe__f32_dot_tail(tree(l0, h0), a, w0, K16, K),
+                                moe__f32_dot_tail(tree(l1, h1), a, w1, K16, K),
+                                moe__f32_dot_tail(tree(l2, h2), a, w2, K16, K),
+                                moe__f32_dot_tail(tree(l3, h3), a, w3, K16, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }
@@ -84,9 +75,11 @@ static inline __m256 even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_ep
 
 void moe__avx2_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n, int64_t N,
                                   int64_t K) {
-    int64_t K32 = K / 32 * 32, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const uint16_t *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K32 = K / 32 * 32;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const uint16_t *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) prefetch_rows(W + (j + PF) * K, 4 * K * (int64_t)sizeof(uint16_t));
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
@@ -99,19 +92,11 @@ void moe__avx2_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, cons
                 DP(l3, al, LD(w3 + k)), DP(h3, ah, LD(w3 + k + 16));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__bf16_dot_tail(tree(l0, h0), a, w0, K32, K);
-            c[1] += moe__bf16_dot_tail(tree(l1, h1), a, w1, K32, K);
-            c[2] += moe__bf16_dot_tail(tree(l2, h2), a, w2, K32, K);
-            c[3] += moe__bf16_dot_tail(tree(l3, h3), a, w3, K32, K);
-        }
-    }
-    for (; j < N; j++) {
-        const uint16_t *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const uint16_t *a = A + r * K;
-            __m256 l0 = _mm256_setzero_ps(), h0 = l0;
-            for (int64_t k = 0; k < K32; k += 32) DP(l0, LD(a + k), LD(w0 + k)), DP(h0, LD(a + k + 16), LD(w0 + k + 16));
-            C[r * ldc + j] += moe__bf16_dot_tail(tree(l0, h0), a, w0, K32, K);
+            const float s[4] = {moe__bf16_dot_tail(tree(l0, h0), a, w0, K32, K),
+                                moe__bf16_dot_tail(tree(l1, h1), a, w1, K32, K),
+                                moe__bf16_dot_tail(tree(l2, h2), a, w2, K32, K),
+                                moe__bf16_dot_tail(tree(l3, h3), a, w3, K32, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }

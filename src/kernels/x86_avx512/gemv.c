@@ -28,9 +28,11 @@ void moe__avx512_prefetch(const void *p, int64_t bytes) {
 
 void moe__avx512_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t lda, const float *W, int64_t n,
                                 int64_t N, int64_t K) {
-    int64_t K16 = K / 16 * 16, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const float *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K16 = K / 16 * 16;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const float *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) moe__avx512_prefetch(W + (j + PF) * K, 4 * K * (int64_t)sizeof(float));
         for (int64_t r = 0; r < n; r++) {
             const float *a = A + r * lda;
@@ -43,19 +45,11 @@ void moe__avx512_sgemm_nt_small(float *C, int64_t ldc, const float *A, int64_t l
                 MULADD(c3, av, _mm512_loadu_ps(w3 + k));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__f32_dot_tail(moe__avx512_tree(c0), a, w0, K16, K);
-            c[1] += moe__f32_dot_tail(moe__avx512_tree(c1), a, w1, K16, K);
-            c[2] += moe__f32_dot_tail(moe__avx512_tree(c2), a, w2, K16, K);
-            c[3] += moe__f32_dot_tail(moe__avx512_tree(c3), a, w3, K16, K);
-        }
-    }
-    for (; j < N; j++) {
-        const float *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const float *a = A + r * lda;
-            __m512 c0 = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K16; k += 16) MULADD(c0, _mm512_loadu_ps(a + k), _mm512_loadu_ps(w0 + k));
-            C[r * ldc + j] += moe__f32_dot_tail(moe__avx512_tree(c0), a, w0, K16, K);
+            const float s[4] = {moe__f32_dot_tail(moe__avx512_tree(c0), a, w0, K16, K),
+                                moe__f32_dot_tail(moe__avx512_tree(c1), a, w1, K16, K),
+                                moe__f32_dot_tail(moe__avx512_tree(c2), a, w2, K16, K),
+                                moe__f32_dot_tail(moe__avx512_tree(c3), a, w3, K16, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }
@@ -71,9 +65,11 @@ static inline __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_ep
 
 void moe__avx512_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, const uint16_t *W, int64_t n,
                                     int64_t N, int64_t K) {
-    int64_t K32 = K / 32 * 32, j = 0;
-    for (; j + 4 <= N; j += 4) {
-        const uint16_t *w0 = W + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t K32 = K / 32 * 32;
+    for (int64_t j = 0; j < N; j += 4) {
+        int64_t nr = N - j < 4 ? N - j : 4; /* a last block of fewer rows repeats row j: summed, not stored */
+        const uint16_t *w0 = W + j * K, *w1 = nr > 1 ? w0 + K : w0, *w2 = nr > 2 ? w0 + 2 * K : w0,
+                       *w3 = nr > 3 ? w0 + 3 * K : w0;
         if (j + 4 + PF <= N) moe__avx512_prefetch(W + (j + PF) * K, 4 * K * (int64_t)sizeof(uint16_t));
         for (int64_t r = 0; r < n; r++) {
             const uint16_t *a = A + r * K;
@@ -86,19 +82,11 @@ void moe__avx512_gemm_bf16_nt_small(float *C, int64_t ldc, const uint16_t *A, co
                 DP(c3, av, LD(w3 + k));
             }
             float *c = C + r * ldc + j;
-            c[0] += moe__bf16_dot_tail(moe__avx512_tree(c0), a, w0, K32, K);
-            c[1] += moe__bf16_dot_tail(moe__avx512_tree(c1), a, w1, K32, K);
-            c[2] += moe__bf16_dot_tail(moe__avx512_tree(c2), a, w2, K32, K);
-            c[3] += moe__bf16_dot_tail(moe__avx512_tree(c3), a, w3, K32, K);
-        }
-    }
-    for (; j < N; j++) {
-        const uint16_t *w0 = W + j * K;
-        for (int64_t r = 0; r < n; r++) {
-            const uint16_t *a = A + r * K;
-            __m512 c0 = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K32; k += 32) DP(c0, LD(a + k), LD(w0 + k));
-            C[r * ldc + j] += moe__bf16_dot_tail(moe__avx512_tree(c0), a, w0, K32, K);
+            const float s[4] = {moe__bf16_dot_tail(moe__avx512_tree(c0), a, w0, K32, K),
+                                moe__bf16_dot_tail(moe__avx512_tree(c1), a, w1, K32, K),
+                                moe__bf16_dot_tail(moe__avx512_tree(c2), a, w2, K32, K),
+                                moe__bf16_dot_tail(moe__avx512_tree(c3), a, w3, K32, K)};
+            for (int64_t q = 0; q < nr; q++) c[q] += s[q];
         }
     }
 }
