@@ -148,27 +148,16 @@ void moe_each_expert(const int64_t *offsets, int E, void (*fn)(void *ctx, int e,
     }
 }
 
-/* dst (n) = src in the format, over every thread (chunks: any split gives the same bits). */
-static void to_lowp_par(const moe_bank_format *fmt, uint16_t *dst, const float *src, int64_t n) {
-    enum { CHUNK = 1 << 16 };
-    int64_t nc = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (nc > 1)
-    for (int64_t c = 0; c < nc; c++) {
-        int64_t a = c * CHUNK, m = n - a < CHUNK ? n - a : CHUNK;
-        fmt->to_lowp(dst + a, src + a, m);
-    }
-}
-
 void moe_bank_forward(const moe_bank *b, const int64_t *offsets, const float *xe, float *hpre, float *ha, float *ye) {
     bank_args a = {b, xe, NULL, NULL, NULL, hpre, ha, ye, NULL, NULL, NULL, 0};
-    if (b->lp.x) to_lowp_par(b->fmt, b->lp.x, xe, offsets[b->E] * b->D);
+    if (b->lp.x) moe_convert_par(b->fmt->to_lowp, b->lp.x, xe, offsets[b->E] * b->D);
     moe_each_expert(offsets, b->E, expert_forward, &a);
 }
 
 int moe_bank_backward(const moe_bank *b, const int64_t *offsets, const float *xe, const float *hpre, const float *ha,
                       const float *dye, float *dha, float *dhpre, float *dxe) {
     bank_args a = {b, xe, hpre, ha, dye, NULL, NULL, NULL, dha, dhpre, dxe, 0};
-    if (b->lp.dy) to_lowp_par(b->fmt, b->lp.dy, dye, offsets[b->E] * b->D);
+    if (b->lp.dy) moe_convert_par(b->fmt->to_lowp, b->lp.dy, dye, offsets[b->E] * b->D);
     moe_each_expert(offsets, b->E, expert_backward, &a);
     return a.grad_bad;
 }

@@ -11,16 +11,18 @@
 
 void moe_to_bf16(uint16_t *dst, const float *src, int64_t n) { moe_k()->to_bf16(dst, src, n); }
 
-void moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n) {
+void moe_convert_par(void (*f)(uint16_t *dst, const float *src, int64_t n), uint16_t *dst, const float *src,
+                     int64_t n) {
     enum { CHUNK = 1 << 16 };
     int64_t nc = (n + CHUNK - 1) / CHUNK;
-    const moe_kernels *k = moe_k();
 #pragma omp parallel for schedule(static) if (nc > 1)
     for (int64_t c = 0; c < nc; c++) {
         int64_t a = c * CHUNK, m = n - a < CHUNK ? n - a : CHUNK;
-        k->to_bf16(dst + a, src + a, m);
+        f(dst + a, src + a, m);
     }
 }
+
+void moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n) { moe_convert_par(moe_k()->to_bf16, dst, src, n); }
 
 void moe_gemm_bf16(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_t *A, const uint16_t *B,
                    float beta, float *C) {

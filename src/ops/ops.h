@@ -9,7 +9,7 @@
 #ifndef MOE_OPS_H
 #define MOE_OPS_H
 
-#include "../kernels/kernels.h"
+#include "../kernels/generic/generic.h"
 #include "internal.h"
 
 /* moe_sgemm (C = alpha op(A) op(B) + beta C through oneDNN, with libmoe's
@@ -27,10 +27,12 @@ void moe_sgemm_ref(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
 
 /* ---- bf16 mixed precision (bf16.c) ----
  * bf16 values are uint16_t: the upper half of a float32. */
-uint16_t moe_f32_to_bf16(float f); /* round to nearest even; NaN stays NaN */
-float    moe_bf16_to_f32(uint16_t h);
+/* moe_f32_to_bf16, moe_bf16_to_f32: one value each way (generic/generic.h) */
 void     moe_to_bf16(uint16_t *dst, const float *src, int64_t n);     /* this thread */
 void     moe_to_bf16_par(uint16_t *dst, const float *src, int64_t n); /* all threads */
+/* dst (n) = f(src) over every thread, in chunks (f elementwise: any split gives the same bits). */
+void     moe_convert_par(void (*f)(uint16_t *dst, const float *src, int64_t n), uint16_t *dst, const float *src,
+                         int64_t n);
 /* C (M,N) = op(A) op(B) + beta C, beta 0 or 1, A and B bf16, C and the
  * accumulation fp32, every matrix dense row-major: op(A) (M,K) is A (M,K), or
  * A (K,M) when ta; op(B) (K,N) is B (K,N), or B (N,K) when tb. Native bf16
@@ -93,17 +95,10 @@ void moe_glu_backward(float *dpre, const float *dout, const float *pre, int64_t 
  * (AVX-512, AVX2, NEON or the scalar twins, src/kernels); all give the
  * same bits for every input, any length and alignment. Outputs may alias
  * inputs exactly (y == x), not partially. Elementwise, so independent of the
- * thread count. Not for routing decisions: the routers keep libm's expf. */
-float moe_expf(float x);       /* scalar twin: e^x; e^NaN = x + x (x made quiet) */
-/* 1 / (1 + moe_expf(-x)), exact division: within 3 ulp; 0 below -88.7228,
- * where e^-x overflows (as libm's expf and torch's sigmoid give). */
-float moe_sigmoidf(float x);
-/* silu and its derivative from that sigmoid s: x * s, and s * fmaf(x, 1 - s, 1)
- * (torch's s (1 + x (1 - s))). These and the silu/SwiGLU array functions
- * return the one quiet NaN 0x7fc00000 for a NaN result (which of two NaN
- * operands a product passes on is not fixed across compilers). */
-float moe_siluf(float x);
-float moe_silu_gradf(float x);
+ * thread count. Not for routing decisions: the routers keep libm's expf.
+ * The scalar twins (moe_expf, moe_sigmoidf, moe_siluf, moe_silu_gradf) are
+ * declared in generic/generic.h. The silu/SwiGLU array functions return the
+ * one quiet NaN 0x7fc00000 for a NaN result. */
 /* y (n) = e^x (n). */
 void moe_vexpf(float *y, const float *x, int64_t n);
 /* y (n) = e^(x - c) for x (n): a softmax's numerators (bits of moe_expf(x[i] - c)). */

@@ -10,11 +10,16 @@
 
 #include <string.h>
 
-/* ---- scalar twins (the contracts are in ops.h) ---- */
-uint16_t moe_f32_to_bf16(float f);
-float    moe_bf16_to_f32(uint16_t h);
-float    moe_expf(float x);
+/* ---- scalar twins (the array functions' contract is in ops.h) ---- */
+uint16_t moe_f32_to_bf16(float f); /* round to nearest even; NaN stays a quiet NaN; denormals kept */
+float    moe_bf16_to_f32(uint16_t h); /* exact */
+float    moe_expf(float x);           /* e^x within 1 ulp (vmath.c); e^NaN = x + x (x made quiet) */
+/* 1 / (1 + moe_expf(-x)), exact division: within 3 ulp; 0 below -88.7228,
+ * where e^-x overflows (as libm's expf and torch's sigmoid give). */
 float    moe_sigmoidf(float x);
+/* silu and its derivative from that sigmoid s: x * s, and s * fmaf(x, 1 - s, 1)
+ * (torch's s (1 + x (1 - s))); a NaN result is the one quiet NaN 0x7fc00000
+ * (which of two NaN operands a product passes on is not fixed across compilers). */
 float    moe_siluf(float x);
 float    moe_silu_gradf(float x);
 
