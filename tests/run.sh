@@ -12,41 +12,7 @@ cd "$(dirname "$0")/.."
 export MOE_REQUIRE_FORTUNES=1
 # the first pass runs at the CPU's best level; the lower levels come after (below)
 unset MOE_MAX_CPU_ISA
-pass=0
-fail=0
-skip=0
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-
-run() { # run NAME CMD...: run a test program, add its "N passed, N failed"
-    name=$1
-    shift
-    "$@" >"$log" 2>&1
-    rc=$?
-    line=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
-    if [ -z "$line" ]; then
-        echo "FAIL $name: exited $rc without a summary"
-        tail -n 20 "$log"
-        fail=$((fail + 1))
-        return
-    fi
-    p=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "passed,") print $(i - 1)}')
-    f=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "failed" || $i == "failed,") print $(i - 1)}')
-    s=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "skipped" || $i == "skipped,") print $(i - 1)}')
-    s=${s:-0}
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    pass=$((pass + p))
-    fail=$((fail + f))
-    skip=$((skip + s))
-    if [ "$f" -ne 0 ]; then
-        echo "FAIL $name ($p passed, $f failed, exit $rc):"
-        grep -E 'FAIL|ERROR|Sanitizer|runtime error' "$log" | head -n 30
-    elif [ "$s" -ne 0 ]; then
-        echo "ok   $name ($p checks; $s SKIPPED: $(grep -m 1 'skipped:' "$log"))"
-    else
-        echo "ok   $name ($p checks)"
-    fi
-}
+. tests/runlib.sh
 
 if [ "${ONLY_ASAN:-0}" != 1 ]; then
     for t in build/tests/test_*; do

@@ -4,9 +4,8 @@
 # (MOE_MAX_CPU_ISA=baseline: the generic kernels) and the default (neon:
 # src/kernels/arm_neon, whose results test_kernels compares bit for bit with
 # generic's). One ok/FAIL line per program and level, then one line
-# "N passed, N failed": the sum of the programs' own summaries, as in
-# tests/run.sh (a program that dies without its summary counts as one
-# failure; ", N skipped" is totalled, never counted as passed).
+# "N passed, N failed": the sum of the programs' own summaries
+# (tests/runlib.sh, as tests/run.sh counts them).
 #
 # Under emulation the programs run about 10x slower, so every program runs
 # with MOE_TEST_QUICK=1: those with a quick mode (the same checks on fewer
@@ -35,45 +34,7 @@ echo "arm64: $(qemu-aarch64-static --version | head -n 1), MOE_TEST_QUICK=1"
 # of our own, so a native `make test` running beside this one is not disturbed
 mkdir -p build-arm64/run/build
 cd build-arm64/run
-pass=0
-fail=0
-skip=0
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-
-run() { # run NAME CMD...: run a test program, add its "N passed, N failed"
-    name=$1
-    shift
-    t0=$(date +%s)
-    "$@" >"$log" 2>&1
-    rc=$?
-    secs=$(($(date +%s) - t0))
-    line=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
-    if [ -z "$line" ]; then
-        echo "FAIL $name: exited $rc without a summary (${secs} s)"
-        tail -n 20 "$log"
-        fail=$((fail + 1))
-        return
-    fi
-    p=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "passed,") print $(i - 1)}')
-    f=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "failed" || $i == "failed,") print $(i - 1)}')
-    s=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "skipped" || $i == "skipped,") print $(i - 1)}')
-    s=${s:-0}
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    pass=$((pass + p))
-    fail=$((fail + f))
-    skip=$((skip + s))
-    short=""
-    grep -q 'MOE_TEST_QUICK=1' "$log" && short="; shortened: $(grep -m 1 'MOE_TEST_QUICK=1' "$log")"
-    if [ "$f" -ne 0 ]; then
-        echo "FAIL $name ($p passed, $f failed, exit $rc, ${secs} s$short):"
-        grep -E 'FAIL|ERROR|Sanitizer|runtime error' "$log" | head -n 30
-    elif [ "$s" -ne 0 ]; then
-        echo "ok   $name ($p checks; $s SKIPPED: $(grep -m 1 'skipped:' "$log"); ${secs} s$short)"
-    else
-        echo "ok   $name ($p checks, ${secs} s$short)"
-    fi
-}
+. "$root/tests/runlib.sh"
 
 n=0
 for level in baseline neon; do

@@ -249,6 +249,15 @@ static void gemv(const moe_kernels *g, const moe_kernels *k) {
           moe_isa_name(k->isa), bad_ref, worst);
 }
 
+/* sum_q |op(A)[i][q] op(B)[q][j]| + |c0|: the scale of C[i][j]'s bound */
+static double absum(int ta, int tb, const float *A, int64_t lda, const float *B, int64_t ldb, int64_t i, int64_t j,
+                    int64_t K, double c0) {
+    double as = fabs(c0);
+    for (int64_t q = 0; q < K; q++)
+        as += fabs((double)(ta ? A[q * lda + i] : A[i * lda + q]) * (tb ? B[j * ldb + q] : B[q * ldb + j]));
+    return as;
+}
+
 /* ---------------------------------------------------------------- GEMM entries */
 
 static void gemms(const moe_kernels *k) {
@@ -270,9 +279,7 @@ static void gemms(const moe_kernels *k) {
             moe_gemm_bf16_ref(ta, tb, M, N, K, A, B, beta, R);
             for (int64_t i = 0; i < M; i++)
                 for (int64_t j = 0; j < N; j++) {
-                    double as = fabs((double)beta * C0[i * N + j]);
-                    for (int64_t q = 0; q < K; q++)
-                        as += fabs((double)(ta ? Af[q * M + i] : Af[i * K + q]) * (tb ? Bf[j * K + q] : Bf[q * N + j]));
+                    double as = absum(ta, tb, Af, ta ? M : K, Bf, tb ? K : N, i, j, K, (double)beta * C0[i * N + j]);
                     double e = fabs((double)C[i * N + j] - R[i * N + j]) / dot_bound(K, as);
                     if (e > worst) worst = e;
                     if (!ok || e > 1.0) bad++;
@@ -283,9 +290,7 @@ static void gemms(const moe_kernels *k) {
             moe_sgemm_ref(ta, tb, M, N, K, 1.0f, Af, ta ? M : K, Bf, tb ? K : N, beta, R, N);
             for (int64_t i = 0; i < M; i++)
                 for (int64_t j = 0; j < N; j++) {
-                    double as = fabs((double)beta * C0[i * N + j]);
-                    for (int64_t q = 0; q < K; q++)
-                        as += fabs((double)(ta ? Af[q * M + i] : Af[i * K + q]) * (tb ? Bf[j * K + q] : Bf[q * N + j]));
+                    double as = absum(ta, tb, Af, ta ? M : K, Bf, tb ? K : N, i, j, K, (double)beta * C0[i * N + j]);
                     double e = fabs((double)C[i * N + j] - R[i * N + j]) / dot_bound(K, as);
                     if (e > worst) worst = e;
                     if (!ok || e > 1.0) bad++;
@@ -327,9 +332,8 @@ static void blocked(void) {
         for (int64_t i = 0; i < K * N; i++) Bh[i] = moe_f32_to_bf16(nrand()), Bf[i] = moe_bf16_to_f32(Bh[i]);
         for (int64_t i = 0; i < M; i++)
             for (int64_t j = 0; j < ldc; j++) { /* fp32 against its twin; the padding untouched */
-                double as = fabs((double)beta * C0[i * ldc + j]);
-                for (int64_t q = 0; q < K && j < N; q++) /* the padding columns have no operands */
-                    as += fabs((double)(ta ? A[q * lda + i] : A[i * lda + q]) * (tb ? B[j * ldb + q] : B[q * ldb + j]));
+                /* the padding columns have no operands */
+                double as = j < N ? absum(ta, tb, A, lda, B, ldb, i, j, K, (double)beta * C0[i * ldc + j]) : 0.0;
                 double e = j < N ? fabs((double)C[i * ldc + j] - R[i * ldc + j]) / dot_bound(K, as) : 0.0;
                 if (e > worst) worst = e;
                 if (e > 1.0 || (j >= N && memcmp(&C[i * ldc + j], &C0[i * ldc + j], 4) != 0)) bad++;
@@ -340,9 +344,7 @@ static void blocked(void) {
         moe_gemm_bf16_ref(ta, tb, M, N, K, Ah, Bh, beta, S);
         for (int64_t i = 0; i < M; i++)
             for (int64_t j = 0; j < N; j++) {
-                double as = fabs((double)beta * D0[i * N + j]);
-                for (int64_t q = 0; q < K; q++)
-                    as += fabs((double)(ta ? Af[q * M + i] : Af[i * K + q]) * (tb ? Bf[j * K + q] : Bf[q * N + j]));
+                double as = absum(ta, tb, Af, ta ? M : K, Bf, tb ? K : N, i, j, K, (double)beta * D0[i * N + j]);
                 double e = fabs((double)D[i * N + j] - S[i * N + j]) / dot_bound(K, as);
                 if (e > worst) worst = e;
                 if (e > 1.0) bad++;
